@@ -1,0 +1,354 @@
+//! The messages of the three channels. Variant names are the wire names (ciborium writes enum
+//! variants by name): never rename one; add new fields as `Option` with `#[serde(default)]`.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Bitfield, FileId, Manifest, PeerId};
+
+/// Protocol version carried by every hello. A peer speaking another version is refused with
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Stable error codes carried in error replies, for programs to match on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request was malformed or made no sense in this state.
+    BadRequest,
+    /// The hello carried a protocol version this side does not speak.
+    UnsupportedVersion,
+    /// No such file (or chunk, or peer).
+    NotFound,
+    /// A name matched several files.
+    Ambiguous,
+    /// The request needs a secret or permission the sender does not have.
+    Unauthorized,
+    /// A local file could not be read or written.
+    Io,
+    /// The tracker could not be reached.
+    TrackerUnavailable,
+    /// A limit was reached; try again later.
+    Busy,
+    /// Anything else.
+    Internal,
+}
+
+/// An error reply: a stable code and a human-readable, one-line message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    /// What kind of error.
+    pub code: ErrorCode,
+    /// What happened, for people.
+    pub message: String,
+}
+
+impl WireError {
+    /// An error with `code` and `message`.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        WireError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for WireError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WireError {}
+
+/// One registered file as the tracker lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSummary {
+    /// Content identity.
+    pub id: FileId,
+    /// The name it was first registered under.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes per chunk.
+    pub chunk_size: u32,
+    /// Number of chunks.
+    pub chunks: u32,
+    /// Live peers holding the whole file.
+    pub seeders: u32,
+    /// Live peers holding some of it.
+    pub holders: u32,
+}
+
+/// One peer holding chunks of a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// The peer's identity.
+    pub peer_id: PeerId,
+    /// Where it serves chunks.
+    pub addr: SocketAddr,
+    /// Which chunks it has announced.
+    pub chunks: Bitfield,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tracker channel: p2pd -> p2p-tracker, one long-lived TCP connection per daemon.
+
+/// Requests a daemon sends the tracker. The first must be [`TrackerRequest::Hello`]; the
+/// tracker answers each request with exactly one [`TrackerResponse`], in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrackerRequest {
+    /// Opens the session: who the peer is and where it serves chunks. An unspecified IP
+    /// (`0.0.0.0`) means "the address you see me connecting from".
+    Hello {
+        version: u32,
+        peer_id: PeerId,
+        listen: SocketAddr,
+        agent: String,
+        #[serde(default)]
+        secret: Option<String>,
+    },
+    /// Publishes a manifest and records the sender as holding every chunk.
+    Register { manifest: Manifest },
+    /// Replaces what the sender holds of a file (registered before by someone).
+    Have { file_id: FileId, chunks: Bitfield },
+    /// Adds chunks to what the sender holds of a file.
+    Gained { file_id: FileId, indices: Vec<u32> },
+    /// The sender no longer holds anything of this file.
+    Drop { file_id: FileId },
+    /// All files with at least one live holder.
+    List,
+    /// Files whose ID is `query`, whose ID starts with `query`, or whose name is `query`.
+    Find { query: String },
+    /// The manifest of a file.
+    GetManifest { file_id: FileId },
+    /// Live holders of a file (at most `max`, shuffled), excluding the sender.
+    Locate { file_id: FileId, max: u32 },
+    /// Keeps the session alive; sent every `heartbeat_ms`.
+    Heartbeat,
+    /// The sender leaves the network: drop its holdings now.
+    Bye,
+    /// Counters, for monitoring.
+    Stats,
+}
+
+/// The tracker's answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TrackerResponse {
+    /// The session is open. `addr` is the address other peers will be told to use.
+    Welcome {
+        version: u32,
+        addr: SocketAddr,
+        heartbeat_ms: u64,
+        ttl_ms: u64,
+    },
+    /// Done.
+    Ok,
+    /// The file is registered (or was already, by the same content).
+    Registered { file: FileSummary },
+    /// Files, for `List` and `Find`.
+    Files { files: Vec<FileSummary> },
+    /// A manifest.
+    Manifest { manifest: Manifest },
+    /// Holders of a file.
+    Holders {
+        file: FileSummary,
+        holders: Vec<Holder>,
+    },
+    /// Counters.
+    Stats(TrackerStats),
+    /// The request failed.
+    Error(WireError),
+}
+
+/// The tracker's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackerStats {
+    pub files: u64,
+    pub peers: u64,
+    pub holdings: u64,
+    pub requests: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peer channel: p2pd -> p2pd, TCP. Requests may be pipelined; answers come in order.
+
+/// Requests one daemon sends another. The first must be [`PeerRequest::Hello`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerRequest {
+    /// Opens the connection.
+    Hello {
+        version: u32,
+        peer_id: PeerId,
+        agent: String,
+    },
+    /// One chunk of a file. Answered by [`PeerResponse::Chunk`] and `len` raw bytes.
+    GetChunk { file_id: FileId, index: u32 },
+    /// Which chunks of a file the peer holds now.
+    GetHave { file_id: FileId },
+}
+
+/// A daemon's answers to another.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PeerResponse {
+    /// The connection is open.
+    Welcome { version: u32, peer_id: PeerId },
+    /// Chunk `index` follows as `len` raw bytes.
+    Chunk { index: u32, len: u32 },
+    /// The chunks held now.
+    Have { chunks: Bitfield },
+    /// The request failed (the connection stays open).
+    Error(WireError),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Control channel: p2pctl -> p2pd, over the daemon's Unix socket (a named pipe on Windows).
+
+/// Requests `p2pctl` sends its daemon. The first must be [`CtlRequest::Hello`]. One command
+/// per connection; some commands answer with a stream of events ending in a final one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CtlRequest {
+    /// Opens the connection.
+    Hello { version: u32, agent: String },
+    /// Hash and share a local file (an absolute path). Streams [`CtlResponse::Hashing`], ends
+    /// with [`CtlResponse::Registered`].
+    Register {
+        path: String,
+        #[serde(default)]
+        chunk_size: Option<u32>,
+    },
+    /// Download a file by name, ID or unique ID prefix, into `output` (a file path or an
+    /// existing directory; default: the daemon's download directory). With `follow`, streams
+    /// [`CtlResponse::Chunk`] events and ends with [`CtlResponse::Completed`]; without, ends
+    /// with [`CtlResponse::Started`].
+    Download {
+        query: String,
+        #[serde(default)]
+        output: Option<String>,
+        follow: bool,
+    },
+    /// The tracker's file list.
+    List,
+    /// Who holds which chunks of a file.
+    Locate { query: String },
+    /// What this daemon shares and downloads.
+    Status,
+    /// Leave the network and exit.
+    Quit,
+}
+
+/// The daemon's answers to `p2pctl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CtlResponse {
+    /// The connection is open.
+    Welcome { version: u32, info: DaemonInfo },
+    /// Progress of hashing a file for `register`.
+    Hashing { done: u64, total: u64 },
+    /// A file is shared.
+    Registered { file: FileSummary, path: String },
+    /// A download began (or was already under way); `have` chunks are already held.
+    Started {
+        file: FileSummary,
+        output: String,
+        have: u32,
+    },
+    /// A chunk arrived and was verified.
+    Chunk {
+        index: u32,
+        total: u32,
+        from: SocketAddr,
+        have: u32,
+    },
+    /// The download finished; the file is complete and verified at `output`.
+    Completed {
+        file: FileSummary,
+        output: String,
+        peers: u32,
+    },
+    /// Files, for `List`.
+    Files { files: Vec<FileSummary> },
+    /// Holders, for `Locate`.
+    Located {
+        file: FileSummary,
+        holders: Vec<Holder>,
+    },
+    /// The status report.
+    Status(StatusReport),
+    /// Done (for `Quit`).
+    Ok,
+    /// A name matched several files: choose one by ID.
+    Ambiguous {
+        query: String,
+        candidates: Vec<FileSummary>,
+    },
+    /// The command failed.
+    Error(WireError),
+}
+
+/// Facts about a daemon, sent in its welcome.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    pub peer_id: PeerId,
+    pub listen: SocketAddr,
+    pub tracker: String,
+    pub download_dir: String,
+    pub agent: String,
+}
+
+/// What a daemon shares and downloads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub info: DaemonInfo,
+    /// Connected to the tracker right now?
+    pub tracker_connected: bool,
+    pub shares: Vec<ShareStatus>,
+    pub downloads: Vec<DownloadStatus>,
+}
+
+/// One file this daemon serves whole.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ShareStatus {
+    pub id: FileId,
+    pub name: String,
+    pub size: u64,
+    pub chunks: u32,
+    pub path: String,
+    /// Bytes served to other peers since the daemon started.
+    pub uploaded: u64,
+    /// Why it is not being served, if it is not (the source changed or vanished).
+    #[serde(default)]
+    pub problem: Option<String>,
+}
+
+/// The state of a download, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "reason")]
+pub enum DownloadState {
+    Running,
+    Paused,
+    Complete,
+    Failed(String),
+}
+
+/// One download.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DownloadStatus {
+    pub id: FileId,
+    pub name: String,
+    pub size: u64,
+    pub output: String,
+    pub state: DownloadState,
+    pub chunks: u32,
+    pub have: u32,
+    /// Bytes received and verified in this daemon's lifetime.
+    pub downloaded: u64,
+    /// Bytes received that failed verification or were duplicates.
+    pub wasted: u64,
+    /// Peers a chunk came from in the last few seconds.
+    pub peers: u32,
+    /// Bytes per second over the last few seconds.
+    pub rate: u64,
+    /// Chunks that no live peer holds, when the download waits for them.
+    pub stalled: u32,
+}
