@@ -1,0 +1,107 @@
+//! `p2p-tracker`: the registry of files and of which peers hold which chunks.
+//!
+//! # Layout
+//! - [`registry`]: the state (in memory, written through to sled) and every operation on it.
+//! - [`session`]: one task per daemon connection: handshake, requests, liveness.
+//! - [`run`]: accepts connections and expires silent peers until told to shut down.
+//! - `main.rs`: flags, logging, runtime.
+//!
+//! Peers are daemons (`p2pd`). Each keeps one session open, sends a heartbeat every
+//! `heartbeat_ms`, and is dropped (with its holdings) when it says `Bye` or after the TTL of
+//! silence.
+
+pub mod registry;
+pub mod session;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, Instrument};
+
+pub use registry::Registry;
+
+/// Errors of the tracker process.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Db(String, #[source] sled::Error),
+}
+
+/// Settings of a running tracker.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A peer not heard from for this long is dropped.
+    pub ttl: Duration,
+    /// If set, peers must present this secret in their hello.
+    pub secret: Option<String>,
+    /// Most holders returned for one `Locate`.
+    pub max_holders: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            ttl: Duration::from_secs(30),
+            secret: None,
+            max_holders: 200,
+        }
+    }
+}
+
+/// Serves peers on `listener` until `shutdown` resolves, then flushes the registry.
+pub async fn run(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let config = Arc::new(config);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reaper = tokio::spawn(reap(registry.clone(), config.ttl, stop_rx.clone()));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, addr) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Out of file descriptors, say: back off instead of spinning.
+                        error!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let span = tracing::info_span!("session", remote = %addr);
+                tokio::spawn(
+                    session::serve(stream, addr, registry.clone(), config.clone(), stop_rx.clone())
+                        .instrument(span),
+                );
+            }
+        }
+    }
+    info!("shutting down");
+    let _ = stop_tx.send(true);
+    let _ = reaper.await;
+    registry.flush().await
+}
+
+/// Drops peers silent for longer than the TTL, checking a few times per TTL.
+async fn reap(registry: Arc<Registry>, ttl: Duration, mut stop: watch::Receiver<bool>) {
+    let period = (ttl / 4).max(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            () = tokio::time::sleep(period) => {}
+        }
+        for (addr, left) in registry.expire() {
+            info!(reason = "timed out", "{addr} has disconnected. {left} peers on network.");
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! The registry: files, peers and who holds which chunks. Held in memory for speed and written
+//! through to sled so that a restarted tracker has the same files and holdings.
+//!
+//! sled trees (keys big-endian, values CBOR):
+//! - `files`: `FileId` -> [`Manifest`]
+//! - `peers`: `PeerId` -> [`PeerRecord`]
+//! - `holdings`: `FileId || PeerId` -> [`Bitfield`]
+//!
+//! A file lives as long as some peer holds part of it. A peer lives until it says `Bye` or
+//! nothing has been heard from it for the TTL; peers loaded at start-up get one TTL to come
+//! back.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use p2p_schema::{
+    is_hex_prefix, Bitfield, ErrorCode, FileId, FileSummary, Holder, Manifest, PeerId,
+    TrackerStats, WireError,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::Error;
+
+/// What is kept of a peer across restarts.
+#[derive(Serialize, Deserialize)]
+struct PeerRecord {
+    addr: SocketAddr,
+}
+
+struct FileEntry {
+    manifest: Arc<Manifest>,
+    holders: HashMap<PeerId, Bitfield>,
+}
+
+struct PeerEntry {
+    addr: SocketAddr,
+    last_seen: Instant,
+    files: HashSet<FileId>,
+}
+
+#[derive(Default)]
+struct State {
+    files: HashMap<FileId, FileEntry>,
+    peers: HashMap<PeerId, PeerEntry>,
+}
+
+/// The tracker's registry. Cheap to share behind an `Arc`; every method takes `&self`.
+pub struct Registry {
+    db: sled::Db,
+    files: sled::Tree,
+    peers: sled::Tree,
+    holdings: sled::Tree,
+    state: Mutex<State>,
+    ttl: Duration,
+    requests: AtomicU64,
+}
+
+fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Serializing our own plain structs into a Vec cannot fail.
+    let _ = ciborium::into_writer(value, &mut out);
+    out
+}
+
+fn holding_key(file: &FileId, peer: &PeerId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(FileId::LEN + PeerId::LEN);
+    k.extend_from_slice(&file.0);
+    k.extend_from_slice(&peer.0);
+    k
+}
+
+fn not_found(what: impl Into<String>) -> WireError {
+    WireError::new(ErrorCode::NotFound, what)
+}
+
+impl Registry {
+    /// Opens (or creates) the registry in `dir`, loading what a previous run left.
+    ///
+    /// If the database cannot be opened (corrupted by an unclean stop), it is moved aside and a
+    /// fresh one started: daemons re-announce what they hold when they reconnect.
+    pub fn open(dir: &Path, ttl: Duration) -> Result<Registry, Error> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Io(format!("creating data directory {}", dir.display()), e))?;
+        let path = dir.join("registry.sled");
+        let db = match open_db(&path) {
+            Ok(db) => db,
+            Err(e) => {
+                let aside = dir.join(format!(
+                    "registry.sled.broken-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or_default()
+                ));
+                warn!(error = %e, moved_to = %aside.display(), "registry database will not open; starting a fresh one");
+                std::fs::rename(&path, &aside).map_err(|e| {
+                    Error::Io(format!("moving broken database {}", path.display()), e)
+                })?;
+                open_db(&path).map_err(|e| Error::Db(format!("opening {}", path.display()), e))?
+            }
+        };
+        let tree = |name: &str| {
+            db.open_tree(name)
+                .map_err(|e| Error::Db(format!("opening tree {name}"), e))
+        };
+        let registry = Registry {
+            files: tree("files")?,
+            peers: tree("peers")?,
+            holdings: tree("holdings")?,
+            db,
+            state: Mutex::new(State::default()),
+            ttl,
+            requests: AtomicU64::new(0),
+        };
+        registry.load()?;
+        Ok(registry)
+    }
+
+    fn load(&self) -> Result<(), Error> {
+        let now = Instant::now();
+        let mut state = self.lock();
+        let db_err = |e| Error::Db("reading registry".into(), e);
+        for item in self.files.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            let (Some(id), Ok(manifest)) = (
+                FileId::from_slice(&k),
+                ciborium::from_reader::<Manifest, _>(&v[..]),
+            ) else {
+                warn!("skipping an unreadable file record");
+                continue;
+            };
+            state.files.insert(
+                id,
+                FileEntry {
+                    manifest: Arc::new(manifest),
+                    holders: HashMap::new(),
+                },
+            );
+        }
+        for item in self.peers.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            let (Some(id), Ok(rec)) = (
+                PeerId::from_slice(&k),
+                ciborium::from_reader::<PeerRecord, _>(&v[..]),
+            ) else {
+                warn!("skipping an unreadable peer record");
+                continue;
+            };
+            state.peers.insert(
+                id,
+                PeerEntry {
+                    addr: rec.addr,
+                    last_seen: now,
+                    files: HashSet::new(),
+                },
+            );
+        }
+        for item in self.holdings.iter() {
+            let (k, v) = item.map_err(db_err)?;
+            if k.len() != FileId::LEN + PeerId::LEN {
+                continue;
+            }
+            let (Some(fid), Some(pid)) = (
+                FileId::from_slice(&k[..FileId::LEN]),
+                PeerId::from_slice(&k[FileId::LEN..]),
+            ) else {
+                continue;
+            };
+            let Ok(bits) = ciborium::from_reader::<Bitfield, _>(&v[..]) else {
+                continue;
+            };
+            let State { files, peers } = &mut *state;
+            if let (Some(file), Some(peer)) = (files.get_mut(&fid), peers.get_mut(&pid)) {
+                if let Some(bits) = bits.checked(file.manifest.chunk_count()) {
+                    file.holders.insert(pid, bits);
+                    peer.files.insert(fid);
+                }
+            }
+        }
+        // Files nobody holds and peers holding nothing are not worth keeping.
+        let orphans: Vec<FileId> = state
+            .files
+            .iter()
+            .filter(|(_, f)| f.holders.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            state.files.remove(&id);
+            let _ = self.files.remove(id.0);
+        }
+        info!(
+            files = state.files.len(),
+            peers = state.peers.len(),
+            "registry loaded"
+        );
+        Ok(())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock would be a bug; the state is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one request (for stats).
+    pub fn count_request(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A peer opened a session. Returns whether it is new and how many peers there are.
+    pub fn hello(&self, peer: PeerId, addr: SocketAddr) -> (bool, usize) {
+        let mut state = self.lock();
+        let now = Instant::now();
+        let new = match state.peers.get_mut(&peer) {
+            Some(p) => {
+                p.last_seen = now;
+                if p.addr != addr {
+                    p.addr = addr;
+                    let _ = self.peers.insert(peer.0, cbor(&PeerRecord { addr }));
+                }
+                false
+            }
+            None => {
+                state.peers.insert(
+                    peer,
+                    PeerEntry {
+                        addr,
+                        last_seen: now,
+                        files: HashSet::new(),
+                    },
+                );
+                let _ = self.peers.insert(peer.0, cbor(&PeerRecord { addr }));
+                true
+            }
+        };
+        (new, state.peers.len())
+    }
+
+    /// Something was heard from `peer`. Returns false if the peer is unknown (it expired, or
+    /// the tracker lost it): the session must say hello again.
+    pub fn touch(&self, peer: &PeerId) -> bool {
+        match self.lock().peers.get_mut(peer) {
+            Some(p) => {
+                p.last_seen = Instant::now();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Registers a manifest with `peer` holding all of it.
+    pub fn register(&self, peer: PeerId, manifest: Manifest) -> Result<FileSummary, WireError> {
+        manifest
+            .validate()
+            .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+        let id = manifest.file_id();
+        let mut state = self.lock();
+        if !state.files.contains_key(&id) {
+            let _ = self.files.insert(id.0, cbor(&manifest));
+            state.files.insert(
+                id,
+                FileEntry {
+                    manifest: Arc::new(manifest),
+                    holders: HashMap::new(),
+                },
+            );
+        }
+        let chunks = state.files[&id].manifest.chunk_count();
+        self.set_holding(&mut state, peer, id, Bitfield::full(chunks))?;
+        Ok(summary(&state, &id))
+    }
+
+    /// Replaces what `peer` holds of file `id`.
+    pub fn have(&self, peer: PeerId, id: FileId, chunks: Bitfield) -> Result<(), WireError> {
+        let mut state = self.lock();
+        let file = state
+            .files
+            .get(&id)
+            .ok_or_else(|| not_found(format!("no file {id}")))?;
+        let chunks = chunks
+            .checked(file.manifest.chunk_count())
+            .ok_or_else(|| WireError::new(ErrorCode::BadRequest, "bitfield has the wrong size"))?;
+        if chunks.count() == 0 {
+            self.drop_holding(&mut state, peer, id);
+            return Ok(());
+        }
+        self.set_holding(&mut state, peer, id, chunks)
+    }
+
+    /// Adds chunks to what `peer` holds of file `id`.
+    pub fn gained(&self, peer: PeerId, id: FileId, indices: &[u32]) -> Result<(), WireError> {
+        let mut state = self.lock();
+        let file = state
+            .files
+            .get(&id)
+            .ok_or_else(|| not_found(format!("no file {id}")))?;
+        let n = file.manifest.chunk_count();
+        if indices.iter().any(|&i| i >= n) {
+            return Err(WireError::new(
+                ErrorCode::BadRequest,
+                "chunk index out of range",
+            ));
+        }
+        let mut bits = file
+            .holders
+            .get(&peer)
+            .cloned()
+            .unwrap_or_else(|| Bitfield::new(n));
+        for &i in indices {
+            bits.set(i);
+        }
+        self.set_holding(&mut state, peer, id, bits)
+    }
+
+    fn set_holding(
+        &self,
+        state: &mut State,
+        peer: PeerId,
+        id: FileId,
+        bits: Bitfield,
+    ) -> Result<(), WireError> {
+        let p = state
+            .peers
+            .get_mut(&peer)
+            .ok_or_else(|| not_found("unknown peer: say hello first"))?;
+        p.files.insert(id);
+        let _ = self.holdings.insert(holding_key(&id, &peer), cbor(&bits));
+        if let Some(f) = state.files.get_mut(&id) {
+            f.holders.insert(peer, bits);
+        }
+        Ok(())
+    }
+
+    /// `peer` no longer holds file `id`.
+    pub fn drop_file(&self, peer: PeerId, id: FileId) {
+        let mut state = self.lock();
+        self.drop_holding(&mut state, peer, id);
+    }
+
+    fn drop_holding(&self, state: &mut State, peer: PeerId, id: FileId) {
+        let _ = self.holdings.remove(holding_key(&id, &peer));
+        if let Some(p) = state.peers.get_mut(&peer) {
+            p.files.remove(&id);
+        }
+        let empty = match state.files.get_mut(&id) {
+            Some(f) => {
+                f.holders.remove(&peer);
+                f.holders.is_empty()
+            }
+            None => false,
+        };
+        if empty {
+            state.files.remove(&id);
+            let _ = self.files.remove(id.0);
+        }
+    }
+
+    /// Removes a peer and everything it holds. Returns its address and how many peers remain,
+    /// or `None` if it was not known.
+    pub fn remove_peer(&self, peer: &PeerId) -> Option<(SocketAddr, usize)> {
+        let mut state = self.lock();
+        let entry = state.peers.remove(peer)?;
+        let _ = self.peers.remove(peer.0);
+        for id in entry.files {
+            self.drop_holding(&mut state, *peer, id);
+        }
+        Some((entry.addr, state.peers.len()))
+    }
+
+    /// Removes every peer not heard from for the TTL. Returns each one's address and how many
+    /// peers remained after it left.
+    pub fn expire(&self) -> Vec<(SocketAddr, usize)> {
+        let now = Instant::now();
+        let stale: Vec<PeerId> = self
+            .lock()
+            .peers
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.last_seen) > self.ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        stale.iter().filter_map(|id| self.remove_peer(id)).collect()
+    }
+
+    /// All files, sorted by name then ID.
+    pub fn list(&self) -> Vec<FileSummary> {
+        let state = self.lock();
+        let mut out: Vec<FileSummary> = state.files.keys().map(|id| summary(&state, id)).collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// Files whose full ID, ID prefix or name is `query`.
+    pub fn find(&self, query: &str) -> Vec<FileSummary> {
+        let state = self.lock();
+        let q = query.to_ascii_lowercase();
+        let by_id = is_hex_prefix(&q);
+        let mut out: Vec<FileSummary> = state
+            .files
+            .iter()
+            .filter(|(id, f)| f.manifest.name == query || (by_id && id.to_hex().starts_with(&q)))
+            .map(|(id, _)| summary(&state, id))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// The manifest of file `id`.
+    pub fn manifest(&self, id: &FileId) -> Result<Arc<Manifest>, WireError> {
+        self.lock()
+            .files
+            .get(id)
+            .map(|f| f.manifest.clone())
+            .ok_or_else(|| not_found(format!("no file {id}")))
+    }
+
+    /// Live holders of file `id` other than `except`: at most `max`, in random order.
+    pub fn locate(
+        &self,
+        id: &FileId,
+        except: Option<&PeerId>,
+        max: usize,
+    ) -> Result<(FileSummary, Vec<Holder>), WireError> {
+        let state = self.lock();
+        let file = state
+            .files
+            .get(id)
+            .ok_or_else(|| not_found(format!("no file {id}")))?;
+        let mut holders: Vec<Holder> = file
+            .holders
+            .iter()
+            .filter(|(pid, _)| Some(*pid) != except)
+            .filter_map(|(pid, bits)| {
+                Some(Holder {
+                    peer_id: *pid,
+                    addr: state.peers.get(pid)?.addr,
+                    chunks: bits.clone(),
+                })
+            })
+            .collect();
+        fastrand::shuffle(&mut holders);
+        holders.truncate(max);
+        Ok((summary(&state, id), holders))
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> TrackerStats {
+        let state = self.lock();
+        TrackerStats {
+            files: state.files.len() as u64,
+            peers: state.peers.len() as u64,
+            holdings: state.files.values().map(|f| f.holders.len() as u64).sum(),
+            requests: self.requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Number of peers on the network.
+    pub fn peer_count(&self) -> usize {
+        self.lock().peers.len()
+    }
+
+    /// Writes everything to disk (fsync).
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(|e| Error::Db("flushing registry".into(), e))
+    }
+}
+
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(64 << 20)
+        .flush_every_ms(Some(500))
+        .open()
+}
+
+fn summary(state: &State, id: &FileId) -> FileSummary {
+    let f = &state.files[id];
+    let chunks = f.manifest.chunk_count();
+    FileSummary {
+        id: *id,
+        name: f.manifest.name.clone(),
+        size: f.manifest.size,
+        chunk_size: f.manifest.chunk_size,
+        chunks,
+        seeders: f.holders.values().filter(|b| b.is_full()).count() as u32,
+        holders: f.holders.len() as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2p_schema::ManifestBuilder;
+
+    fn manifest(name: &str, fill: u8, size: usize) -> Manifest {
+        let mut b = ManifestBuilder::new(1024);
+        b.update(&vec![fill; size]);
+        b.finish(name.into())
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn register_locate_and_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+        assert_eq!(reg.hello(a, addr(1)), (true, 1));
+        assert_eq!(reg.hello(b, addr(2)), (true, 2));
+        let m = manifest("doug.png", 1, 5000);
+        let s = reg.register(a, m.clone()).unwrap();
+        assert_eq!((s.chunks, s.seeders, s.holders), (5, 1, 1));
+        // Same content under another name is the same file.
+        let s2 = reg.register(b, manifest("copy.png", 1, 5000)).unwrap();
+        assert_eq!(s2.id, s.id);
+        assert_eq!(s2.seeders, 2);
+        assert_eq!(reg.list().len(), 1);
+        assert_eq!(reg.find("doug.png").len(), 1);
+        assert_eq!(reg.find(&s.id.to_hex()[..6]).len(), 1);
+        assert!(reg.find("nope").is_empty());
+
+        let (_, holders) = reg.locate(&s.id, Some(&a), 10).unwrap();
+        assert_eq!(holders.len(), 1);
+        assert_eq!(holders[0].addr, addr(2));
+
+        reg.remove_peer(&a);
+        reg.remove_peer(&b);
+        assert!(reg.list().is_empty(), "a file nobody holds is gone");
+        assert!(reg.locate(&s.id, None, 10).is_err());
+    }
+
+    #[test]
+    fn partial_holdings_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+        reg.hello(a, addr(1));
+        reg.hello(b, addr(2));
+        let s = reg.register(a, manifest("f", 2, 4000)).unwrap();
+        reg.gained(b, s.id, &[0, 2]).unwrap();
+        assert!(reg.gained(b, s.id, &[4]).is_err(), "index out of range");
+        let (sum, holders) = reg.locate(&s.id, Some(&a), 10).unwrap();
+        assert_eq!(sum.holders, 2);
+        assert_eq!(sum.seeders, 1);
+        assert_eq!(holders[0].chunks.iter().collect::<Vec<_>>(), vec![0, 2]);
+        assert!(reg.have(b, s.id, Bitfield::full(3)).is_err(), "wrong size");
+        reg.have(b, s.id, Bitfield::new(4)).unwrap();
+        assert_eq!(reg.locate(&s.id, None, 10).unwrap().0.holders, 1);
+    }
+
+    #[test]
+    fn survives_reopen_and_expires_peers_that_do_not_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_millis(50);
+        let id = {
+            let reg = Registry::open(dir.path(), ttl).unwrap();
+            reg.hello(PeerId([1; 16]), addr(1));
+            let s = reg.register(PeerId([1; 16]), manifest("f", 3, 3000)).unwrap();
+            reg.db.flush().unwrap();
+            s.id
+        };
+        let reg = Registry::open(dir.path(), ttl).unwrap();
+        assert_eq!(reg.list().len(), 1);
+        assert_eq!(reg.locate(&id, None, 10).unwrap().1.len(), 1);
+        assert!(reg.expire().is_empty(), "a fresh grace period");
+        std::thread::sleep(Duration::from_millis(80));
+        let gone = reg.expire();
+        assert_eq!(gone, vec![(addr(1), 0)]);
+        assert!(reg.list().is_empty());
+    }
+
+    #[test]
+    fn invalid_manifest_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        reg.hello(PeerId([1; 16]), addr(1));
+        let mut m = manifest("../etc", 1, 10);
+        assert!(reg.register(PeerId([1; 16]), m.clone()).is_err());
+        m.name = "ok".into();
+        m.hashes.pop();
+        assert!(reg.register(PeerId([1; 16]), m).is_err());
+    }
+}
