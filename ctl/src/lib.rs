@@ -1,0 +1,309 @@
+//! `p2pctl`'s library: the client side of the control socket, and the prose and JSON each
+//! command prints. `main.rs` holds the command line.
+//!
+//! Prose follows the prototype's words (`Registration of doug.png of size 107330 bytes
+//! successful.`); `--json` prints one JSON document per command instead (see the README).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use interprocess::local_socket::tokio::{prelude::*, Stream};
+use interprocess::local_socket::GenericFilePath;
+use p2p_schema::{
+    format_ranges, CtlRequest, CtlResponse, DownloadState, FileSummary, FrameReader, FrameWriter,
+    Holder, StatusReport, MAX_FRAME, PROTOCOL_VERSION,
+};
+use serde::Serialize;
+use tokio::io::{ReadHalf, WriteHalf};
+
+/// A failed command: what to print on stderr.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// The daemon is not there.
+    #[error("no daemon at {0}: is p2pd running? (start it, or point --socket at its socket)")]
+    NoDaemon(String),
+    /// The daemon refused the command.
+    #[error("{0}")]
+    Refused(p2p_schema::WireError),
+    /// A name matched several files.
+    #[error("{}", ambiguous_line(.query, .candidates))]
+    Ambiguous {
+        query: String,
+        candidates: Vec<FileSummary>,
+    },
+    /// Talking to the daemon failed.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+fn ambiguous_line(query: &str, candidates: &[FileSummary]) -> String {
+    let ids: Vec<String> = candidates
+        .iter()
+        .map(|c| format!("{} ({} bytes)", c.id, c.size))
+        .collect();
+    format!(
+        "{query:?} matches {} files; choose one by ID (a unique prefix will do): {}",
+        candidates.len(),
+        ids.join(", ")
+    )
+}
+
+/// An open, greeted connection to the daemon.
+pub struct Client {
+    reader: FrameReader<ReadHalf<Stream>>,
+    writer: FrameWriter<WriteHalf<Stream>>,
+}
+
+impl Client {
+    /// Connects to the daemon at `socket` and exchanges hellos.
+    pub async fn connect(socket: &Path) -> Result<Client, CtlError> {
+        let shown = socket.display().to_string();
+        let name = socket
+            .to_fs_name::<GenericFilePath>()
+            .map_err(|_| CtlError::NoDaemon(shown.clone()))?;
+        let stream = Stream::connect(name)
+            .await
+            .map_err(|_| CtlError::NoDaemon(shown.clone()))?;
+        let (r, w) = tokio::io::split(stream);
+        let mut client = Client {
+            reader: FrameReader::new(r, MAX_FRAME),
+            writer: FrameWriter::new(w),
+        };
+        client
+            .send(&CtlRequest::Hello {
+                version: PROTOCOL_VERSION,
+                agent: p2p_schema::agent("p2pctl"),
+            })
+            .await?;
+        match client.next().await? {
+            CtlResponse::Welcome { .. } => Ok(client),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sends a request.
+    pub async fn send(&mut self, request: &CtlRequest) -> Result<(), CtlError> {
+        self.writer
+            .send(request)
+            .await
+            .map_err(|e| CtlError::Protocol(format!("sending to the daemon: {e}")))
+    }
+
+    /// The next response; error replies become `Err`.
+    pub async fn next(&mut self) -> Result<CtlResponse, CtlError> {
+        match self.reader.recv::<CtlResponse>().await {
+            Ok(Some(CtlResponse::Error(e))) => Err(CtlError::Refused(e)),
+            Ok(Some(CtlResponse::Ambiguous { query, candidates })) => {
+                Err(CtlError::Ambiguous { query, candidates })
+            }
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err(CtlError::Protocol(
+                "the daemon closed the connection (did it stop?)".into(),
+            )),
+            Err(e) => Err(CtlError::Protocol(format!("reading from the daemon: {e}"))),
+        }
+    }
+
+    /// Sends `request` and returns its single response.
+    pub async fn call(&mut self, request: CtlRequest) -> Result<CtlResponse, CtlError> {
+        self.send(&request).await?;
+        self.next().await
+    }
+}
+
+/// An answer that does not fit the command.
+pub fn unexpected(r: CtlResponse) -> CtlError {
+    CtlError::Protocol(format!("unexpected answer from the daemon: {r:?}"))
+}
+
+/// `(1) Name: doug.png Size: 107330 bytes ID: 3f2a…` lines under a count.
+pub fn format_list(files: &[FileSummary]) -> String {
+    let mut out = format!(
+        "There are currently {} files in the network.\n",
+        files.len()
+    );
+    for (i, f) in files.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "({}) Name: {} Size: {} bytes ID: {}",
+            i + 1,
+            f.name,
+            f.size,
+            f.id
+        );
+    }
+    out
+}
+
+/// `There are 2 endpoints seeding this file.` then one line per peer.
+pub fn format_locate(holders: &[Holder]) -> String {
+    let mut out = format!(
+        "There are {} endpoints seeding this file.\n",
+        holders.len()
+    );
+    for h in holders {
+        let _ = writeln!(
+            out,
+            "Peer {} currently has chunks {}.",
+            h.addr,
+            format_ranges(h.chunks.iter())
+        );
+    }
+    out
+}
+
+/// Human-readable byte counts: `107330 bytes`, `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+/// The `status` report in prose.
+pub fn format_status(s: &StatusReport) -> String {
+    let mut out = format!(
+        "Peer {} ({}), tracker {} ({})\n",
+        s.info.listen,
+        s.info.peer_id.short(),
+        s.info.tracker,
+        if s.tracker_connected {
+            "connected"
+        } else {
+            "not connected"
+        }
+    );
+    let _ = writeln!(out, "Sharing {} files:", s.shares.len());
+    for f in &s.shares {
+        let _ = write!(
+            out,
+            "  {}  {}  {}  {}  uploaded {}",
+            f.id.short(),
+            f.name,
+            human_bytes(f.size),
+            f.path,
+            human_bytes(f.uploaded)
+        );
+        if let Some(p) = &f.problem {
+            let _ = write!(out, "  NOT SERVED: {p}");
+        }
+        out.push('\n');
+    }
+    let _ = writeln!(out, "Downloads: {}", s.downloads.len());
+    for d in &s.downloads {
+        let pct = if d.chunks == 0 {
+            100.0
+        } else {
+            f64::from(d.have) * 100.0 / f64::from(d.chunks)
+        };
+        let state = match &d.state {
+            DownloadState::Running if d.stalled > 0 => {
+                format!("stalled: {} chunks have no live holder", d.stalled)
+            }
+            DownloadState::Running => "running".to_string(),
+            DownloadState::Paused => "paused".to_string(),
+            DownloadState::Complete => "complete".to_string(),
+            DownloadState::Failed(why) => format!("failed: {why}"),
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {}  {}  {}/{} chunks ({pct:.0}%)  {}/s from {} peers  {}  -> {}",
+            d.id.short(),
+            d.name,
+            human_bytes(d.size),
+            d.have,
+            d.chunks,
+            human_bytes(d.rate),
+            d.peers,
+            state,
+            d.output
+        );
+    }
+    out
+}
+
+/// A holder as `--json` shows it: chunk numbers 1-based, like the prose.
+#[derive(Serialize)]
+pub struct JsonHolder {
+    pub peer_id: String,
+    pub addr: String,
+    pub chunks: Vec<u32>,
+}
+
+impl From<&Holder> for JsonHolder {
+    fn from(h: &Holder) -> Self {
+        JsonHolder {
+            peer_id: h.peer_id.to_hex(),
+            addr: h.addr.to_string(),
+            chunks: h.chunks.iter().map(|i| i + 1).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use p2p_schema::{Bitfield, FileId, PeerId};
+
+    fn summary() -> FileSummary {
+        FileSummary {
+            id: FileId([0x3f; 32]),
+            name: "doug.png".into(),
+            size: 107_330,
+            chunk_size: 16384,
+            chunks: 7,
+            seeders: 1,
+            holders: 1,
+        }
+    }
+
+    #[test]
+    fn list_reads_like_the_prototype() {
+        let s = format_list(&[summary()]);
+        assert!(s.starts_with("There are currently 1 files in the network.\n"));
+        assert!(s.contains("(1) Name: doug.png Size: 107330 bytes ID: 3f3f3f"));
+    }
+
+    #[test]
+    fn locate_reads_like_the_prototype() {
+        let h = Holder {
+            peer_id: PeerId([1; 16]),
+            addr: "127.0.0.1:54374".parse().unwrap(),
+            chunks: Bitfield::full(7),
+        };
+        let s = format_locate(&[h]);
+        assert_eq!(
+            s,
+            "There are 1 endpoints seeding this file.\nPeer 127.0.0.1:54374 currently has chunks [1, 2, 3, 4, 5, 6, 7].\n"
+        );
+    }
+
+    #[test]
+    fn ambiguity_names_every_candidate() {
+        let mut b = summary();
+        b.id = FileId([0xaa; 32]);
+        let e = CtlError::Ambiguous {
+            query: "doug.png".into(),
+            candidates: vec![summary(), b],
+        };
+        let line = e.to_string();
+        assert!(line.contains("matches 2 files"));
+        assert!(line.contains(&FileId([0x3f; 32]).to_hex()));
+        assert!(line.contains(&FileId([0xaa; 32]).to_hex()));
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn bytes() {
+        assert_eq!(human_bytes(10), "10 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+}

@@ -1,0 +1,91 @@
+//! `p2pd`: the peer daemon. It shares registered files, downloads files from the swarm
+//! (serving every verified chunk at once), keeps its state in sled, and takes commands from
+//! `p2pctl` over a local socket.
+//!
+//! # Layout
+//! - [`store`]: the sled database (identity, shares, downloads, chunk inventory).
+//! - [`local`]: [`local::LocalFile`], a file whose chunks this daemon can serve.
+//! - [`tracker_client`]: the long-lived tracker session, reconnecting and re-announcing.
+//! - [`register`]: hashing a local file into a manifest, off the async executor.
+//! - [`serve`]: the peer server: chunks to other daemons.
+//! - [`download`]: the download engine: picking, fetching, verifying, committing.
+//! - [`control`]: the control socket and the commands `p2pctl` sends.
+//! - [`node`]: [`node::Node`], the state all of the above share, and [`run`].
+//!
+//! See `daemon/STATE.md` for the chunk state machine and the crash-consistency ordering.
+
+pub mod control;
+pub mod download;
+pub mod local;
+pub mod node;
+pub mod register;
+pub mod serve;
+pub mod store;
+pub mod tracker_client;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use node::{run, Node};
+
+/// Errors of the daemon's own operations (as opposed to errors reported to `p2pctl`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    #[error("{0}: {1}")]
+    Db(String, #[source] sled::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl Into<String>, e: std::io::Error) -> Error {
+        Error::Io(what.into(), e)
+    }
+}
+
+/// Settings of a running daemon.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The tracker's address (`host:port`).
+    pub tracker: String,
+    /// Directory for the database (and, by default, the socket and downloads).
+    pub data_dir: PathBuf,
+    /// The control socket's path.
+    pub socket: PathBuf,
+    /// Where downloads go when `p2pctl download` names no output.
+    pub download_dir: PathBuf,
+    /// Shared secret for the tracker, if it requires one.
+    pub secret: Option<String>,
+    /// Address to announce instead of the bound one (e.g. behind NAT); `None`: the bound one.
+    pub advertise: Option<SocketAddr>,
+    /// How long to wait for one chunk from a peer before giving up on that peer.
+    pub request_timeout: Duration,
+    /// Chunk requests kept in flight per peer, at most.
+    pub max_in_flight: usize,
+    /// Uploads served at the same time, at most (bounds memory).
+    pub max_uploads: usize,
+    /// Bytes per second this daemon uploads at most (0: unlimited). For tests and slow links.
+    pub upload_rate: u64,
+}
+
+impl Config {
+    /// Defaults for everything but the tracker and data directory.
+    pub fn new(tracker: String, data_dir: PathBuf) -> Config {
+        Config {
+            tracker,
+            socket: p2p_schema::socket_in(&data_dir),
+            download_dir: data_dir.join("downloads"),
+            data_dir,
+            secret: None,
+            advertise: None,
+            request_timeout: Duration::from_secs(20),
+            max_in_flight: 16,
+            max_uploads: 32,
+            upload_rate: 0,
+        }
+    }
+}

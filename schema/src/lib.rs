@@ -55,6 +55,7 @@ pub mod frame;
 mod ids;
 mod manifest;
 mod msg;
+pub mod process;
 
 pub use bitfield::{format_ranges, Bitfield, SPELLED_RUN};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_PEER_FRAME};
@@ -65,25 +66,7 @@ pub use manifest::{
     MAX_CHUNK_SIZE, MAX_NAME_LEN, MIN_CHUNK_SIZE,
 };
 pub use msg::*;
-
-/// Parses a duration as the command lines of all three programs take it: a number with an
-/// optional unit, `ms`, `s` (the default), `m` or `h`: `500ms`, `30s`, `30`, `2m`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected a number and a unit, like 30s or 500ms"))?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}: use ms, s, m or h")),
-    };
-    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
+pub use process::{default_data_dir, parse_duration, shutdown_signal, socket_in};
 
 /// The agent string sent in hellos: crate name and version.
 pub fn agent(program: &str) -> String {

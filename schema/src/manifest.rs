@@ -93,9 +93,6 @@ pub fn validate_name(name: &str) -> Result<(), ManifestError> {
     if name.chars().any(char::is_control) {
         return bad("contains a control character");
     }
-    if name.ends_with(".part") {
-        return bad("ends in .part, the suffix of unfinished downloads");
-    }
     Ok(())
 }
 
@@ -378,7 +375,6 @@ mod tests {
             "a\0b",
             "bell\x07",
             "line\nbreak",
-            "x.part",
         ] {
             assert!(validate_name(bad).is_err(), "{bad:?} accepted");
         }

@@ -1,0 +1,370 @@
+//! The control socket: where `p2pctl` talks to its daemon.
+//!
+//! Lifecycle: the socket's directory must be private (not writable by others); a lock file
+//! beside the socket keeps a second daemon away; a socket left by a crash is removed only if
+//! nothing answers on it; the socket is created owner-only (0600) and removed on exit.
+//!
+//! One command per connection: a hello, the command, then one or more responses (the last
+//! one final).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
+use interprocess::local_socket::{GenericFilePath, ListenerOptions};
+use p2p_schema::{
+    CtlRequest, CtlResponse, ErrorCode, FrameReader, FrameWriter, WireError, MAX_FRAME,
+    PROTOCOL_VERSION,
+};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::{broadcast, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::download::Event;
+use crate::node::{Node, Resolve};
+use crate::Error;
+
+/// A bound control socket, with the lock that makes it ours.
+pub struct ControlListener {
+    listener: Listener,
+    path: PathBuf,
+    _lock: File,
+}
+
+impl ControlListener {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Creates the control socket at `path`, following the lifecycle above.
+pub fn bind(path: &Path) -> Result<ControlListener, Error> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    private_dir(dir)?;
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("opening lock file {lock_path:?}"), e))?;
+    if let Err(e) = lock.try_lock() {
+        return Err(Error::Other(format!(
+            "another p2pd is already using the socket {} ({e})",
+            path.display()
+        )));
+    }
+    remove_stale(path)?;
+    let name = path
+        .to_fs_name::<GenericFilePath>()
+        .map_err(|e| Error::io(format!("socket path {}", path.display()), e))?;
+    let options = ListenerOptions::new().name(name);
+    #[cfg(unix)]
+    let options = {
+        use interprocess::os::unix::local_socket::ListenerOptionsExt;
+        options.mode(0o600)
+    };
+    let listener = options
+        .create_tokio()
+        .map_err(|e| Error::io(format!("creating control socket {}", path.display()), e))?;
+    Ok(ControlListener {
+        listener,
+        path: path.to_path_buf(),
+        _lock: lock,
+    })
+}
+
+/// Makes sure `dir` exists and only its owner can write to it.
+fn private_dir(dir: &Path) -> Result<(), Error> {
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))?;
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir)
+            .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
+        if meta.mode() & 0o022 != 0 {
+            return Err(Error::Other(format!(
+                "the socket directory {} is writable by other users; use a private directory (mode 0700)",
+                dir.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Removes a socket file nobody answers on (left by a crash).
+fn remove_stale(path: &Path) -> Result<(), Error> {
+    #[cfg(unix)]
+    {
+        if std::fs::symlink_metadata(path).is_ok() {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(Error::Other(format!(
+                        "a daemon is already listening on {}",
+                        path.display()
+                    )))
+                }
+                Err(_) => {
+                    info!(socket = %path.display(), "removing a stale socket");
+                    std::fs::remove_file(path)
+                        .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+type Reader = FrameReader<ReadHalf<Stream>>;
+type Writer = FrameWriter<WriteHalf<Stream>>;
+
+/// Accepts `p2pctl` connections until `stop` becomes true; the socket is removed on return.
+pub async fn serve(node: Arc<Node>, control: ControlListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            a = control.listener.accept() => a,
+        };
+        match accepted {
+            Ok(stream) => {
+                let node = node.clone();
+                tokio::spawn(async move {
+                    let (r, w) = tokio::io::split(stream);
+                    let mut reader = FrameReader::new(r, MAX_FRAME);
+                    let mut writer = FrameWriter::new(w);
+                    if let Err(e) = connection(&node, &mut reader, &mut writer).await {
+                        debug!("control connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "accepting a control connection failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+    // Dropping the listener removes the socket file.
+    drop(control);
+}
+
+async fn connection(node: &Arc<Node>, reader: &mut Reader, writer: &mut Writer) -> Result<(), String> {
+    let fail = |code, msg: &str| CtlResponse::Error(WireError::new(code, msg));
+    match reader.recv::<CtlRequest>().await.map_err(|e| e.to_string())? {
+        Some(CtlRequest::Hello { version, .. }) if version == PROTOCOL_VERSION => {
+            let welcome = CtlResponse::Welcome {
+                version: PROTOCOL_VERSION,
+                info: node.info(),
+            };
+            writer.send(&welcome).await.map_err(|e| e.to_string())?;
+        }
+        Some(CtlRequest::Hello { version, .. }) => {
+            let msg = format!(
+                "p2pctl speaks protocol {version}, this daemon {PROTOCOL_VERSION}: use matching versions"
+            );
+            let _ = writer
+                .send(&fail(ErrorCode::UnsupportedVersion, &msg))
+                .await;
+            return Err(msg);
+        }
+        Some(_) => {
+            let _ = writer
+                .send(&fail(ErrorCode::BadRequest, "the first message must be a hello"))
+                .await;
+            return Err("no hello".into());
+        }
+        None => return Ok(()),
+    }
+    let Some(request) = reader.recv::<CtlRequest>().await.map_err(|e| e.to_string())? else {
+        return Ok(());
+    };
+    debug!(?request, "command");
+    match request {
+        CtlRequest::Hello { .. } => send(writer, fail(ErrorCode::BadRequest, "already said hello")).await,
+        CtlRequest::Register { path, chunk_size } => register(node, writer, &path, chunk_size).await,
+        CtlRequest::Download {
+            query,
+            output,
+            follow,
+        } => download(node, writer, &query, output.as_deref(), follow).await,
+        CtlRequest::List => {
+            let reply = match node.tracker.call(p2p_schema::TrackerRequest::List).await {
+                Ok(p2p_schema::TrackerResponse::Files { files }) => CtlResponse::Files { files },
+                Ok(other) => fail(ErrorCode::Internal, &format!("unexpected answer {other:?}")),
+                Err(e) => CtlResponse::Error(e),
+            };
+            send(writer, reply).await
+        }
+        CtlRequest::Locate { query } => {
+            let reply = match node.resolve(&query).await {
+                Ok(file) => match node
+                    .tracker
+                    .call(p2p_schema::TrackerRequest::Locate {
+                        file_id: file.id,
+                        max: 1000,
+                    })
+                    .await
+                {
+                    Ok(p2p_schema::TrackerResponse::Holders { file, mut holders }) => {
+                        holders.sort_by_key(|h| h.addr);
+                        CtlResponse::Located { file, holders }
+                    }
+                    Ok(other) => fail(ErrorCode::Internal, &format!("unexpected answer {other:?}")),
+                    Err(e) => CtlResponse::Error(e),
+                },
+                Err(r) => resolve_failure(query, r),
+            };
+            send(writer, reply).await
+        }
+        CtlRequest::Status => send(writer, CtlResponse::Status(node.status())).await,
+        CtlRequest::Quit => {
+            info!("quit requested");
+            let r = send(writer, CtlResponse::Ok).await;
+            node.request_stop();
+            r
+        }
+    }
+}
+
+async fn send(writer: &mut Writer, reply: CtlResponse) -> Result<(), String> {
+    writer.send(&reply).await.map_err(|e| e.to_string())
+}
+
+fn resolve_failure(query: String, r: Resolve) -> CtlResponse {
+    match r {
+        Resolve::Ambiguous(candidates) => CtlResponse::Ambiguous { query, candidates },
+        Resolve::Error(e) => CtlResponse::Error(e),
+    }
+}
+
+async fn register(
+    node: &Arc<Node>,
+    writer: &mut Writer,
+    path: &str,
+    chunk_size: Option<u32>,
+) -> Result<(), String> {
+    let (tx, mut rx) = mpsc::channel(8);
+    let work = node.register(path, chunk_size, tx);
+    tokio::pin!(work);
+    let result = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            Some((done, total)) = rx.recv() => {
+                // Progress is best effort: a vanished p2pctl does not stop the registration.
+                let _ = writer.send(&CtlResponse::Hashing { done, total }).await;
+            }
+        }
+    };
+    let reply = match result {
+        Ok(file) => CtlResponse::Registered {
+            file,
+            path: path.to_string(),
+        },
+        Err(e) => CtlResponse::Error(e),
+    };
+    writer.send(&reply).await.map_err(|e| e.to_string())
+}
+
+async fn download(
+    node: &Arc<Node>,
+    writer: &mut Writer,
+    query: &str,
+    output: Option<&str>,
+    follow: bool,
+) -> Result<(), String> {
+    let file = match node.resolve(query).await {
+        Ok(f) => f,
+        Err(r) => {
+            return writer
+                .send(&resolve_failure(query.to_string(), r))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let dl = match node.start_download(&file, output).await {
+        Ok(dl) => dl,
+        Err(e) => {
+            return writer
+                .send(&CtlResponse::Error(e))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    // Subscribe before looking at the state, so no event is missed in between.
+    let mut events = dl.events.subscribe();
+    let started = CtlResponse::Started {
+        file: file.clone(),
+        output: dl.output.display().to_string(),
+        have: dl.local.have_count(),
+    };
+    writer.send(&started).await.map_err(|e| e.to_string())?;
+    if !follow {
+        return Ok(());
+    }
+    let total = dl.manifest.chunk_count();
+    let completed = |peers| CtlResponse::Completed {
+        file: file.clone(),
+        output: dl.output.display().to_string(),
+        peers,
+    };
+    match dl.state() {
+        p2p_schema::DownloadState::Complete => {
+            return writer.send(&completed(0)).await.map_err(|e| e.to_string())
+        }
+        p2p_schema::DownloadState::Failed(why) => {
+            let e = WireError::new(ErrorCode::Io, format!("download failed: {why}"));
+            return writer
+                .send(&CtlResponse::Error(e))
+                .await
+                .map_err(|e| e.to_string());
+        }
+        _ => {}
+    }
+    loop {
+        let reply = match events.recv().await {
+            Ok(Event::Chunk { index, from, have }) => CtlResponse::Chunk {
+                index,
+                total,
+                from,
+                have,
+            },
+            Ok(Event::Completed { peers }) => {
+                return writer
+                    .send(&completed(peers))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Ok(Event::Failed(why)) => {
+                let e = WireError::new(ErrorCode::Io, format!("download failed: {why}"));
+                return writer
+                    .send(&CtlResponse::Error(e))
+                    .await
+                    .map_err(|e| e.to_string());
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(broadcast::error::RecvError::Closed) => {
+                let e = WireError::new(ErrorCode::Internal, "the download ended unexpectedly");
+                return writer
+                    .send(&CtlResponse::Error(e))
+                    .await
+                    .map_err(|e| e.to_string());
+            }
+        };
+        // If p2pctl went away (Ctrl-C), the download carries on in the daemon.
+        writer.send(&reply).await.map_err(|e| e.to_string())?;
+    }
+}

@@ -1,0 +1,801 @@
+//! The download engine.
+//!
+//! A [`Download`] is driven by one coordinator task ([`run`]) that asks the tracker who holds
+//! what, starts one worker per holder, and waits for the file to be complete. Each worker
+//! keeps a window of `GetChunk` requests in flight on its connection, picking chunks through
+//! the shared [`Picker`] (rarest first, random tie-break; in the end game a chunk still in
+//! flight elsewhere may be asked of a second peer). Every chunk is checked against its
+//! SHA-256 before it is written in place into the partial file; a bad chunk is discarded and
+//! fetched again, and a peer that sends bad data twice is banned for the rest of the download.
+//!
+//! Written chunks go to the [`Committer`], which makes them durable in batches: sync the
+//! partial file, *then* record the chunks in sled, *then* serve and announce them. On
+//! completion the partial file is renamed to its final name and the file becomes a share.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use p2p_schema::{
+    sha256, Bitfield, DownloadState, FileId, FrameReader, FrameWriter, Holder, Manifest, PeerId,
+    PeerRequest, PeerResponse, TrackerRequest, TrackerResponse, MAX_PEER_FRAME, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, Notify};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::local::LocalFile;
+use crate::node::Node;
+use crate::serve::write_all_at;
+use crate::store::{DownloadRecord, ShareRecord};
+
+/// Bytes kept in flight per peer connection, at most (bounded further by the chunk count).
+const WINDOW_BYTES: u64 = 8 << 20;
+/// Bad chunks from one peer before it is banned from this download.
+const MAX_STRIKES: u32 = 2;
+/// Most peers one download fetches from at once.
+const MAX_WORKERS: usize = 32;
+/// How often the committer makes written chunks durable, at most.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// What a download tells those following it.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Chunk `index` arrived from `from` and was verified; `have` chunks are now held.
+    Chunk {
+        index: u32,
+        from: SocketAddr,
+        have: u32,
+    },
+    /// The file is complete at its output path; chunks came from `peers` peers.
+    Completed { peers: u32 },
+    /// The download stopped for good.
+    Failed(String),
+}
+
+/// One download, running or not.
+pub struct Download {
+    pub id: FileId,
+    pub manifest: Arc<Manifest>,
+    pub local: Arc<LocalFile>,
+    pub output: PathBuf,
+    pub part: PathBuf,
+    state: Mutex<DownloadState>,
+    /// Subscribe to follow progress.
+    pub events: broadcast::Sender<Event>,
+    downloaded: AtomicU64,
+    wasted: AtomicU64,
+    stalled: AtomicU32,
+    recent: Mutex<VecDeque<(Instant, u64, SocketAddr)>>,
+    sources: Mutex<HashSet<SocketAddr>>,
+}
+
+impl Download {
+    /// A download record brought to life; `local` holds what is already verified.
+    pub fn new(
+        manifest: Arc<Manifest>,
+        local: Arc<LocalFile>,
+        output: PathBuf,
+        part: PathBuf,
+        state: DownloadState,
+    ) -> Download {
+        Download {
+            id: manifest.file_id(),
+            manifest,
+            local,
+            output,
+            part,
+            state: Mutex::new(state),
+            events: broadcast::channel(1024).0,
+            downloaded: AtomicU64::new(0),
+            wasted: AtomicU64::new(0),
+            stalled: AtomicU32::new(0),
+            recent: Mutex::new(VecDeque::new()),
+            sources: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> DownloadState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_state(&self, node: &Node, state: DownloadState) {
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
+        let record = DownloadRecord {
+            manifest: (*self.manifest).clone(),
+            output: self.output.to_string_lossy().into_owned(),
+            part: self.part.to_string_lossy().into_owned(),
+            state,
+        };
+        if let Err(e) = node.store.put_download(&self.id, &record) {
+            warn!(error = %e, "saving download state");
+        }
+    }
+
+    /// A snapshot for `p2pctl status`.
+    pub fn status(&self) -> p2p_schema::DownloadStatus {
+        let window = Duration::from_secs(5);
+        let (rate, peers) = {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            while recent
+                .front()
+                .is_some_and(|(t, _, _)| t.elapsed() > window)
+            {
+                recent.pop_front();
+            }
+            let bytes: u64 = recent.iter().map(|(_, n, _)| n).sum();
+            let peers: HashSet<_> = recent.iter().map(|(_, _, a)| a).collect();
+            (bytes / window.as_secs(), peers.len() as u32)
+        };
+        p2p_schema::DownloadStatus {
+            id: self.id,
+            name: self.manifest.name.clone(),
+            size: self.manifest.size,
+            output: self.output.display().to_string(),
+            state: self.state(),
+            chunks: self.manifest.chunk_count(),
+            have: self.local.have_count(),
+            downloaded: self.downloaded.load(Ordering::Relaxed),
+            wasted: self.wasted.load(Ordering::Relaxed),
+            peers,
+            rate,
+            stalled: self.stalled.load(Ordering::Relaxed),
+        }
+    }
+
+    fn record_chunk(&self, from: SocketAddr, bytes: u64) {
+        self.downloaded.fetch_add(bytes, Ordering::Relaxed);
+        self.recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back((Instant::now(), bytes, from));
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(from);
+    }
+}
+
+/// Which chunks are done, in flight and how rare: shared by a download's workers.
+struct Picker {
+    /// Verified and written (maybe not yet durable).
+    done: Bitfield,
+    in_flight: Vec<u8>,
+    /// How many connected peers hold each chunk.
+    availability: Vec<u16>,
+    remaining: u32,
+}
+
+impl Picker {
+    fn new(have: Bitfield) -> Picker {
+        let n = have.len() as usize;
+        Picker {
+            remaining: have.len() - have.count(),
+            done: have,
+            in_flight: vec![0; n],
+            availability: vec![0; n],
+        }
+    }
+
+    /// The next chunk to ask a peer holding `has` for: the rarest free chunk (random
+    /// tie-break), or in the end game a chunk in flight elsewhere not yet asked of this peer.
+    fn pick(&mut self, has: &Bitfield, asked: &VecDeque<u32>) -> Option<u32> {
+        let n = self.done.len();
+        if n == 0 || self.remaining == 0 {
+            return None;
+        }
+        let start = fastrand::u32(..n);
+        let mut best: Option<(u16, u32)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if self.done.get(i) || !has.get(i) || self.in_flight[i as usize] > 0 {
+                continue;
+            }
+            let a = self.availability[i as usize];
+            if best.is_none_or(|(b, _)| a < b) {
+                best = Some((a, i));
+                if a <= 1 {
+                    break;
+                }
+            }
+        }
+        let chosen = best.map(|(_, i)| i).or_else(|| {
+            (0..n).map(|k| (start + k) % n).find(|&i| {
+                !self.done.get(i)
+                    && has.get(i)
+                    && self.in_flight[i as usize] < 2
+                    && !asked.contains(&i)
+            })
+        })?;
+        self.in_flight[chosen as usize] += 1;
+        Some(chosen)
+    }
+
+    /// A request for chunk `i` ended without it.
+    fn release(&mut self, i: u32) {
+        if let Some(c) = self.in_flight.get_mut(i as usize) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    /// Chunk `i` arrived verified. Returns whether it was new.
+    fn finish(&mut self, i: u32) -> bool {
+        self.release(i);
+        let new = self.done.set(i);
+        if new {
+            self.remaining -= 1;
+        }
+        new
+    }
+
+    fn add_availability(&mut self, has: &Bitfield, delta: i32) {
+        for i in has.iter() {
+            if let Some(a) = self.availability.get_mut(i as usize) {
+                *a = (i32::from(*a) + delta).clamp(0, i32::from(u16::MAX)) as u16;
+            }
+        }
+    }
+}
+
+/// State shared by a download's coordinator, workers and committer.
+struct Swarm {
+    node: Arc<Node>,
+    dl: Arc<Download>,
+    picker: Mutex<Picker>,
+    /// Wakes idle workers when chunks are released or peers learn more.
+    changed: Notify,
+    /// Wakes the coordinator when the file is complete or a worker ends.
+    progress: Notify,
+    commits: mpsc::UnboundedSender<u32>,
+    workers: Mutex<HashSet<PeerId>>,
+    strikes: Mutex<HashMap<PeerId, u32>>,
+    banned: Mutex<HashSet<PeerId>>,
+    retry_after: Mutex<HashMap<PeerId, Instant>>,
+    window: usize,
+}
+
+impl Swarm {
+    fn picker(&self) -> std::sync::MutexGuard<'_, Picker> {
+        self.picker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Drives `dl` until it is complete, fails, or the daemon stops.
+pub async fn run(node: Arc<Node>, dl: Arc<Download>) {
+    let span = tracing::info_span!("download", file = %dl.id.short(), name = %dl.manifest.name);
+    async move {
+        match drive(node.clone(), dl.clone()).await {
+            Ok(true) => {}
+            Ok(false) => debug!("download paused: the daemon is stopping"),
+            Err(why) => {
+                warn!("download failed: {why}");
+                dl.set_state(&node, DownloadState::Failed(why.clone()));
+                let _ = dl.events.send(Event::Failed(why));
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Returns `Ok(true)` when complete, `Ok(false)` when stopped early.
+async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
+    let mut stop = node.stop_signal();
+    let chunk_size = u64::from(dl.manifest.chunk_size.max(1));
+    let window = (WINDOW_BYTES / chunk_size).clamp(2, node.config.max_in_flight.max(2) as u64);
+    let (commit_tx, commit_rx) = mpsc::unbounded_channel();
+    let swarm = Arc::new(Swarm {
+        picker: Mutex::new(Picker::new(dl.local.have())),
+        node: node.clone(),
+        dl: dl.clone(),
+        changed: Notify::new(),
+        progress: Notify::new(),
+        commits: commit_tx,
+        workers: Mutex::default(),
+        strikes: Mutex::default(),
+        banned: Mutex::default(),
+        retry_after: Mutex::default(),
+        window: window as usize,
+    });
+    info!(
+        have = dl.local.have_count(),
+        chunks = dl.manifest.chunk_count(),
+        "download started"
+    );
+    let committer = tokio::spawn(commit_loop(swarm.clone(), commit_rx));
+
+    let mut backoff = Duration::from_millis(200);
+    while !dl.local.is_complete() {
+        if *stop.borrow() {
+            return Ok(false);
+        }
+        if committer.is_finished() {
+            return Err(commit_failure(&dl));
+        }
+        let mut wait = Duration::from_secs(2);
+        match node
+            .tracker
+            .call(TrackerRequest::Locate {
+                file_id: dl.id,
+                max: 64,
+            })
+            .await
+        {
+            Ok(TrackerResponse::Holders { holders, .. }) => {
+                backoff = Duration::from_millis(200);
+                let stalled = count_stalled(&swarm, &holders);
+                dl.stalled.store(stalled, Ordering::Relaxed);
+                if stalled > 0 {
+                    wait = Duration::from_millis(500);
+                }
+                for holder in holders {
+                    start_worker(&swarm, holder);
+                }
+            }
+            Ok(other) => debug!(?other, "unexpected answer to locate"),
+            Err(e) => {
+                debug!(error = %e, "cannot locate holders; retrying");
+                wait = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = swarm.progress.notified() => {}
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    // Every chunk is durable; the committer has nothing left to do.
+    committer.abort();
+    finish(&node, &dl).await?;
+    Ok(true)
+}
+
+fn commit_failure(dl: &Download) -> String {
+    format!("cannot write {}: see the daemon log", dl.part.display())
+}
+
+/// Chunks still missing that none of `holders` (nor a connected worker) has.
+fn count_stalled(swarm: &Swarm, holders: &[Holder]) -> u32 {
+    let me = swarm.node.peer_id;
+    let picker = swarm.picker();
+    (0..picker.done.len())
+        .filter(|&i| !picker.done.get(i))
+        .filter(|&i| picker.availability[i as usize] == 0)
+        .filter(|&i| {
+            !holders
+                .iter()
+                .any(|h| h.peer_id != me && h.chunks.get(i))
+        })
+        .count() as u32
+}
+
+fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
+    if holder.peer_id == swarm.node.peer_id {
+        return;
+    }
+    if lock(&swarm.banned).contains(&holder.peer_id) {
+        return;
+    }
+    if lock(&swarm.retry_after)
+        .get(&holder.peer_id)
+        .is_some_and(|t| Instant::now() < *t)
+    {
+        return;
+    }
+    let Some(chunks) = holder.chunks.clone().checked(swarm.dl.manifest.chunk_count()) else {
+        return;
+    };
+    {
+        let mut workers = lock(&swarm.workers);
+        if workers.len() >= MAX_WORKERS || !workers.insert(holder.peer_id) {
+            return;
+        }
+    }
+    let swarm = swarm.clone();
+    let span = tracing::debug_span!("peer", addr = %holder.addr);
+    tokio::spawn(
+        async move {
+            let peer = holder.peer_id;
+            let mut worker = Worker {
+                swarm: swarm.clone(),
+                addr: holder.addr,
+                peer,
+                has: Bitfield::new(0),
+                asked: VecDeque::new(),
+            };
+            let result = worker.run(chunks).await;
+            drop(worker);
+            if let Err(e) = result {
+                debug!("peer worker ended: {e}");
+                lock(&swarm.retry_after).insert(peer, Instant::now() + Duration::from_secs(2));
+            }
+            lock(&swarm.workers).remove(&peer);
+            swarm.progress.notify_one();
+        }
+        .instrument(span),
+    );
+}
+
+/// Fetches chunks from one peer.
+struct Worker {
+    swarm: Arc<Swarm>,
+    addr: SocketAddr,
+    peer: PeerId,
+    /// What the peer holds, as counted in the picker's availability.
+    has: Bitfield,
+    /// Chunks requested and not yet answered, oldest first.
+    asked: VecDeque<u32>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let mut picker = self.swarm.picker();
+        for &i in &self.asked {
+            picker.release(i);
+        }
+        picker.add_availability(&self.has, -1);
+        drop(picker);
+        if !self.asked.is_empty() {
+            self.swarm.changed.notify_waiters();
+        }
+    }
+}
+
+type PeerReader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+type PeerWriter = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
+
+impl Worker {
+    fn set_has(&mut self, has: Bitfield) {
+        let mut picker = self.swarm.picker();
+        picker.add_availability(&self.has, -1);
+        picker.add_availability(&has, 1);
+        self.has = has;
+    }
+
+    async fn run(&mut self, chunks: Bitfield) -> Result<(), String> {
+        let timeout = self.swarm.node.config.request_timeout;
+        let mut stop = self.swarm.node.stop_signal();
+        let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let (r, w) = stream.into_split();
+        let mut reader: PeerReader = FrameReader::new(r, MAX_PEER_FRAME);
+        let mut writer: PeerWriter = FrameWriter::new(w);
+        writer
+            .send(&PeerRequest::Hello {
+                version: PROTOCOL_VERSION,
+                peer_id: self.swarm.node.peer_id,
+                agent: p2p_schema::agent("p2pd"),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(timeout, reader.expect::<PeerResponse>()).await {
+            Ok(Ok(PeerResponse::Welcome { peer_id, .. })) if peer_id == self.peer => {}
+            Ok(Ok(PeerResponse::Welcome { .. })) => return Err("a different peer answered".into()),
+            Ok(Ok(other)) => return Err(format!("unexpected hello answer {other:?}")),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("no welcome in time".into()),
+        }
+        self.set_has(chunks);
+        debug!("connected");
+
+        let file_id = self.swarm.dl.id;
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            if *stop.borrow() {
+                return Ok(());
+            }
+            // Keep the window full.
+            let mut fed = false;
+            while self.asked.len() < self.swarm.window {
+                let Some(i) = self.swarm.picker().pick(&self.has, &self.asked) else {
+                    break;
+                };
+                self.asked.push_back(i);
+                writer
+                    .feed(&PeerRequest::GetChunk { file_id, index: i })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                fed = true;
+            }
+            if fed {
+                writer.flush().await.map_err(|e| e.to_string())?;
+            }
+
+            if self.asked.is_empty() {
+                if self.swarm.picker().remaining == 0 {
+                    return Ok(());
+                }
+                // Nothing this peer has is needed now: wait for a change, then ask it what
+                // it holds (it may be downloading too).
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    () = self.swarm.changed.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                writer
+                    .send(&PeerRequest::GetHave { file_id })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match tokio::time::timeout(timeout, reader.expect::<PeerResponse>()).await {
+                    Ok(Ok(PeerResponse::Have { chunks })) => {
+                        let n = self.swarm.dl.manifest.chunk_count();
+                        let chunks = chunks.checked(n).ok_or("malformed have")?;
+                        self.set_has(chunks);
+                    }
+                    Ok(Ok(PeerResponse::Error(e))) => return Err(format!("peer: {e}")),
+                    Ok(Ok(other)) => return Err(format!("unexpected answer {other:?}")),
+                    Ok(Err(e)) => return Err(e.to_string()),
+                    Err(_) => return Err("no answer in time".into()),
+                }
+                continue;
+            }
+
+            let received = tokio::select! {
+                _ = stop.changed() => return Ok(()),
+                r = tokio::time::timeout(timeout, receive(&mut reader, &self.swarm.dl.manifest, &mut self.asked, &mut buf)) => r,
+            };
+            match received {
+                Err(_) => return Err(format!("no chunk in {timeout:?}")),
+                Ok(Err(e)) => return Err(e),
+                Ok(Ok(Received::Refused(index, e))) => {
+                    debug!(index, "peer refused a chunk: {e}");
+                    self.swarm.picker().release(index);
+                    let mut has = self.has.clone();
+                    has.unset(index);
+                    self.set_has(has);
+                    self.swarm.changed.notify_waiters();
+                }
+                Ok(Ok(Received::Chunk(index))) => {
+                    buf = self.accept(index, std::mem::take(&mut buf)).await?;
+                }
+            }
+        }
+    }
+
+    /// Verifies chunk `index` (in `data`) and writes it in place. Returns the buffer for reuse.
+    async fn accept(&mut self, index: u32, data: Vec<u8>) -> Result<Vec<u8>, String> {
+        let swarm = &self.swarm;
+        let dl = &swarm.dl;
+        let (offset, _) = dl.manifest.chunk_range(index).ok_or("index out of range")?;
+        let expected = *dl.manifest.hash(index).ok_or("index out of range")?;
+        let file = dl.local.handle();
+        let len = data.len() as u64;
+        let (data, outcome) = tokio::task::spawn_blocking(move || {
+            if sha256(&data) != expected {
+                return (data, Ok(false));
+            }
+            let written = write_all_at(&file, &data, offset);
+            (data, written.map(|()| true))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        match outcome {
+            Ok(true) => {
+                let (new, have) = {
+                    let mut picker = swarm.picker();
+                    let new = picker.finish(index);
+                    (new, picker.done.len() - picker.remaining)
+                };
+                if new {
+                    dl.record_chunk(self.addr, len);
+                    let _ = swarm.commits.send(index);
+                    let _ = dl.events.send(Event::Chunk {
+                        index,
+                        from: self.addr,
+                        have,
+                    });
+                } else {
+                    dl.wasted.fetch_add(len, Ordering::Relaxed);
+                }
+                Ok(data)
+            }
+            Ok(false) => {
+                dl.wasted.fetch_add(len, Ordering::Relaxed);
+                swarm.picker().release(index);
+                swarm.changed.notify_waiters();
+                let strikes = {
+                    let mut s = lock(&swarm.strikes);
+                    let n = s.entry(self.peer).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                warn!(index, strikes, "chunk failed verification; discarded");
+                if strikes >= MAX_STRIKES {
+                    lock(&swarm.banned).insert(self.peer);
+                    warn!(peer = %self.addr, "peer banned from this download: it sent bad data {strikes} times");
+                    return Err("banned".into());
+                }
+                Ok(data)
+            }
+            Err(e) => {
+                swarm.picker().release(index);
+                Err(format!("writing chunk {index}: {e}"))
+            }
+        }
+    }
+}
+
+enum Received {
+    Chunk(u32),
+    Refused(u32, p2p_schema::WireError),
+}
+
+/// Reads the answer to the oldest request into `buf`.
+async fn receive(
+    reader: &mut PeerReader,
+    manifest: &Manifest,
+    asked: &mut VecDeque<u32>,
+    buf: &mut Vec<u8>,
+) -> Result<Received, String> {
+    let expected = *asked.front().ok_or("nothing asked")?;
+    match reader.expect::<PeerResponse>().await.map_err(|e| e.to_string())? {
+        PeerResponse::Chunk { index, len } => {
+            let (_, want) = manifest.chunk_range(expected).ok_or("index out of range")?;
+            if index != expected || len != want {
+                return Err(format!(
+                    "peer answered chunk {index} ({len} bytes) for chunk {expected} ({want} bytes)"
+                ));
+            }
+            buf.resize(len as usize, 0);
+            reader.recv_payload(buf).await.map_err(|e| e.to_string())?;
+            asked.pop_front();
+            Ok(Received::Chunk(index))
+        }
+        PeerResponse::Error(e) => {
+            asked.pop_front();
+            Ok(Received::Refused(expected, e))
+        }
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// Makes written chunks durable in batches: sync the file, then record in sled, then serve
+/// and announce. A chunk is never recorded before its bytes are on disk.
+async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
+    let dl = swarm.dl.clone();
+    let node = swarm.node.clone();
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + COMMIT_INTERVAL;
+        while batch.len() < 4096 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(i)) => batch.push(i),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let file = dl.local.handle();
+        // 1. The bytes reach the disk.
+        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+        if let Err(e) = synced.map_err(std::io::Error::other).and_then(|r| r) {
+            warn!(error = %e, "syncing {}", dl.part.display());
+            return;
+        }
+        // 2. Only then are they recorded as held.
+        if let Err(e) = node.store.record_chunks(&dl.id, &batch) {
+            warn!(error = %e, "recording chunks");
+            return;
+        }
+        // 3. Only then are they served and announced.
+        dl.local.add(&batch);
+        node.tracker.notify(TrackerRequest::Gained {
+            file_id: dl.id,
+            indices: batch,
+        });
+        if dl.local.is_complete() {
+            swarm.progress.notify_one();
+        }
+    }
+}
+
+/// Renames the complete file into place and turns it into a share.
+async fn finish(node: &Arc<Node>, dl: &Arc<Download>) -> Result<(), String> {
+    let (part, output) = (dl.part.clone(), dl.output.clone());
+    let file = dl.local.handle();
+    let meta = tokio::task::spawn_blocking(move || -> Result<std::fs::Metadata, String> {
+        file.sync_all()
+            .map_err(|e| format!("syncing {}: {e}", part.display()))?;
+        if output.exists() {
+            return Err(format!(
+                "{} appeared while downloading; the data is kept at {}",
+                output.display(),
+                part.display()
+            ));
+        }
+        std::fs::rename(&part, &output)
+            .map_err(|e| format!("renaming {} to {}: {e}", part.display(), output.display()))?;
+        if let Some(dir) = output.parent() {
+            // Make the rename itself durable (best effort: not every platform can).
+            if let Ok(d) = std::fs::File::open(dir) {
+                let _ = d.sync_all();
+            }
+        }
+        std::fs::metadata(&output).map_err(|e| format!("reading {}: {e}", output.display()))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    dl.local.set_path(dl.output.clone());
+    let share = ShareRecord {
+        manifest: (*dl.manifest).clone(),
+        path: dl.output.to_string_lossy().into_owned(),
+        size: meta.len(),
+        mtime_ns: crate::register::mtime_ns(&meta),
+    };
+    node.store
+        .put_share(&dl.id, &share)
+        .map_err(|e| e.to_string())?;
+    dl.set_state(node, DownloadState::Complete);
+    node.store.clear_chunks(&dl.id).map_err(|e| e.to_string())?;
+    if let Err(e) = node.store.flush().await {
+        warn!(error = %e, "flushing state after a download");
+    }
+    node.tracker.notify(TrackerRequest::Register {
+        manifest: (*dl.manifest).clone(),
+    });
+    let peers = lock(&dl.sources).len() as u32;
+    info!(
+        output = %dl.output.display(),
+        peers,
+        "{} has completed downloading.",
+        dl.manifest.name
+    );
+    let _ = dl.events.send(Event::Completed { peers });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picker_prefers_rare_chunks_and_enters_end_game() {
+        let mut p = Picker::new(Bitfield::new(4));
+        let mut first_two = Bitfield::new(4);
+        first_two.set(0);
+        first_two.set(1);
+        let mut only1 = Bitfield::new(4);
+        only1.set(1);
+        // Two peers: one holds 0 and 1, the other only 1; so 0 is the rarer.
+        p.add_availability(&first_two, 1);
+        p.add_availability(&only1, 1);
+        let rare = first_two;
+        // Peer holds 0 and 1; 0 has availability 1, 1 has 2: 0 first.
+        assert_eq!(p.pick(&rare, &VecDeque::new()), Some(0));
+        assert_eq!(p.pick(&rare, &VecDeque::new()), Some(1));
+        // Both in flight: end game hands out a second copy, but not to the same asker.
+        let asked: VecDeque<u32> = [0, 1].into();
+        assert_eq!(p.pick(&rare, &asked), None);
+        let second = p.pick(&rare, &VecDeque::new()).unwrap();
+        assert!(second == 0 || second == 1);
+        assert!(p.finish(0));
+        assert!(!p.finish(0), "a duplicate is not new");
+        assert_eq!(p.remaining, 3);
+    }
+
+    #[test]
+    fn picker_never_hands_out_done_or_unheld_chunks() {
+        let mut have = Bitfield::new(8);
+        have.set(3);
+        let mut p = Picker::new(have);
+        let mut peer = Bitfield::new(8);
+        peer.set(3);
+        peer.set(5);
+        p.add_availability(&peer, 1);
+        assert_eq!(p.pick(&peer, &VecDeque::new()), Some(5));
+        p.finish(5);
+        let asked: VecDeque<u32> = VecDeque::new();
+        assert_eq!(p.pick(&peer, &asked), None);
+        assert_eq!(p.remaining, 6);
+    }
+}

@@ -1,0 +1,113 @@
+//! [`LocalFile`]: a file this daemon can serve chunks of, whole (a share) or in part (a
+//! download in progress). The peer server reads chunks through it; downloads add to it.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use p2p_schema::{Bitfield, FileId, Manifest};
+
+/// A file with chunks to serve.
+pub struct LocalFile {
+    pub id: FileId,
+    pub manifest: Arc<Manifest>,
+    /// An open handle on the data (the share itself, or the partial file; a rename on
+    /// completion does not disturb it).
+    file: Arc<File>,
+    inner: Mutex<Inner>,
+    /// Bytes served to other peers.
+    pub uploaded: AtomicU64,
+}
+
+struct Inner {
+    /// Chunks verified and durable: the only ones served or announced.
+    have: Bitfield,
+    path: PathBuf,
+    /// Set when the data can no longer be trusted (source changed): nothing is served.
+    problem: Option<String>,
+}
+
+impl LocalFile {
+    /// A file over `file`, holding the chunks in `have`.
+    pub fn new(manifest: Arc<Manifest>, file: File, path: PathBuf, have: Bitfield) -> LocalFile {
+        LocalFile {
+            id: manifest.file_id(),
+            manifest,
+            file: Arc::new(file),
+            inner: Mutex::new(Inner {
+                have,
+                path,
+                problem: None,
+            }),
+            uploaded: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The handle to read from (or write to, for a download).
+    pub fn handle(&self) -> Arc<File> {
+        self.file.clone()
+    }
+
+    /// Can chunk `index` be served?
+    pub fn has(&self, index: u32) -> bool {
+        let inner = self.lock();
+        inner.problem.is_none() && inner.have.get(index)
+    }
+
+    /// The chunks that can be served.
+    pub fn have(&self) -> Bitfield {
+        let inner = self.lock();
+        if inner.problem.is_some() {
+            return Bitfield::new(self.manifest.chunk_count());
+        }
+        inner.have.clone()
+    }
+
+    /// How many chunks are held.
+    pub fn have_count(&self) -> u32 {
+        self.lock().have.count()
+    }
+
+    /// Is every chunk held?
+    pub fn is_complete(&self) -> bool {
+        self.lock().have.is_full()
+    }
+
+    /// Adds chunks that are now verified and durable.
+    pub fn add(&self, indices: &[u32]) {
+        let mut inner = self.lock();
+        for &i in indices {
+            inner.have.set(i);
+        }
+    }
+
+    /// Where the data lies now.
+    pub fn path(&self) -> PathBuf {
+        self.lock().path.clone()
+    }
+
+    /// The data moved (a finished download renamed into place).
+    pub fn set_path(&self, path: PathBuf) {
+        self.lock().path = path;
+    }
+
+    /// Stops serving, for `why`.
+    pub fn set_problem(&self, why: String) {
+        self.lock().problem = Some(why);
+    }
+
+    /// Why it is not served, if it is not.
+    pub fn problem(&self) -> Option<String> {
+        self.lock().problem.clone()
+    }
+
+    /// Counts bytes served.
+    pub fn add_uploaded(&self, n: u64) {
+        self.uploaded.fetch_add(n, Ordering::Relaxed);
+    }
+}

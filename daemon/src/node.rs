@@ -1,0 +1,577 @@
+//! [`Node`]: the daemon's shared state (files it can serve, downloads, the tracker session,
+//! the database) and the operations commands call. [`run`] brings it up and down.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use p2p_schema::{
+    Bitfield, DaemonInfo, DownloadState, ErrorCode, FileId, FileSummary, PeerId, ShareStatus,
+    StatusReport, TrackerRequest, TrackerResponse, WireError,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Semaphore};
+use tracing::{info, warn};
+
+use crate::control::ControlListener;
+use crate::download::{self, Download};
+use crate::local::LocalFile;
+use crate::register::{hash_file, mtime_ns, share_name};
+use crate::serve::RateLimit;
+use crate::store::{DownloadRecord, ShareRecord, Store};
+use crate::tracker_client::{Announce, Identity, TrackerClient};
+use crate::{Config, Error};
+
+type Files = Arc<RwLock<HashMap<FileId, Arc<LocalFile>>>>;
+
+/// Everything a running daemon shares between its tasks.
+pub struct Node {
+    pub config: Config,
+    pub peer_id: PeerId,
+    /// The address other peers reach us at.
+    pub listen: SocketAddr,
+    pub store: Store,
+    pub tracker: TrackerClient,
+    files: Files,
+    downloads: Mutex<HashMap<FileId, Arc<Download>>>,
+    stop: watch::Sender<bool>,
+    /// Bounds chunk reads in progress for uploads (memory).
+    pub upload_slots: Semaphore,
+    /// Bounds upload bandwidth, if configured.
+    pub upload_limit: RateLimit,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> WireError {
+    WireError::new(code, message)
+}
+
+impl Node {
+    /// A receiver that turns true when the daemon is stopping.
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// Starts an orderly shutdown (what `p2pctl quit` and signals do).
+    pub fn request_stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// The file with ID `id`, if this daemon holds any of it.
+    pub fn local_file(&self, id: &FileId) -> Option<Arc<LocalFile>> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn insert_file(&self, local: Arc<LocalFile>) {
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(local.id, local);
+    }
+
+    fn download(&self, id: &FileId) -> Option<Arc<Download>> {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Facts for `p2pctl`.
+    pub fn info(&self) -> DaemonInfo {
+        DaemonInfo {
+            peer_id: self.peer_id,
+            listen: self.listen,
+            tracker: self.tracker.address().to_string(),
+            download_dir: self.config.download_dir.display().to_string(),
+            agent: p2p_schema::agent("p2pd"),
+        }
+    }
+
+    /// Hashes the file at `path` and shares it. Hashing progress goes to `progress`.
+    pub async fn register(
+        &self,
+        path: &str,
+        chunk_size: Option<u32>,
+        progress: mpsc::Sender<(u64, u64)>,
+    ) -> Result<FileSummary, WireError> {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("{}: the daemon needs an absolute path", path.display()),
+            ));
+        }
+        let name = share_name(&path)?;
+        let hashed = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                hash_file(&path, name, chunk_size, |done, total| {
+                    let _ = progress.try_send((done, total));
+                })
+            })
+            .await
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))??
+        };
+        let manifest = hashed.manifest;
+        let id = manifest.file_id();
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| err(ErrorCode::BadRequest, "the path is not valid UTF-8"))?
+            .to_string();
+        let record = ShareRecord {
+            manifest: manifest.clone(),
+            path: path_str,
+            size: hashed.size,
+            mtime_ns: hashed.mtime_ns,
+        };
+        self.store
+            .put_share(&id, &record)
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        self.store
+            .flush()
+            .await
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        let chunks = manifest.chunk_count();
+        let manifest = Arc::new(manifest);
+        let existing_ok = self
+            .local_file(&id)
+            .is_some_and(|f| f.is_complete() && f.problem().is_none());
+        if !existing_ok {
+            self.insert_file(Arc::new(LocalFile::new(
+                manifest.clone(),
+                hashed.file,
+                path.clone(),
+                Bitfield::full(chunks),
+            )));
+        }
+        info!(file = %id.short(), path = %path.display(), size = manifest.size, "file shared");
+        match self
+            .tracker
+            .call(TrackerRequest::Register {
+                manifest: (*manifest).clone(),
+            })
+            .await
+        {
+            Ok(TrackerResponse::Registered { file }) => Ok(file),
+            Ok(other) => Err(err(
+                ErrorCode::Internal,
+                format!("unexpected tracker answer {other:?}"),
+            )),
+            Err(e) if e.code == ErrorCode::TrackerUnavailable => Err(err(
+                e.code,
+                format!(
+                    "{} is shared here but not yet announced: {}; it will be announced when the tracker is back",
+                    manifest.name, e.message
+                ),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resolves a name, ID or unique ID prefix to one file on the network.
+    pub async fn resolve(&self, query: &str) -> Result<FileSummary, Resolve> {
+        let files = match self
+            .tracker
+            .call(TrackerRequest::Find {
+                query: query.to_string(),
+            })
+            .await
+        {
+            Ok(TrackerResponse::Files { files }) => files,
+            Ok(other) => {
+                return Err(Resolve::Error(err(
+                    ErrorCode::Internal,
+                    format!("unexpected tracker answer {other:?}"),
+                )))
+            }
+            Err(e) => return Err(Resolve::Error(e)),
+        };
+        match files.len() {
+            0 => Err(Resolve::Error(err(
+                ErrorCode::NotFound,
+                format!("no file named {query:?} (nor with that ID) on the network; see 'p2pctl list'"),
+            ))),
+            1 => Ok(files.into_iter().next().unwrap_or_else(|| unreachable!())),
+            _ => Err(Resolve::Ambiguous(files)),
+        }
+    }
+
+    /// Starts downloading `file` (or returns the download already under way).
+    pub async fn start_download(
+        self: &Arc<Self>,
+        file: &FileSummary,
+        output: Option<&str>,
+    ) -> Result<Arc<Download>, WireError> {
+        let id = file.id;
+        if let Some(dl) = self.download(&id) {
+            if dl.state() == DownloadState::Running {
+                return Ok(dl);
+            }
+        }
+        if let Some(local) = self.local_file(&id) {
+            if local.is_complete() && local.problem().is_none() {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "this daemon already has {} (ID {}) at {}",
+                        file.name,
+                        id.short(),
+                        local.path().display()
+                    ),
+                ));
+            }
+        }
+        let manifest = match self
+            .tracker
+            .call(TrackerRequest::GetManifest { file_id: id })
+            .await?
+        {
+            TrackerResponse::Manifest { manifest } => manifest,
+            other => {
+                return Err(err(
+                    ErrorCode::Internal,
+                    format!("unexpected tracker answer {other:?}"),
+                ))
+            }
+        };
+        // The tracker cannot substitute hashes: the manifest must hash to the ID we asked for.
+        manifest.verify(&id).map_err(|e| {
+            err(
+                ErrorCode::BadRequest,
+                format!("the tracker sent a bad manifest: {e}"),
+            )
+        })?;
+        let (output, part) = self.output_paths(&manifest.name, output).await?;
+        let chunks = manifest.chunk_count();
+        let file = {
+            let path = part.clone();
+            let size = manifest.size;
+            tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(path)?;
+                f.set_len(size)?;
+                Ok(f)
+            })
+            .await
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+            .map_err(|e| {
+                err(
+                    ErrorCode::Io,
+                    format!("cannot create {}: {e}", part.display()),
+                )
+            })?
+        };
+        let manifest = Arc::new(manifest);
+        let record = DownloadRecord {
+            manifest: (*manifest).clone(),
+            output: utf8(&output)?,
+            part: utf8(&part)?,
+            state: DownloadState::Running,
+        };
+        self.store
+            .put_download(&id, &record)
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        let local = Arc::new(LocalFile::new(
+            manifest.clone(),
+            file,
+            part.clone(),
+            Bitfield::new(chunks),
+        ));
+        self.insert_file(local.clone());
+        Ok(self.spawn_download(Arc::new(Download::new(
+            manifest,
+            local,
+            output,
+            part,
+            DownloadState::Running,
+        ))))
+    }
+
+    fn spawn_download(self: &Arc<Self>, dl: Arc<Download>) -> Arc<Download> {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dl.id, dl.clone());
+        tokio::spawn(download::run(self.clone(), dl.clone()));
+        dl
+    }
+
+    /// Where a download of `name` goes: `output` if it names a file, `output/name` if it names
+    /// a directory, else the download directory. Checked before any transfer starts.
+    async fn output_paths(
+        &self,
+        name: &str,
+        output: Option<&str>,
+    ) -> Result<(PathBuf, PathBuf), WireError> {
+        let target = match output {
+            Some(o) => {
+                let p = PathBuf::from(o);
+                if !p.is_absolute() {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        format!("{o}: the daemon needs an absolute path"),
+                    ));
+                }
+                if p.is_dir() {
+                    p.join(name)
+                } else {
+                    p
+                }
+            }
+            None => {
+                let dir = &self.config.download_dir;
+                tokio::fs::create_dir_all(dir).await.map_err(|e| {
+                    err(
+                        ErrorCode::Io,
+                        format!("cannot create download directory {}: {e}", dir.display()),
+                    )
+                })?;
+                dir.join(name)
+            }
+        };
+        let parent = target
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("/"));
+        if !parent.is_dir() {
+            return Err(err(
+                ErrorCode::NotFound,
+                format!("directory {} does not exist", parent.display()),
+            ));
+        }
+        if target.exists() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} already exists; remove it or choose another --output",
+                    target.display()
+                ),
+            ));
+        }
+        let mut part = target.clone().into_os_string();
+        part.push(".part");
+        Ok((target, PathBuf::from(part)))
+    }
+
+    /// What this daemon shares and downloads.
+    pub fn status(&self) -> StatusReport {
+        let mut shares: Vec<ShareStatus> = self
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|f| f.is_complete())
+            .map(|f| ShareStatus {
+                id: f.id,
+                name: f.manifest.name.clone(),
+                size: f.manifest.size,
+                chunks: f.manifest.chunk_count(),
+                path: f.path().display().to_string(),
+                uploaded: f.uploaded.load(std::sync::atomic::Ordering::Relaxed),
+                problem: f.problem(),
+            })
+            .collect();
+        shares.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        let mut downloads: Vec<_> = self
+            .downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|d| d.status())
+            .collect();
+        downloads.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        StatusReport {
+            info: self.info(),
+            tracker_connected: self.tracker.is_connected(),
+            shares,
+            downloads,
+        }
+    }
+
+    /// Brings back shares and downloads recorded by an earlier run.
+    fn load(self: &Arc<Self>) {
+        for (id, rec) in self.store.shares() {
+            let manifest = Arc::new(rec.manifest);
+            let path = PathBuf::from(&rec.path);
+            let chunks = manifest.chunk_count();
+            match std::fs::File::open(&path).and_then(|f| f.metadata().map(|m| (f, m))) {
+                Ok((file, meta)) => {
+                    let local = LocalFile::new(manifest, file, path, Bitfield::full(chunks));
+                    if meta.len() != rec.size || mtime_ns(&meta) != rec.mtime_ns {
+                        let why = format!(
+                            "{} changed since it was registered; register it again to share it",
+                            rec.path
+                        );
+                        warn!(file = %id.short(), "{why}");
+                        local.set_problem(why);
+                    }
+                    self.insert_file(Arc::new(local));
+                }
+                Err(e) => {
+                    warn!(file = %id.short(), path = %rec.path, error = %e, "a shared file cannot be opened; not serving it");
+                }
+            }
+        }
+        for (id, rec) in self.store.downloads() {
+            let manifest = Arc::new(rec.manifest);
+            let (output, part) = (PathBuf::from(&rec.output), PathBuf::from(&rec.part));
+            if rec.state == DownloadState::Complete {
+                if let Some(local) = self.local_file(&id) {
+                    let dl = Download::new(manifest, local, output, part, rec.state);
+                    self.downloads
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(id, Arc::new(dl));
+                }
+                continue;
+            }
+            let file = match std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&part)
+            {
+                Ok(f) => f,
+                Err(e) => {
+                    warn!(file = %id.short(), part = %rec.part, error = %e, "partial file is gone; the download starts over");
+                    let _ = self.store.clear_chunks(&id);
+                    match std::fs::File::create(&part).and_then(|f| {
+                        f.set_len(manifest.size)?;
+                        Ok(f)
+                    }) {
+                        Ok(f) => f,
+                        Err(_) => continue,
+                    }
+                }
+            };
+            let have = self.store.held_chunks(&id, manifest.chunk_count());
+            let local = Arc::new(LocalFile::new(manifest.clone(), file, part.clone(), have));
+            self.insert_file(local.clone());
+            let dl = Arc::new(Download::new(manifest, local, output, part, rec.state.clone()));
+            if rec.state == DownloadState::Running {
+                info!(file = %id.short(), have = dl.local.have_count(), "resuming download");
+                self.spawn_download(dl);
+            } else {
+                self.downloads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, dl);
+            }
+        }
+    }
+}
+
+fn utf8(p: &Path) -> Result<String, WireError> {
+    p.to_str().map(str::to_string).ok_or_else(|| {
+        err(
+            ErrorCode::BadRequest,
+            format!("{}: paths must be valid UTF-8", p.display()),
+        )
+    })
+}
+
+/// Why a query did not resolve to one file.
+pub enum Resolve {
+    Ambiguous(Vec<FileSummary>),
+    Error(WireError),
+}
+
+/// What to announce after (re)connecting: complete files first (registering them), then
+/// partial holdings.
+fn announce_all(files: &Files) -> Vec<TrackerRequest> {
+    let files = files.read().unwrap_or_else(|p| p.into_inner());
+    let (complete, partial): (Vec<_>, Vec<_>) = files
+        .values()
+        .filter(|f| f.problem().is_none())
+        .partition(|f| f.is_complete());
+    let mut out: Vec<TrackerRequest> = complete
+        .into_iter()
+        .map(|f| TrackerRequest::Register {
+            manifest: (*f.manifest).clone(),
+        })
+        .collect();
+    out.extend(
+        partial
+            .into_iter()
+            .map(|f| (f.id, f.have()))
+            .filter(|(_, have)| have.count() > 0)
+            .map(|(file_id, chunks)| TrackerRequest::Have { file_id, chunks }),
+    );
+    out
+}
+
+/// Runs the daemon until `shutdown` resolves or `p2pctl quit` asks it to stop: serves peers
+/// on `peers`, commands on `control`, and keeps the tracker session. Then leaves the
+/// network, flushes state and removes the socket.
+pub async fn run(
+    config: Config,
+    peers: TcpListener,
+    control: ControlListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), Error> {
+    let store = Store::open(&config.data_dir)?;
+    let peer_id = store.peer_id()?;
+    let bound = peers
+        .local_addr()
+        .map_err(|e| Error::io("reading the bound peer address", e))?;
+    let listen = config.advertise.unwrap_or(bound);
+    let (stop, stop_rx) = watch::channel(false);
+    let files: Files = Arc::default();
+    let announce: Announce = {
+        let files = files.clone();
+        Arc::new(move || announce_all(&files))
+    };
+    let identity = Identity {
+        peer_id,
+        listen,
+        secret: config.secret.clone(),
+    };
+    let (tracker, tracker_task) =
+        TrackerClient::start(config.tracker.clone(), identity, announce, stop_rx.clone());
+    let node = Arc::new(Node {
+        upload_slots: Semaphore::new(config.max_uploads.max(1)),
+        upload_limit: RateLimit::new(config.upload_rate),
+        config,
+        peer_id,
+        listen,
+        store,
+        tracker,
+        files,
+        downloads: Mutex::default(),
+        stop,
+    });
+    node.load();
+    let server = tokio::spawn(crate::serve::serve(node.clone(), peers, stop_rx.clone()));
+    let socket = node.config.socket.clone();
+    let controller = tokio::spawn(crate::control::serve(node.clone(), control, stop_rx.clone()));
+    info!(
+        peer_id = %peer_id.short(),
+        "p2pd ready: serving peers on {bound}, control socket {}",
+        socket.display()
+    );
+
+    let mut stopping = stop_rx.clone();
+    tokio::select! {
+        () = shutdown => {}
+        _ = stopping.wait_for(|s| *s) => {}
+    }
+    info!("shutting down");
+    node.request_stop();
+    // The tracker session says Bye; bounded so a dead tracker cannot hold us up.
+    let _ = tokio::time::timeout(Duration::from_secs(3), tracker_task).await;
+    let _ = server.await;
+    let _ = controller.await;
+    node.store.flush().await?;
+    info!("stopped");
+    Ok(())
+}

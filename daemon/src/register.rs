@@ -1,0 +1,179 @@
+//! Hashing a local file into a [`Manifest`], as a stream in large blocks, on a blocking
+//! thread. The file is never loaded whole into memory and never copied.
+
+use std::fs::{File, Metadata};
+use std::io::Read;
+use std::path::Path;
+
+use p2p_schema::{
+    auto_chunk_size, validate_chunk_size, validate_name, ErrorCode, Manifest, ManifestBuilder,
+    WireError,
+};
+
+/// Bytes read per block while hashing.
+const BLOCK: usize = 4 << 20;
+
+/// A hashed file, ready to share.
+pub struct Hashed {
+    pub manifest: Manifest,
+    /// The file, open for serving.
+    pub file: File,
+    /// Size and modification time as hashed, to notice later changes.
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// Modification time in nanoseconds since the epoch (0 where the platform has none).
+pub fn mtime_ns(meta: &Metadata) -> i128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn io_error(what: String) -> impl FnOnce(std::io::Error) -> WireError {
+    move |e| WireError::new(ErrorCode::Io, format!("{what}: {e}"))
+}
+
+/// The file's name as it will be shared: its last path component, checked.
+pub fn share_name(path: &Path) -> Result<String, WireError> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!("{} does not name a file", path.display()),
+            )
+        })?
+        .to_str()
+        .ok_or_else(|| {
+            WireError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "{}: file names that are not valid UTF-8 cannot be shared; rename the file",
+                    path.display()
+                ),
+            )
+        })?;
+    validate_name(name).map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+    Ok(name.to_string())
+}
+
+/// Opens `path` and checks it is a regular, readable file.
+pub fn open_regular(path: &Path) -> Result<(File, Metadata), WireError> {
+    let shown = path.display();
+    let meta = std::fs::metadata(path).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            WireError::new(ErrorCode::NotFound, format!("{shown}: no such file"))
+        } else {
+            WireError::new(ErrorCode::Io, format!("{shown}: {e}"))
+        }
+    })?;
+    if meta.is_dir() {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("{shown} is a directory, not a regular file"),
+        ));
+    }
+    if !meta.is_file() {
+        return Err(WireError::new(
+            ErrorCode::BadRequest,
+            format!("{shown} is not a regular file"),
+        ));
+    }
+    let file = File::open(path).map_err(io_error(format!("cannot read {shown}")))?;
+    Ok((file, meta))
+}
+
+/// Hashes the file at `path` (blocking). `progress(done, total)` is called after each block.
+pub fn hash_file(
+    path: &Path,
+    name: String,
+    chunk_size: Option<u32>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<Hashed, WireError> {
+    let (mut file, before) = open_regular(path)?;
+    let size = before.len();
+    let chunk_size = chunk_size.unwrap_or_else(|| auto_chunk_size(size));
+    validate_chunk_size(chunk_size)
+        .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+    let mut builder = ManifestBuilder::new(chunk_size);
+    let mut block = vec![0u8; BLOCK];
+    loop {
+        let n = match file.read(&mut block) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_error(format!("reading {}", path.display()))(e)),
+        };
+        builder.update(&block[..n]);
+        progress(builder.size(), size);
+        if builder.size() > size {
+            break;
+        }
+    }
+    let after = file
+        .metadata()
+        .map_err(io_error(format!("reading {}", path.display())))?;
+    if builder.size() != size || after.len() != size || mtime_ns(&after) != mtime_ns(&before) {
+        return Err(WireError::new(
+            ErrorCode::Io,
+            format!(
+                "{} changed while it was being hashed; try again once it is no longer being written",
+                path.display()
+            ),
+        ));
+    }
+    let manifest = builder.finish(name);
+    manifest
+        .validate()
+        .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
+    Ok(Hashed {
+        manifest,
+        file,
+        size,
+        mtime_ns: mtime_ns(&before),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_and_rejects_what_it_must() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.bin");
+        std::fs::write(&p, vec![7u8; 10_000]).unwrap();
+        let mut calls = 0;
+        let h = hash_file(&p, "a.bin".into(), Some(1024), |_, _| calls += 1).unwrap();
+        assert_eq!(h.manifest.chunk_count(), 10);
+        assert_eq!(h.size, 10_000);
+        assert!(calls >= 1);
+
+        let e = hash_file(dir.path(), "x".into(), None, |_, _| {})
+            .err()
+            .unwrap();
+        assert!(e.message.contains("directory"), "{e}");
+        let e = hash_file(&dir.path().join("missing"), "x".into(), None, |_, _| {})
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        let e = hash_file(&p, "a.bin".into(), Some(1), |_, _| {})
+            .err()
+            .unwrap();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let h = hash_file(&empty, "empty".into(), None, |_, _| {}).unwrap();
+        assert_eq!(h.manifest.chunk_count(), 0);
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(share_name(Path::new("/x/doug.png")).unwrap(), "doug.png");
+        assert!(share_name(Path::new("/")).is_err());
+    }
+}

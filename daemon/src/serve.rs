@@ -1,0 +1,272 @@
+//! The peer server: other daemons connect, say hello, and ask for chunks. A chunk is served
+//! only if this daemon holds it verified and durable; anything else gets an error reply.
+//! A peer can never read any file that was not registered: requests name a file ID and a
+//! chunk index, never a path.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use p2p_schema::{
+    ErrorCode, FrameReader, FrameWriter, PeerRequest, PeerResponse, WireError, MAX_PEER_FRAME,
+    PROTOCOL_VERSION,
+};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, warn, Instrument};
+
+use crate::node::Node;
+
+/// Most peer connections served at once.
+const MAX_CONNECTIONS: usize = 512;
+/// How long a connection may sit idle between requests.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Accepts peer connections until `stop` becomes true.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, remote) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                warn!(error = %e, "accepting a peer connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%remote, "too many peer connections; refusing");
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let stop = stop.clone();
+        tokio::spawn(
+            async move {
+                if let Err(e) = connection(node, stream, stop).await {
+                    debug!("peer connection ended: {e}");
+                }
+                drop(slot);
+            }
+            .instrument(tracing::debug_span!("serve", %remote)),
+        );
+    }
+}
+
+async fn connection(
+    node: Arc<Node>,
+    stream: TcpStream,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(r, MAX_PEER_FRAME);
+    let mut writer = FrameWriter::new(w);
+    let hello = tokio::time::timeout(Duration::from_secs(10), reader.recv::<PeerRequest>())
+        .await
+        .map_err(|_| "no hello in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    match hello {
+        Some(PeerRequest::Hello { version, .. }) if version == PROTOCOL_VERSION => {
+            let welcome = PeerResponse::Welcome {
+                version: PROTOCOL_VERSION,
+                peer_id: node.peer_id,
+            };
+            writer.send(&welcome).await.map_err(|e| e.to_string())?;
+        }
+        Some(PeerRequest::Hello { version, .. }) => {
+            let e = WireError::new(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})"),
+            );
+            let _ = writer.send(&PeerResponse::Error(e)).await;
+            return Err("unsupported version".into());
+        }
+        Some(_) => {
+            let e = WireError::new(ErrorCode::BadRequest, "the first message must be a hello");
+            let _ = writer.send(&PeerResponse::Error(e)).await;
+            return Err("no hello".into());
+        }
+        None => return Ok(()),
+    }
+
+    let mut buf = Vec::new();
+    loop {
+        let request = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            r = tokio::time::timeout(IDLE_TIMEOUT, reader.recv::<PeerRequest>()) => r,
+        };
+        let request = match request {
+            Err(_) => return Err("idle".into()),
+            Ok(Ok(Some(r))) => r,
+            Ok(Ok(None)) => return Ok(()),
+            Ok(Err(e)) => {
+                let reply = PeerResponse::Error(WireError::new(ErrorCode::BadRequest, e.to_string()));
+                let _ = writer.send(&reply).await;
+                return Err(e.to_string());
+            }
+        };
+        match request {
+            PeerRequest::GetChunk { file_id, index } => {
+                match read_chunk(&node, &file_id, index, std::mem::take(&mut buf)).await {
+                    Ok((data, local)) => {
+                        node.upload_limit.wait(data.len()).await;
+                        let header = PeerResponse::Chunk {
+                            index,
+                            len: data.len() as u32,
+                        };
+                        writer
+                            .send_with_payload(&header, &data)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        local.add_uploaded(data.len() as u64);
+                        buf = data;
+                    }
+                    Err(e) => {
+                        writer
+                            .send(&PeerResponse::Error(e))
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            PeerRequest::GetHave { file_id } => {
+                let reply = match node.local_file(&file_id) {
+                    Some(local) => PeerResponse::Have {
+                        chunks: local.have(),
+                    },
+                    None => PeerResponse::Error(not_shared(&file_id)),
+                };
+                writer.send(&reply).await.map_err(|e| e.to_string())?;
+            }
+            PeerRequest::Hello { .. } => {
+                let e = WireError::new(ErrorCode::BadRequest, "already said hello");
+                writer
+                    .send(&PeerResponse::Error(e))
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
+
+fn not_shared(id: &p2p_schema::FileId) -> WireError {
+    WireError::new(ErrorCode::NotFound, format!("file {id} is not shared here"))
+}
+
+/// Reads chunk `index` of file `id` into `buf`, if it is held.
+async fn read_chunk(
+    node: &Node,
+    id: &p2p_schema::FileId,
+    index: u32,
+    mut buf: Vec<u8>,
+) -> Result<(Vec<u8>, Arc<crate::local::LocalFile>), WireError> {
+    let local = node.local_file(id).ok_or_else(|| not_shared(id))?;
+    let (offset, len) = local.manifest.chunk_range(index).ok_or_else(|| {
+        WireError::new(
+            ErrorCode::BadRequest,
+            format!("chunk index {index} is out of range"),
+        )
+    })?;
+    if !local.has(index) {
+        return Err(WireError::new(
+            ErrorCode::NotFound,
+            format!("chunk {index} is not held here"),
+        ));
+    }
+    // Bound the memory held by reads in progress across all connections.
+    let _permit = node
+        .upload_slots
+        .acquire()
+        .await
+        .map_err(|_| WireError::new(ErrorCode::Busy, "shutting down"))?;
+    let file = local.handle();
+    let data = tokio::task::spawn_blocking(move || {
+        buf.resize(len as usize, 0);
+        read_exact_at(&file, &mut buf, offset).map(|()| buf)
+    })
+    .await
+    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
+    .map_err(|e| {
+        warn!(file = %local.id.short(), index, error = %e, "reading a chunk to serve failed");
+        WireError::new(ErrorCode::Io, format!("reading chunk {index}: {e}"))
+    })?;
+    Ok((data, local))
+}
+
+/// Positional read of exactly `buf.len()` bytes.
+pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut buf[done..],
+                offset + done as u64,
+            )?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Positional write of all of `buf`.
+pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            let n =
+                std::os::windows::fs::FileExt::seek_write(file, &buf[done..], offset + done as u64)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// An upload rate limit shared by all connections: each send reserves its share of time.
+pub struct RateLimit {
+    bytes_per_sec: u64,
+    next_free: Mutex<Instant>,
+}
+
+impl RateLimit {
+    /// A limit of `bytes_per_sec` (0: none).
+    pub fn new(bytes_per_sec: u64) -> RateLimit {
+        RateLimit {
+            bytes_per_sec,
+            next_free: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits until `n` more bytes may be sent.
+    pub async fn wait(&self, n: usize) {
+        if self.bytes_per_sec == 0 {
+            return;
+        }
+        let cost = Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
+        let start = {
+            let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let start = (*next).max(now);
+            *next = start + cost;
+            start
+        };
+        tokio::time::sleep_until((start + cost).into()).await;
+    }
+}
+

@@ -1,0 +1,260 @@
+//! What the daemon keeps in sled: its identity, its shares, its downloads and, per download,
+//! which chunks are verified and durable. Chunk bytes live in ordinary files, never in sled.
+//!
+//! Trees (keys big-endian, values CBOR):
+//! - `meta`: `peer_id` -> 16 bytes
+//! - `shares`: `FileId` -> [`ShareRecord`]
+//! - `downloads`: `FileId` -> [`DownloadRecord`]
+//! - `chunks`: `FileId || u32 index` -> empty: chunk held by an unfinished download
+//!
+//! Ordering rule (see `download::Committer`): a chunk key is written only after its bytes
+//! were written to the partial file *and* that file was synced, so after any crash every
+//! recorded chunk is really on disk.
+
+use std::path::Path;
+
+use p2p_schema::{Bitfield, DownloadState, FileId, Manifest, PeerId};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::Error;
+
+/// A file this daemon serves whole from where it lies.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShareRecord {
+    pub manifest: Manifest,
+    pub path: String,
+    /// Size and modification time when hashed: if either changes, the file is re-checked.
+    pub size: u64,
+    pub mtime_ns: i128,
+}
+
+/// A download, finished or not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DownloadRecord {
+    pub manifest: Manifest,
+    /// Where the finished file goes.
+    pub output: String,
+    /// Where the chunks are written until then (same directory, `.part` suffix).
+    pub part: String,
+    pub state: DownloadState,
+}
+
+/// The daemon's database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    shares: sled::Tree,
+    downloads: sled::Tree,
+    chunks: sled::Tree,
+}
+
+fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Serializing our own plain records into a Vec cannot fail.
+    let _ = ciborium::into_writer(value, &mut out);
+    out
+}
+
+fn chunk_key(id: &FileId, index: u32) -> [u8; 36] {
+    let mut k = [0u8; 36];
+    k[..32].copy_from_slice(&id.0);
+    k[32..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn db_err(what: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
+    move |e| Error::Db(what.to_string(), e)
+}
+
+impl Store {
+    /// Opens the database under `dir`. If it will not open (corrupted by an unclean stop), it
+    /// is moved aside and a new one started; shares must then be registered again.
+    pub fn open(dir: &Path) -> Result<Store, Error> {
+        let path = dir.join("state.sled");
+        let db = match open_db(&path) {
+            Ok(db) => db,
+            Err(e) => {
+                let aside = dir.join("state.sled.broken");
+                warn!(error = %e, moved_to = %aside.display(), "state database will not open; starting a fresh one");
+                let _ = std::fs::remove_dir_all(&aside);
+                std::fs::rename(&path, &aside)
+                    .map_err(|e| Error::io(format!("moving {} aside", path.display()), e))?;
+                open_db(&path).map_err(db_err("opening state database"))?
+            }
+        };
+        let tree = |name: &str| db.open_tree(name).map_err(db_err("opening tree"));
+        Ok(Store {
+            meta: tree("meta")?,
+            shares: tree("shares")?,
+            downloads: tree("downloads")?,
+            chunks: tree("chunks")?,
+            db,
+        })
+    }
+
+    /// This daemon's peer ID, made on first start.
+    pub fn peer_id(&self) -> Result<PeerId, Error> {
+        if let Some(v) = self.meta.get("peer_id").map_err(db_err("reading peer id"))? {
+            if let Some(id) = PeerId::from_slice(&v) {
+                return Ok(id);
+            }
+        }
+        let id = PeerId::random();
+        self.meta
+            .insert("peer_id", &id.0[..])
+            .map_err(db_err("writing peer id"))?;
+        self.db.flush().map_err(db_err("flushing peer id"))?;
+        Ok(id)
+    }
+
+    /// All share records (unreadable ones are skipped with a warning).
+    pub fn shares(&self) -> Vec<(FileId, ShareRecord)> {
+        decode_all(&self.shares, "share")
+    }
+
+    /// All download records.
+    pub fn downloads(&self) -> Vec<(FileId, DownloadRecord)> {
+        decode_all(&self.downloads, "download")
+    }
+
+    pub fn put_share(&self, id: &FileId, rec: &ShareRecord) -> Result<(), Error> {
+        self.shares
+            .insert(id.0, cbor(rec))
+            .map(drop)
+            .map_err(db_err("writing share"))
+    }
+
+    pub fn remove_share(&self, id: &FileId) -> Result<(), Error> {
+        self.shares
+            .remove(id.0)
+            .map(drop)
+            .map_err(db_err("removing share"))
+    }
+
+    pub fn put_download(&self, id: &FileId, rec: &DownloadRecord) -> Result<(), Error> {
+        self.downloads
+            .insert(id.0, cbor(rec))
+            .map(drop)
+            .map_err(db_err("writing download"))
+    }
+
+    /// The chunks recorded as held for download `id`, over `chunks` chunks.
+    pub fn held_chunks(&self, id: &FileId, chunks: u32) -> Bitfield {
+        let mut bits = Bitfield::new(chunks);
+        for item in self.chunks.scan_prefix(id.0).keys() {
+            match item {
+                Ok(k) if k.len() == 36 => {
+                    let i = u32::from_be_bytes([k[32], k[33], k[34], k[35]]);
+                    bits.set(i);
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "reading chunk inventory"),
+            }
+        }
+        bits
+    }
+
+    /// Records chunks as held. Call only once their bytes are synced to disk.
+    pub fn record_chunks(&self, id: &FileId, indices: &[u32]) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for &i in indices {
+            batch.insert(&chunk_key(id, i)[..], &[][..]);
+        }
+        self.chunks
+            .apply_batch(batch)
+            .map_err(db_err("recording chunks"))
+    }
+
+    /// Forgets the chunk inventory of download `id` (finished or cancelled).
+    pub fn clear_chunks(&self, id: &FileId) -> Result<(), Error> {
+        let mut batch = sled::Batch::default();
+        for k in self.chunks.scan_prefix(id.0).keys().flatten() {
+            batch.remove(k);
+        }
+        self.chunks
+            .apply_batch(batch)
+            .map_err(db_err("clearing chunks"))
+    }
+
+    /// Makes everything written so far durable.
+    pub async fn flush(&self) -> Result<(), Error> {
+        self.db
+            .flush_async()
+            .await
+            .map(drop)
+            .map_err(db_err("flushing state"))
+    }
+}
+
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(16 << 20)
+        .flush_every_ms(Some(500))
+        .open()
+}
+
+fn decode_all<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, what: &str) -> Vec<(FileId, T)> {
+    let mut out = Vec::new();
+    for item in tree.iter() {
+        let decoded = item.ok().and_then(|(k, v)| {
+            Some((
+                FileId::from_slice(&k)?,
+                ciborium::from_reader::<T, _>(&v[..]).ok()?,
+            ))
+        });
+        match decoded {
+            Some(x) => out.push(x),
+            None => warn!("skipping an unreadable {what} record"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = Manifest {
+            name: "a".into(),
+            size: 3000,
+            chunk_size: 1024,
+            hashes: vec![1; 96],
+        };
+        let id = m.file_id();
+        let peer = {
+            let s = Store::open(dir.path()).unwrap();
+            let peer = s.peer_id().unwrap();
+            assert_eq!(s.peer_id().unwrap(), peer, "stable");
+            s.put_download(
+                &id,
+                &DownloadRecord {
+                    manifest: m.clone(),
+                    output: "/o".into(),
+                    part: "/o.part".into(),
+                    state: DownloadState::Running,
+                },
+            )
+            .unwrap();
+            s.record_chunks(&id, &[0, 2]).unwrap();
+            s.db.flush().unwrap();
+            peer
+        };
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.peer_id().unwrap(), peer);
+        let downloads = s.downloads();
+        assert_eq!(downloads.len(), 1);
+        assert_eq!(downloads[0].1.state, DownloadState::Running);
+        assert_eq!(
+            s.held_chunks(&id, 3).iter().collect::<Vec<_>>(),
+            vec![0, 2]
+        );
+        s.clear_chunks(&id).unwrap();
+        assert_eq!(s.held_chunks(&id, 3).count(), 0);
+    }
+}

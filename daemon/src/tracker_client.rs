@@ -1,0 +1,344 @@
+//! The daemon's session with the tracker: one TCP connection, kept open, reconnected with
+//! backoff when it drops. Requests are pipelined: the tracker answers in order, so each
+//! response goes to the oldest waiting caller.
+//!
+//! On every (re)connect the session says hello and re-announces everything this daemon holds
+//! (from the `announce` callback), so a restarted tracker, or one that expired us, learns our
+//! holdings again. While disconnected, calls fail at once with
+//! [`ErrorCode::TrackerUnavailable`]; callers that must keep going (downloads) retry.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use p2p_schema::{
+    ErrorCode, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse, WireError,
+    MAX_FRAME, PROTOCOL_VERSION,
+};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{debug, info, warn};
+
+type Reply = oneshot::Sender<Result<TrackerResponse, WireError>>;
+
+struct Call {
+    request: TrackerRequest,
+    reply: Option<Reply>,
+}
+
+/// Builds the requests that re-announce what this daemon holds, after each (re)connect.
+pub type Announce = Arc<dyn Fn() -> Vec<TrackerRequest> + Send + Sync>;
+
+/// Who we are to the tracker.
+#[derive(Clone)]
+pub struct Identity {
+    pub peer_id: PeerId,
+    pub listen: SocketAddr,
+    pub secret: Option<String>,
+}
+
+/// A handle on the tracker session. Cheap to clone.
+#[derive(Clone)]
+pub struct TrackerClient {
+    calls: mpsc::Sender<Call>,
+    connected: watch::Receiver<bool>,
+    address: String,
+}
+
+/// How long one request may wait for its answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn unavailable(address: &str, why: impl std::fmt::Display) -> WireError {
+    WireError::new(
+        ErrorCode::TrackerUnavailable,
+        format!("tracker {address} is unavailable: {why}"),
+    )
+}
+
+impl TrackerClient {
+    /// Starts the session task. It runs until `stop` becomes true, then says `Bye`.
+    pub fn start(
+        address: String,
+        identity: Identity,
+        announce: Announce,
+        stop: watch::Receiver<bool>,
+    ) -> (TrackerClient, tokio::task::JoinHandle<()>) {
+        let (calls_tx, calls_rx) = mpsc::channel(1024);
+        let (connected_tx, connected_rx) = watch::channel(false);
+        let task = tokio::spawn(session_loop(
+            address.clone(),
+            identity,
+            announce,
+            calls_rx,
+            connected_tx,
+            stop,
+        ));
+        (
+            TrackerClient {
+                calls: calls_tx,
+                connected: connected_rx,
+                address,
+            },
+            task,
+        )
+    }
+
+    /// The tracker's address as configured.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Is the session up right now?
+    pub fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+
+    /// Waits until the session is up (or `timeout` passes). Returns whether it is.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        let mut rx = self.connected.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Sends `request` and waits for its answer. An error reply becomes `Err`.
+    pub async fn call(&self, request: TrackerRequest) -> Result<TrackerResponse, WireError> {
+        if !self.is_connected() {
+            return Err(unavailable(&self.address, "not connected (retrying)"));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.calls
+            .send(Call {
+                request,
+                reply: Some(tx),
+            })
+            .await
+            .map_err(|_| unavailable(&self.address, "daemon is shutting down"))?;
+        match tokio::time::timeout(CALL_TIMEOUT, rx).await {
+            Ok(Ok(Ok(TrackerResponse::Error(e)))) => Err(e),
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(unavailable(&self.address, "connection lost")),
+            Err(_) => Err(unavailable(&self.address, "no answer in time")),
+        }
+    }
+
+    /// Sends `request` without waiting for the answer (errors are logged). Dropped if the
+    /// session is down: holdings are re-announced in full on reconnect anyway.
+    pub fn notify(&self, request: TrackerRequest) {
+        if self.is_connected() {
+            let _ = self.calls.try_send(Call {
+                request,
+                reply: None,
+            });
+        }
+    }
+}
+
+async fn session_loop(
+    address: String,
+    identity: Identity,
+    announce: Announce,
+    mut calls: mpsc::Receiver<Call>,
+    connected: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    let mut failures = 0u32;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match connect(&address, &identity).await {
+            Ok((reader, writer, heartbeat)) => {
+                backoff = Duration::from_millis(100);
+                failures = 0;
+                let outcome = run_session(
+                    reader,
+                    writer,
+                    heartbeat,
+                    &announce,
+                    &mut calls,
+                    &connected,
+                    &mut stop,
+                )
+                .await;
+                let _ = connected.send(false);
+                match outcome {
+                    SessionEnd::Stopped => return,
+                    SessionEnd::Lost(why) => {
+                        warn!(tracker = %address, "lost the tracker session: {why}; reconnecting")
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // Say it once loudly, then quietly while it keeps failing.
+                if failures == 1 {
+                    warn!(tracker = %address, "cannot reach the tracker: {e}; retrying");
+                } else {
+                    debug!(tracker = %address, "cannot reach the tracker: {e}");
+                }
+                if e.code == ErrorCode::Unauthorized || e.code == ErrorCode::UnsupportedVersion {
+                    backoff = Duration::from_secs(30);
+                }
+            }
+        }
+        // Fail calls queued while down instead of letting them wait.
+        while let Ok(call) = calls.try_recv() {
+            if let Some(reply) = call.reply {
+                let _ = reply.send(Err(unavailable(&address, "not connected (retrying)")));
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(backoff + jitter(backoff)) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(fastrand::f64() * 0.25)
+}
+
+type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
+
+async fn connect(address: &str, id: &Identity) -> Result<(Reader, Writer, Duration), WireError> {
+    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
+        .await
+        .map_err(|_| unavailable(address, "connect timed out"))?
+        .map_err(|e| unavailable(address, e))?;
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new(r, MAX_FRAME);
+    let mut writer = FrameWriter::new(w);
+    let hello = TrackerRequest::Hello {
+        version: PROTOCOL_VERSION,
+        peer_id: id.peer_id,
+        listen: id.listen,
+        agent: p2p_schema::agent("p2pd"),
+        secret: id.secret.clone(),
+    };
+    writer
+        .send(&hello)
+        .await
+        .map_err(|e| unavailable(address, e))?;
+    let welcome = tokio::time::timeout(Duration::from_secs(10), reader.expect::<TrackerResponse>())
+        .await
+        .map_err(|_| unavailable(address, "no welcome in time"))?
+        .map_err(|e| unavailable(address, e))?;
+    match welcome {
+        TrackerResponse::Welcome {
+            addr, heartbeat_ms, ..
+        } => {
+            info!(tracker = %address, advertised = %addr, "connected to the tracker");
+            Ok((
+                reader,
+                writer,
+                Duration::from_millis(heartbeat_ms.clamp(50, 60_000)),
+            ))
+        }
+        TrackerResponse::Error(e) => Err(e),
+        other => Err(unavailable(address, format!("unexpected answer {other:?}"))),
+    }
+}
+
+enum SessionEnd {
+    Stopped,
+    Lost(String),
+}
+
+async fn run_session(
+    mut reader: Reader,
+    mut writer: Writer,
+    heartbeat: Duration,
+    announce: &Announce,
+    calls: &mut mpsc::Receiver<Call>,
+    connected: &watch::Sender<bool>,
+    stop: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let pending: Arc<Mutex<VecDeque<Option<Reply>>>> = Arc::default();
+    let push = |reply: Option<Reply>| {
+        pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push_back(reply)
+    };
+
+    // Re-announce before anything else: the tracker may have forgotten us.
+    for request in announce() {
+        push(None);
+        if let Err(e) = writer.feed(&request).await {
+            return SessionEnd::Lost(e.to_string());
+        }
+    }
+    if let Err(e) = writer.flush().await {
+        return SessionEnd::Lost(e.to_string());
+    }
+    let _ = connected.send(true);
+
+    // Responses are read by their own task: a frame read must never be cancelled half-way.
+    let reader_pending = pending.clone();
+    let mut reader_task = tokio::spawn(async move {
+        loop {
+            let response = match reader.recv::<TrackerResponse>().await {
+                Ok(Some(r)) => r,
+                Ok(None) => return "the tracker closed the connection".to_string(),
+                Err(e) => return e.to_string(),
+            };
+            let waiter = reader_pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            match waiter {
+                Some(Some(reply)) => {
+                    let _ = reply.send(Ok(response));
+                }
+                Some(None) => {
+                    if let TrackerResponse::Error(e) = response {
+                        debug!(error = %e, "tracker refused a notification");
+                    }
+                }
+                None => return "the tracker sent an unsolicited message".to_string(),
+            }
+        }
+    });
+
+    let mut tick = tokio::time::interval(heartbeat);
+    tick.reset();
+    let end = loop {
+        tokio::select! {
+            _ = stop.changed() => {
+                // Leave the network: the tracker drops our holdings at once.
+                let (tx, rx) = oneshot::channel();
+                push(Some(tx));
+                if writer.send(&TrackerRequest::Bye).await.is_ok() {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), rx).await;
+                }
+                break SessionEnd::Stopped;
+            }
+            why = &mut reader_task => {
+                break SessionEnd::Lost(why.unwrap_or_else(|e| e.to_string()));
+            }
+            call = calls.recv() => {
+                let Some(call) = call else { break SessionEnd::Stopped };
+                push(call.reply);
+                if let Err(e) = writer.send(&call.request).await {
+                    break SessionEnd::Lost(e.to_string());
+                }
+            }
+            _ = tick.tick() => {
+                push(None);
+                if let Err(e) = writer.send(&TrackerRequest::Heartbeat).await {
+                    break SessionEnd::Lost(e.to_string());
+                }
+            }
+        }
+    };
+    reader_task.abort();
+    // Waiters of a lost session get an error (their senders drop here).
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    end
+}
