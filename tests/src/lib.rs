@@ -1,0 +1,432 @@
+//! The harness behind the multi-process tests and the swarm demo: it starts the real
+//! `p2p-tracker`, `p2pd` and `p2pctl` binaries as child processes on loopback, each in its
+//! own temporary directory, waits for their readiness lines instead of sleeping, and kills
+//! them (by PID, through their `Child` handles) when dropped.
+//!
+//! Binaries come from the same target directory as the running test; the first use builds
+//! them with `cargo build` so that `cargo test` alone is enough. `P2P_BIN_DIR` overrides the
+//! directory.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub use tempfile::TempDir;
+
+/// How long a process may take to print a line we wait for.
+pub const STARTUP: Duration = Duration::from_secs(20);
+
+/// The directory holding the three binaries, building them on first use.
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        if let Some(d) = std::env::var_os("P2P_BIN_DIR") {
+            return PathBuf::from(d);
+        }
+        let exe = std::env::current_exe().expect("path of the running test binary");
+        let mut dir = exe.parent().expect("test binary has a directory").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "p2p-tracker", "-p", "p2pd", "-p", "p2pctl"]);
+        if !cfg!(debug_assertions) {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("running cargo build for the binaries");
+        assert!(status.success(), "cargo build of the binaries failed");
+        dir
+    })
+}
+
+/// Path of binary `name`.
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
+}
+
+/// The repository's `files/` directory.
+pub fn sample(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../files")
+        .join(name)
+}
+
+/// Lines a child printed on stderr, shared with the thread that reads them.
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+/// A running child process whose stderr is captured. Killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log: Arc<Log>,
+    /// Print the log when dropped (set by tests that fail, via `Drop` during a panic).
+    echo_on_panic: bool,
+}
+
+impl Proc {
+    /// Starts `cmd` with stderr captured.
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        // Plain logs, never colour codes.
+        cmd.env("NO_COLOR", "1").env_remove("RUST_LOG");
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let log = Arc::new(Log::default());
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lines.lock().unwrap().push(line);
+                sink.grew.notify_all();
+            }
+        });
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+            echo_on_panic: true,
+        }
+    }
+
+    /// The process ID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything logged so far.
+    pub fn log(&self) -> String {
+        self.log.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a logged line contains `needle`; returns that line.
+    pub fn wait_for(&self, needle: &str, timeout: Duration) -> String {
+        self.try_wait_for(needle, timeout).unwrap_or_else(|| {
+            panic!(
+                "{} did not log {needle:?} within {timeout:?}; its log:\n{}",
+                self.name,
+                self.log()
+            )
+        })
+    }
+
+    /// Like [`Self::wait_for`], but `None` on timeout.
+    pub fn try_wait_for(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.log.lines.lock().unwrap();
+        loop {
+            if let Some(l) = lines.iter().find(|l| l.contains(needle)) {
+                return Some(l.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// How many logged lines contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends `signal` (Unix) to the process.
+    pub fn signal(&self, signal: i32) {
+        // Only our own child, by its PID.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("polling child") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!("{} did not exit within {timeout:?}; log:\n{}", self.name, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Has the process exited?
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if self.echo_on_panic && std::thread::panicking() {
+            eprintln!("----- log of {} -----\n{}\n-----", self.name, self.log());
+        }
+    }
+}
+
+/// A running tracker.
+pub struct Tracker {
+    pub proc: Proc,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Tracker {
+    /// Starts a tracker on a free loopback port, with its registry in `data_dir`.
+    pub fn start(data_dir: &Path, ttl: &str) -> Tracker {
+        Self::start_on(data_dir, ttl, "127.0.0.1:0", &[])
+    }
+
+    /// Starts a tracker listening on `listen`, with extra flags.
+    pub fn start_on(data_dir: &Path, ttl: &str, listen: &str, extra: &[&str]) -> Tracker {
+        let mut cmd = Command::new(bin("p2p-tracker"));
+        cmd.args(["--listen", listen, "--ttl", ttl, "--data-dir"])
+            .arg(data_dir)
+            .args(extra);
+        let proc = Proc::spawn("p2p-tracker", cmd);
+        let line = proc.wait_for("listening on ", STARTUP);
+        let addr = line
+            .rsplit("listening on ")
+            .next()
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Tracker {
+            proc,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+}
+
+/// The result of one `p2pctl` run.
+#[derive(Debug)]
+pub struct CtlOutput {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl CtlOutput {
+    /// Asserts success and returns stdout.
+    pub fn ok(self) -> String {
+        assert!(self.status.success(), "p2pctl failed: {self:#?}");
+        self.stdout
+    }
+
+    /// Asserts failure with exit code 1 and one line on stderr; returns stderr.
+    pub fn fails(self) -> String {
+        assert_eq!(self.status.code(), Some(1), "expected exit 1: {self:#?}");
+        assert_eq!(
+            self.stderr.trim_end().lines().count(),
+            1,
+            "expected one line on stderr: {self:#?}"
+        );
+        self.stderr
+    }
+
+    /// Parses stdout as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
+    }
+}
+
+/// A running peer daemon.
+pub struct Daemon {
+    pub proc: Proc,
+    pub data_dir: PathBuf,
+    pub socket: PathBuf,
+    /// Where it serves chunks.
+    pub addr: SocketAddr,
+    tracker: SocketAddr,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts a daemon with its data in `data_dir`, talking to `tracker`, and waits until it
+    /// is connected to the tracker.
+    pub fn start(data_dir: &Path, tracker: SocketAddr, extra: &[&str]) -> Daemon {
+        let d = Self::start_unconnected(data_dir, tracker, extra);
+        d.proc.wait_for("connected to the tracker", STARTUP);
+        d
+    }
+
+    /// Starts a daemon and waits only for it to be ready (the tracker may be down).
+    pub fn start_unconnected(data_dir: &Path, tracker: SocketAddr, extra: &[&str]) -> Daemon {
+        let socket = data_dir.join("p2pd.sock");
+        let mut cmd = Command::new(bin("p2pd"));
+        cmd.args(["--tracker", &tracker.to_string(), "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg("--socket")
+            .arg(&socket)
+            .args(extra);
+        let name = format!(
+            "p2pd {}",
+            data_dir.file_name().unwrap_or_default().to_string_lossy()
+        );
+        let proc = Proc::spawn(&name, cmd);
+        let line = proc.wait_for("p2pd ready", STARTUP);
+        let addr = line
+            .split("serving peers on ")
+            .nth(1)
+            .and_then(|s| s.split(|c: char| c == ',' || c.is_whitespace()).next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no address in {line:?}"));
+        Daemon {
+            proc,
+            data_dir: data_dir.to_path_buf(),
+            socket,
+            addr,
+            tracker,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    /// Starts the same daemon again (same data directory and flags) after it stopped.
+    pub fn restart(&mut self) {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        let fresh = Daemon::start_unconnected(&self.data_dir, self.tracker, &extra);
+        *self = fresh;
+    }
+
+    /// Runs `p2pctl --socket <ours> args...`.
+    pub fn ctl(&self, args: &[&str]) -> CtlOutput {
+        let out = Command::new(bin("p2pctl"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running p2pctl");
+        CtlOutput {
+            status: out.status,
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `p2pctl --json args...`, asserting success; the parsed document.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.ctl(&all);
+        let doc = out.json();
+        assert!(out.status.success(), "p2pctl failed: {out:#?}");
+        doc
+    }
+
+    /// Registers `path`; returns the file ID.
+    pub fn register(&self, path: &Path) -> String {
+        let doc = self.ctl_json(&["register", path.to_str().expect("UTF-8 path")]);
+        doc["file"]["id"].as_str().expect("file id").to_string()
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        self.ctl_json(&["status"])
+    }
+}
+
+/// A tracker and daemons in one temporary directory.
+pub struct Swarm {
+    pub dir: TempDir,
+    pub tracker: Tracker,
+    pub daemons: Vec<Daemon>,
+}
+
+impl Swarm {
+    /// A tracker (with `ttl`) and `n` connected daemons, each given `extra` flags.
+    pub fn new(n: usize, ttl: &str, extra: &[&str]) -> Swarm {
+        let dir = tempfile::Builder::new()
+            .prefix("p2p-test-")
+            .tempdir()
+            .expect("temp dir");
+        let tracker = Tracker::start(&dir.path().join("tracker"), ttl);
+        let mut swarm = Swarm {
+            dir,
+            tracker,
+            daemons: Vec::new(),
+        };
+        for _ in 0..n {
+            swarm.add_daemon(extra);
+        }
+        swarm
+    }
+
+    /// Starts one more connected daemon; returns its index.
+    pub fn add_daemon(&mut self, extra: &[&str]) -> usize {
+        let i = self.daemons.len();
+        let data = self.dir.path().join(format!("peer{}", i + 1));
+        self.daemons
+            .push(Daemon::start(&data, self.tracker.addr, extra));
+        i
+    }
+
+    /// A path inside the swarm's directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// Writes `len` bytes of deterministic pseudo-random data to `path`.
+pub fn write_random(path: &Path, len: usize, seed: u64) {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    std::fs::write(path, data).expect("writing test data");
+}
+
+/// SHA-256 of a file, hex.
+pub fn file_sha256(path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let data = std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    p2p_schema::to_hex(&Sha256::digest(&data))
+}
+
+/// Polls `check` every 50 ms until it returns `Some` or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
