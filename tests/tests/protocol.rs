@@ -1,0 +1,249 @@
+//! Hostile bytes on every channel: truncated, oversized, not CBOR, wrong type, wrong version.
+//! Each gets an error reply or a closed connection; the process keeps serving everyone else.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use p2p_schema::frame::{decode_frame, encode_frame};
+use p2p_schema::{
+    ErrorCode, FileId, PeerId, PeerRequest, PeerResponse, TrackerRequest, TrackerResponse,
+    MAX_FRAME, PROTOCOL_VERSION,
+};
+use p2p_tests::{file_sha256, sample, Swarm};
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+fn send<T: serde::Serialize>(s: &mut TcpStream, msg: &T) {
+    let mut buf = Vec::new();
+    encode_frame(msg, &mut buf).unwrap();
+    s.write_all(&buf).unwrap();
+}
+
+/// Reads one frame; `None` if the connection was closed first.
+fn recv<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> Option<T> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some((msg, _)) = decode_frame::<T>(&buf, MAX_FRAME).expect("a valid reply") {
+            return Some(msg);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// The connection ends (after at most one error reply).
+fn closes_after_error<T: serde::de::DeserializeOwned + std::fmt::Debug>(
+    s: &mut TcpStream,
+    is_error: impl Fn(&T) -> bool,
+) {
+    if let Some(reply) = recv::<T>(s) {
+        assert!(is_error(&reply), "expected an error reply, got {reply:?}");
+        assert!(recv::<T>(s).is_none(), "connection stays open after fatal input");
+    }
+}
+
+fn tracker_error(r: &TrackerResponse) -> bool {
+    matches!(r, TrackerResponse::Error(_))
+}
+
+fn peer_error(r: &PeerResponse) -> bool {
+    matches!(r, PeerResponse::Error(_))
+}
+
+#[test]
+fn the_tracker_survives_bad_frames() {
+    let swarm = Swarm::new(2, "30s", &[]);
+    let addr = swarm.tracker.addr;
+    swarm.daemons[0].register(&sample("doug.png"));
+
+    // Oversized length prefix: refused before allocating.
+    let mut s = connect(addr);
+    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    closes_after_error(&mut s, tracker_error);
+
+    // Not CBOR.
+    let mut s = connect(addr);
+    s.write_all(&[0, 0, 0, 4, 0xff, 0xfe, 0xfd, 0xfc]).unwrap();
+    closes_after_error(&mut s, tracker_error);
+
+    // Truncated: half a frame, then hang up.
+    let mut s = connect(addr);
+    s.write_all(&[0, 0, 1, 0, 1, 2, 3]).unwrap();
+    drop(s);
+
+    // Valid CBOR of the wrong shape.
+    let mut s = connect(addr);
+    send(&mut s, &"hello?");
+    closes_after_error(&mut s, tracker_error);
+
+    // A request before the hello.
+    let mut s = connect(addr);
+    send(&mut s, &TrackerRequest::List);
+    closes_after_error(&mut s, tracker_error);
+
+    // A wrong protocol version.
+    let mut s = connect(addr);
+    send(
+        &mut s,
+        &TrackerRequest::Hello {
+            version: PROTOCOL_VERSION + 1,
+            peer_id: PeerId([9; 16]),
+            listen: "127.0.0.1:9".parse().unwrap(),
+            agent: "test".into(),
+            secret: None,
+        },
+    );
+    match recv::<TrackerResponse>(&mut s) {
+        Some(TrackerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::UnsupportedVersion),
+        other => panic!("expected a version error, got {other:?}"),
+    }
+
+    // A valid session, then garbage mid-session: an error reply and a close.
+    let mut s = connect(addr);
+    send(
+        &mut s,
+        &TrackerRequest::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: PeerId([8; 16]),
+            listen: "127.0.0.1:9".parse().unwrap(),
+            agent: "test".into(),
+            secret: None,
+        },
+    );
+    assert!(matches!(
+        recv::<TrackerResponse>(&mut s),
+        Some(TrackerResponse::Welcome { .. })
+    ));
+    send(
+        &mut s,
+        &TrackerRequest::Gained {
+            file_id: FileId([1; 32]),
+            indices: vec![0],
+        },
+    );
+    match recv::<TrackerResponse>(&mut s) {
+        Some(TrackerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::NotFound),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    s.write_all(&[0, 0, 0, 2, 0xff, 0xff]).unwrap();
+    closes_after_error(&mut s, tracker_error);
+
+    // Everyone else is still served.
+    let out = swarm.path("after.png");
+    swarm.daemons[1]
+        .ctl(&["download", "doug.png", "-o", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(file_sha256(&out), file_sha256(&sample("doug.png")));
+    assert!(!swarm.tracker.proc.log().contains("panicked"));
+}
+
+fn peer_hello(s: &mut TcpStream) {
+    send(
+        s,
+        &PeerRequest::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: PeerId([7; 16]),
+            agent: "test".into(),
+        },
+    );
+    assert!(matches!(
+        recv::<PeerResponse>(s),
+        Some(PeerResponse::Welcome { .. })
+    ));
+}
+
+#[test]
+fn a_peer_survives_bad_requests_and_serves_only_registered_chunks() {
+    let swarm = Swarm::new(2, "30s", &[]);
+    let seeder = &swarm.daemons[0];
+    let id: FileId = seeder.register(&sample("doug.png")).parse().unwrap();
+
+    // Larger than a peer may send.
+    let mut s = connect(seeder.addr);
+    s.write_all(&(1u32 << 20).to_be_bytes()).unwrap();
+    closes_after_error(&mut s, peer_error);
+
+    // Not CBOR, before any hello.
+    let mut s = connect(seeder.addr);
+    s.write_all(&[0, 0, 0, 3, 0xc0, 0xff, 0x00]).unwrap();
+    closes_after_error(&mut s, peer_error);
+
+    // A chunk request before the hello.
+    let mut s = connect(seeder.addr);
+    send(&mut s, &PeerRequest::GetChunk { file_id: id, index: 0 });
+    closes_after_error(&mut s, peer_error);
+
+    // After a hello: refusals are error replies and the connection stays usable.
+    let mut s = connect(seeder.addr);
+    peer_hello(&mut s);
+    send(
+        &mut s,
+        &PeerRequest::GetChunk {
+            file_id: FileId([0; 32]),
+            index: 0,
+        },
+    );
+    match recv::<PeerResponse>(&mut s) {
+        Some(PeerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::NotFound),
+        other => panic!("expected not found, got {other:?}"),
+    }
+    send(&mut s, &PeerRequest::GetChunk { file_id: id, index: 6 });
+    match recv::<PeerResponse>(&mut s) {
+        Some(PeerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::BadRequest),
+        other => panic!("expected out of range, got {other:?}"),
+    }
+    send(&mut s, &PeerRequest::GetChunk { file_id: id, index: 5 });
+    match recv::<PeerResponse>(&mut s) {
+        Some(PeerResponse::Chunk { index: 5, len }) => {
+            let doug = std::fs::read(sample("doug.png")).unwrap();
+            assert_eq!(len as usize, doug.len() - 5 * 16384);
+        }
+        other => panic!("expected chunk 5, got {other:?}"),
+    }
+
+    // The daemon still serves a real download.
+    let out = swarm.path("after.png");
+    swarm.daemons[1]
+        .ctl(&["download", "doug.png", "-o", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(file_sha256(&out), file_sha256(&sample("doug.png")));
+}
+
+#[test]
+fn the_control_socket_survives_garbage() {
+    use std::os::unix::net::UnixStream;
+    let swarm = Swarm::new(1, "30s", &[]);
+    let d = &swarm.daemons[0];
+    for bytes in [
+        &[0xffu8, 0xff, 0xff, 0xff][..],
+        &[0, 0, 0, 5, 1, 2, 3, 4, 5][..],
+        &[0, 0][..],
+    ] {
+        let mut s = UnixStream::connect(&d.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    }
+    assert!(d.ctl(&["status"]).ok().contains("Sharing 0 files"));
+}
+
+#[test]
+fn the_control_socket_is_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let swarm = Swarm::new(1, "30s", &[]);
+    let mode = std::fs::metadata(&swarm.daemons[0].socket)
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
+}
