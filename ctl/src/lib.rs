@@ -137,10 +137,7 @@ pub fn format_list(files: &[FileSummary]) -> String {
 
 /// `There are 2 endpoints seeding this file.` then one line per peer.
 pub fn format_locate(holders: &[Holder]) -> String {
-    let mut out = format!(
-        "There are {} endpoints seeding this file.\n",
-        holders.len()
-    );
+    let mut out = format!("There are {} endpoints seeding this file.\n", holders.len());
     for h in holders {
         let _ = writeln!(
             out,

@@ -10,9 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use p2p_schema::{CtlRequest, CtlResponse};
-use p2pctl::{
-    format_list, format_locate, format_status, unexpected, Client, CtlError, JsonHolder,
-};
+use p2pctl::{format_list, format_locate, format_status, unexpected, Client, CtlError, JsonHolder};
 use serde_json::json;
 
 /// Control a local p2pd: share files, download them from the swarm, see who has what.
@@ -140,8 +138,8 @@ fn print(text: &str) {
 }
 
 fn absolute(p: &Path) -> Result<String, CtlError> {
-    let abs = std::path::absolute(p)
-        .map_err(|e| CtlError::Protocol(format!("{}: {e}", p.display())))?;
+    let abs =
+        std::path::absolute(p).map_err(|e| CtlError::Protocol(format!("{}: {e}", p.display())))?;
     abs.into_os_string().into_string().map_err(|p| {
         CtlError::Protocol(format!(
             "{}: paths that are not valid UTF-8 are not supported; rename it",
@@ -214,7 +212,16 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             detach,
         } => {
             let output = output.as_deref().map(absolute).transpose()?;
-            download(&mut client, file, output, detach, cli.json, cli.verbose, bars).await
+            download(
+                &mut client,
+                file,
+                output,
+                detach,
+                cli.json,
+                cli.verbose,
+                bars,
+            )
+            .await
         }
         Command::List => match client.call(CtlRequest::List).await? {
             CtlResponse::Files { files } => {
@@ -299,7 +306,9 @@ async fn download(
     };
     if detach {
         if json {
-            print_json(&json!({ "file": file, "output": output_path, "have": have, "detached": true }));
+            print_json(
+                &json!({ "file": file, "output": output_path, "have": have, "detached": true }),
+            );
         } else {
             print(&format!(
                 "Downloading {} to {} in the background; see 'p2pctl status'.\n",

@@ -162,9 +162,17 @@ pub async fn serve(node: Arc<Node>, control: ControlListener, mut stop: watch::R
     drop(control);
 }
 
-async fn connection(node: &Arc<Node>, reader: &mut Reader, writer: &mut Writer) -> Result<(), String> {
+async fn connection(
+    node: &Arc<Node>,
+    reader: &mut Reader,
+    writer: &mut Writer,
+) -> Result<(), String> {
     let fail = |code, msg: &str| CtlResponse::Error(WireError::new(code, msg));
-    match reader.recv::<CtlRequest>().await.map_err(|e| e.to_string())? {
+    match reader
+        .recv::<CtlRequest>()
+        .await
+        .map_err(|e| e.to_string())?
+    {
         Some(CtlRequest::Hello { version, .. }) if version == PROTOCOL_VERSION => {
             let welcome = CtlResponse::Welcome {
                 version: PROTOCOL_VERSION,
@@ -183,19 +191,30 @@ async fn connection(node: &Arc<Node>, reader: &mut Reader, writer: &mut Writer) 
         }
         Some(_) => {
             let _ = writer
-                .send(&fail(ErrorCode::BadRequest, "the first message must be a hello"))
+                .send(&fail(
+                    ErrorCode::BadRequest,
+                    "the first message must be a hello",
+                ))
                 .await;
             return Err("no hello".into());
         }
         None => return Ok(()),
     }
-    let Some(request) = reader.recv::<CtlRequest>().await.map_err(|e| e.to_string())? else {
+    let Some(request) = reader
+        .recv::<CtlRequest>()
+        .await
+        .map_err(|e| e.to_string())?
+    else {
         return Ok(());
     };
     debug!(?request, "command");
     match request {
-        CtlRequest::Hello { .. } => send(writer, fail(ErrorCode::BadRequest, "already said hello")).await,
-        CtlRequest::Register { path, chunk_size } => register(node, writer, &path, chunk_size).await,
+        CtlRequest::Hello { .. } => {
+            send(writer, fail(ErrorCode::BadRequest, "already said hello")).await
+        }
+        CtlRequest::Register { path, chunk_size } => {
+            register(node, writer, &path, chunk_size).await
+        }
         CtlRequest::Download {
             query,
             output,

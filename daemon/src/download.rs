@@ -121,10 +121,7 @@ impl Download {
         let window = Duration::from_secs(5);
         let (rate, peers) = {
             let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            while recent
-                .front()
-                .is_some_and(|(t, _, _)| t.elapsed() > window)
-            {
+            while recent.front().is_some_and(|(t, _, _)| t.elapsed() > window) {
                 recent.pop_front();
             }
             let bytes: u64 = recent.iter().map(|(_, n, _)| n).sum();
@@ -370,11 +367,7 @@ fn count_stalled(swarm: &Swarm, holders: &[Holder]) -> u32 {
     (0..picker.done.len())
         .filter(|&i| !picker.done.get(i))
         .filter(|&i| picker.availability[i as usize] == 0)
-        .filter(|&i| {
-            !holders
-                .iter()
-                .any(|h| h.peer_id != me && h.chunks.get(i))
-        })
+        .filter(|&i| !holders.iter().any(|h| h.peer_id != me && h.chunks.get(i)))
         .count() as u32
 }
 
@@ -391,7 +384,11 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
     {
         return;
     }
-    let Some(chunks) = holder.chunks.clone().checked(swarm.dl.manifest.chunk_count()) else {
+    let Some(chunks) = holder
+        .chunks
+        .clone()
+        .checked(swarm.dl.manifest.chunk_count())
+    else {
         return;
     };
     {
@@ -640,7 +637,11 @@ async fn receive(
     buf: &mut Vec<u8>,
 ) -> Result<Received, String> {
     let expected = *asked.front().ok_or("nothing asked")?;
-    match reader.expect::<PeerResponse>().await.map_err(|e| e.to_string())? {
+    match reader
+        .expect::<PeerResponse>()
+        .await
+        .map_err(|e| e.to_string())?
+    {
         PeerResponse::Chunk { index, len } => {
             let (_, want) = manifest.chunk_range(expected).ok_or("index out of range")?;
             if index != expected || len != want {

@@ -92,11 +92,12 @@ fn config(args: Args) -> Result<(p2pd::Config, SocketAddr), String> {
         .map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
     let mut config = p2pd::Config::new(args.tracker, data_dir);
     if let Some(s) = args.socket {
-        config.socket = std::path::absolute(&s).map_err(|e| format!("socket {}: {e}", s.display()))?;
+        config.socket =
+            std::path::absolute(&s).map_err(|e| format!("socket {}: {e}", s.display()))?;
     }
     if let Some(d) = args.download_dir {
-        config.download_dir =
-            std::path::absolute(&d).map_err(|e| format!("download directory {}: {e}", d.display()))?;
+        config.download_dir = std::path::absolute(&d)
+            .map_err(|e| format!("download directory {}: {e}", d.display()))?;
     }
     config.advertise = args.advertise;
     config.secret = args.secret;

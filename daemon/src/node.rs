@@ -196,7 +196,9 @@ impl Node {
         match files.len() {
             0 => Err(Resolve::Error(err(
                 ErrorCode::NotFound,
-                format!("no file named {query:?} (nor with that ID) on the network; see 'p2pctl list'"),
+                format!(
+                    "no file named {query:?} (nor with that ID) on the network; see 'p2pctl list'"
+                ),
             ))),
             1 => Ok(files.into_iter().next().unwrap_or_else(|| unreachable!())),
             _ => Err(Resolve::Ambiguous(files)),
@@ -457,7 +459,13 @@ impl Node {
             let have = self.store.held_chunks(&id, manifest.chunk_count());
             let local = Arc::new(LocalFile::new(manifest.clone(), file, part.clone(), have));
             self.insert_file(local.clone());
-            let dl = Arc::new(Download::new(manifest, local, output, part, rec.state.clone()));
+            let dl = Arc::new(Download::new(
+                manifest,
+                local,
+                output,
+                part,
+                rec.state.clone(),
+            ));
             if rec.state == DownloadState::Running {
                 info!(file = %id.short(), have = dl.local.have_count(), "resuming download");
                 self.spawn_download(dl);
@@ -553,7 +561,11 @@ pub async fn run(
     node.load();
     let server = tokio::spawn(crate::serve::serve(node.clone(), peers, stop_rx.clone()));
     let socket = node.config.socket.clone();
-    let controller = tokio::spawn(crate::control::serve(node.clone(), control, stop_rx.clone()));
+    let controller = tokio::spawn(crate::control::serve(
+        node.clone(),
+        control,
+        stop_rx.clone(),
+    ));
     info!(
         peer_id = %peer_id.short(),
         "p2pd ready: serving peers on {bound}, control socket {}",

@@ -103,7 +103,8 @@ async fn connection(
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return Ok(()),
             Ok(Err(e)) => {
-                let reply = PeerResponse::Error(WireError::new(ErrorCode::BadRequest, e.to_string()));
+                let reply =
+                    PeerResponse::Error(WireError::new(ErrorCode::BadRequest, e.to_string()));
                 let _ = writer.send(&reply).await;
                 return Err(e.to_string());
             }
@@ -230,8 +231,11 @@ pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::R
     {
         let mut done = 0;
         while done < buf.len() {
-            let n =
-                std::os::windows::fs::FileExt::seek_write(file, &buf[done..], offset + done as u64)?;
+            let n = std::os::windows::fs::FileExt::seek_write(
+                file,
+                &buf[done..],
+                offset + done as u64,
+            )?;
             done += n;
         }
         Ok(())
@@ -269,4 +273,3 @@ impl RateLimit {
         tokio::time::sleep_until((start + cost).into()).await;
     }
 }
-

@@ -96,7 +96,11 @@ impl Store {
 
     /// This daemon's peer ID, made on first start.
     pub fn peer_id(&self) -> Result<PeerId, Error> {
-        if let Some(v) = self.meta.get("peer_id").map_err(db_err("reading peer id"))? {
+        if let Some(v) = self
+            .meta
+            .get("peer_id")
+            .map_err(db_err("reading peer id"))?
+        {
             if let Some(id) = PeerId::from_slice(&v) {
                 return Ok(id);
             }
@@ -250,10 +254,7 @@ mod tests {
         let downloads = s.downloads();
         assert_eq!(downloads.len(), 1);
         assert_eq!(downloads[0].1.state, DownloadState::Running);
-        assert_eq!(
-            s.held_chunks(&id, 3).iter().collect::<Vec<_>>(),
-            vec![0, 2]
-        );
+        assert_eq!(s.held_chunks(&id, 3).iter().collect::<Vec<_>>(), vec![0, 2]);
         s.clear_chunks(&id).unwrap();
         assert_eq!(s.held_chunks(&id, 3).count(), 0);
     }

@@ -154,13 +154,7 @@ async fn session_loop(
                 backoff = Duration::from_millis(100);
                 failures = 0;
                 let outcome = run_session(
-                    reader,
-                    writer,
-                    heartbeat,
-                    &announce,
-                    &mut calls,
-                    &connected,
-                    &mut stop,
+                    reader, writer, heartbeat, &announce, &mut calls, &connected, &mut stop,
                 )
                 .await;
                 let _ = connected.send(false);

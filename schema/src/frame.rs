@@ -340,10 +340,7 @@ mod tests {
         let mut r = FrameReader::new(b, 16);
         a.write_all(&[0, 0, 0, 8, 1, 2]).await.unwrap();
         drop(a);
-        assert!(matches!(
-            r.recv::<Msg>().await,
-            Err(FrameError::Truncated)
-        ));
+        assert!(matches!(r.recv::<Msg>().await, Err(FrameError::Truncated)));
 
         let (mut a, b) = tokio::io::duplex(1024);
         let mut r = FrameReader::new(b, 16);

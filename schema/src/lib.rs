@@ -61,9 +61,9 @@ pub use bitfield::{format_ranges, Bitfield, SPELLED_RUN};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_PEER_FRAME};
 pub use ids::{is_hex_prefix, to_hex, FileId, PeerId};
 pub use manifest::{
-    auto_chunk_size, chunk_count, sha256, validate_chunk_size, validate_name, ChunkHash,
-    Manifest, ManifestBuilder, ManifestError, HASH_LEN, MAX_AUTO_CHUNK_SIZE, MAX_CHUNKS,
-    MAX_CHUNK_SIZE, MAX_NAME_LEN, MIN_CHUNK_SIZE,
+    auto_chunk_size, chunk_count, sha256, validate_chunk_size, validate_name, ChunkHash, Manifest,
+    ManifestBuilder, ManifestError, HASH_LEN, MAX_AUTO_CHUNK_SIZE, MAX_CHUNKS, MAX_CHUNK_SIZE,
+    MAX_NAME_LEN, MIN_CHUNK_SIZE,
 };
 pub use msg::*;
 pub use process::{default_data_dir, parse_duration, shutdown_signal, socket_in};

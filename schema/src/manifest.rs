@@ -58,7 +58,9 @@ pub fn chunk_count(size: u64, chunk_size: u32) -> u64 {
 pub enum ManifestError {
     #[error("chunk size {0} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE} bytes")]
     ChunkSize(u32),
-    #[error("{0} chunks is more than the {MAX_CHUNKS} a file may have: choose a larger chunk size")]
+    #[error(
+        "{0} chunks is more than the {MAX_CHUNKS} a file may have: choose a larger chunk size"
+    )]
     TooManyChunks(u64),
     #[error("manifest has {got} hash bytes, expected {expected}")]
     HashLength { got: usize, expected: u64 },
@@ -280,7 +282,15 @@ mod tests {
         assert_eq!(auto_chunk_size(1), MIN_CHUNK_SIZE);
         assert_eq!(auto_chunk_size(1 << 30), 1 << 20);
         assert_eq!(auto_chunk_size(64 << 30), MAX_AUTO_CHUNK_SIZE);
-        for size in [5_000u64, 50_000, 1 << 20, 100 << 20, 1 << 30, 16 << 30, 1 << 40] {
+        for size in [
+            5_000u64,
+            50_000,
+            1 << 20,
+            100 << 20,
+            1 << 30,
+            16 << 30,
+            1 << 40,
+        ] {
             let c = auto_chunk_size(size);
             let n = chunk_count(size, c);
             assert!(n <= 4096 || c == MAX_AUTO_CHUNK_SIZE, "{size}: {n} chunks");
@@ -344,17 +354,17 @@ mod tests {
     fn invalid_manifests() {
         let mut m = manifest_of(&[1, 2, 3], 1024);
         m.hashes.push(0);
-        assert!(matches!(m.validate(), Err(ManifestError::HashLength { .. })));
+        assert!(matches!(
+            m.validate(),
+            Err(ManifestError::HashLength { .. })
+        ));
         let m = Manifest {
             name: "a".into(),
             size: u64::MAX,
             chunk_size: MIN_CHUNK_SIZE,
             hashes: vec![],
         };
-        assert!(matches!(
-            m.validate(),
-            Err(ManifestError::TooManyChunks(_))
-        ));
+        assert!(matches!(m.validate(), Err(ManifestError::TooManyChunks(_))));
         assert_eq!(m.chunk_count(), u32::MAX);
         assert!(validate_chunk_size(0).is_err());
         assert!(validate_chunk_size(MAX_CHUNK_SIZE + 1).is_err());

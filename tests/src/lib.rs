@@ -27,13 +27,25 @@ pub fn bin_dir() -> &'static Path {
             return PathBuf::from(d);
         }
         let exe = std::env::current_exe().expect("path of the running test binary");
-        let mut dir = exe.parent().expect("test binary has a directory").to_path_buf();
+        let mut dir = exe
+            .parent()
+            .expect("test binary has a directory")
+            .to_path_buf();
         if dir.ends_with("deps") {
             dir.pop();
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "p2p-tracker", "-p", "p2pd", "-p", "p2pctl"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "p2p-tracker",
+            "-p",
+            "p2pd",
+            "-p",
+            "p2pctl",
+        ]);
         if !cfg!(debug_assertions) {
             cmd.arg("--release");
         }
@@ -53,9 +65,10 @@ pub fn bin(name: &str) -> PathBuf {
 
 /// The repository's `files/` directory.
 pub fn sample(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../files")
-        .join(name)
+        .join(name);
+    std::fs::canonicalize(&path).unwrap_or(path)
 }
 
 /// Lines a child printed on stderr, shared with the thread that reads them.
@@ -82,7 +95,9 @@ impl Proc {
             .stderr(Stdio::piped());
         // Plain logs, never colour codes.
         cmd.env("NO_COLOR", "1").env_remove("RUST_LOG");
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let stderr = child.stderr.take().expect("stderr is piped");
         let log = Arc::new(Log::default());
         let sink = log.clone();
@@ -135,6 +150,13 @@ impl Proc {
         }
     }
 
+    /// Logged lines from index `from` on, and the index to continue from.
+    pub fn lines_since(&self, from: usize) -> (Vec<String>, usize) {
+        let lines = self.log.lines.lock().unwrap();
+        let from = from.min(lines.len());
+        (lines[from..].to_vec(), lines.len())
+    }
+
     /// How many logged lines contain `needle`.
     pub fn count(&self, needle: &str) -> usize {
         self.log
@@ -168,7 +190,11 @@ impl Proc {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!("{} did not exit within {timeout:?}; log:\n{}", self.name, self.log());
+                panic!(
+                    "{} did not exit within {timeout:?}; log:\n{}",
+                    self.name,
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

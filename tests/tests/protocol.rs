@@ -46,7 +46,10 @@ fn closes_after_error<T: serde::de::DeserializeOwned + std::fmt::Debug>(
 ) {
     if let Some(reply) = recv::<T>(s) {
         assert!(is_error(&reply), "expected an error reply, got {reply:?}");
-        assert!(recv::<T>(s).is_none(), "connection stays open after fatal input");
+        assert!(
+            recv::<T>(s).is_none(),
+            "connection stays open after fatal input"
+        );
     }
 }
 
@@ -178,7 +181,13 @@ fn a_peer_survives_bad_requests_and_serves_only_registered_chunks() {
 
     // A chunk request before the hello.
     let mut s = connect(seeder.addr);
-    send(&mut s, &PeerRequest::GetChunk { file_id: id, index: 0 });
+    send(
+        &mut s,
+        &PeerRequest::GetChunk {
+            file_id: id,
+            index: 0,
+        },
+    );
     closes_after_error(&mut s, peer_error);
 
     // After a hello: refusals are error replies and the connection stays usable.
@@ -195,12 +204,24 @@ fn a_peer_survives_bad_requests_and_serves_only_registered_chunks() {
         Some(PeerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::NotFound),
         other => panic!("expected not found, got {other:?}"),
     }
-    send(&mut s, &PeerRequest::GetChunk { file_id: id, index: 6 });
+    send(
+        &mut s,
+        &PeerRequest::GetChunk {
+            file_id: id,
+            index: 6,
+        },
+    );
     match recv::<PeerResponse>(&mut s) {
         Some(PeerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::BadRequest),
         other => panic!("expected out of range, got {other:?}"),
     }
-    send(&mut s, &PeerRequest::GetChunk { file_id: id, index: 5 });
+    send(
+        &mut s,
+        &PeerRequest::GetChunk {
+            file_id: id,
+            index: 5,
+        },
+    );
     match recv::<PeerResponse>(&mut s) {
         Some(PeerResponse::Chunk { index: 5, len }) => {
             let doug = std::fs::read(sample("doug.png")).unwrap();

@@ -22,7 +22,9 @@ fn register_list_locate_download_and_quit() {
     let doug = sample("doug.png");
     let size = std::fs::metadata(&doug).unwrap().len();
 
-    let out = swarm.daemons[0].ctl(&["register", doug.to_str().unwrap()]).ok();
+    let out = swarm.daemons[0]
+        .ctl(&["register", doug.to_str().unwrap()])
+        .ok();
     assert!(
         out.starts_with(&format!(
             "Registration of doug.png of size {size} bytes successful."
@@ -33,11 +35,20 @@ fn register_list_locate_download_and_quit() {
     swarm.daemons[1].ctl(&["r", doug.to_str().unwrap()]).ok();
 
     let list = swarm.daemons[2].ctl(&["lst"]).ok();
-    assert!(list.starts_with("There are currently 1 files in the network.\n"), "{list}");
-    assert!(list.contains(&format!("(1) Name: doug.png Size: {size} bytes ID: ")), "{list}");
+    assert!(
+        list.starts_with("There are currently 1 files in the network.\n"),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("(1) Name: doug.png Size: {size} bytes ID: ")),
+        "{list}"
+    );
 
     let loc = swarm.daemons[2].ctl(&["loc", "doug.png"]).ok();
-    assert!(loc.starts_with("There are 2 endpoints seeding this file.\n"), "{loc}");
+    assert!(
+        loc.starts_with("There are 2 endpoints seeding this file.\n"),
+        "{loc}"
+    );
     for d in &swarm.daemons[..2] {
         let line = format!("Peer {} currently has chunks [1, 2, 3, 4, 5, 6].", d.addr);
         assert!(loc.contains(&line), "{line} missing from:\n{loc}");
@@ -49,7 +60,10 @@ fn register_list_locate_download_and_quit() {
         .ok();
     assert!(got.contains("doug.png has completed downloading."), "{got}");
     assert!(got.contains(out_path.to_str().unwrap()), "{got}");
-    assert_eq!(std::fs::read(&out_path).unwrap(), std::fs::read(&doug).unwrap());
+    assert_eq!(
+        std::fs::read(&out_path).unwrap(),
+        std::fs::read(&doug).unwrap()
+    );
     assert!(
         !swarm.path("doug-copy.png.part").exists(),
         "no partial file left"
@@ -61,7 +75,10 @@ fn register_list_locate_download_and_quit() {
     let status = swarm.daemons[1].proc.wait_exit(Duration::from_secs(10));
     assert!(status.success(), "{status:?}");
     assert!(!swarm.daemons[1].socket.exists(), "socket removed on exit");
-    let gone = format!("{} has disconnected. 2 peers on network.", swarm.daemons[1].addr);
+    let gone = format!(
+        "{} has disconnected. 2 peers on network.",
+        swarm.daemons[1].addr
+    );
     swarm.tracker.proc.wait_for(&gone, Duration::from_secs(5));
     let loc = swarm.daemons[2].ctl(&["locate", "doug.png"]).ok();
     assert!(loc.starts_with("There are 2 endpoints"), "{loc}");
@@ -93,9 +110,15 @@ fn registering_several_files() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, BTreeSet::from(["doug.png", "extra.bin", "sample.txt"]));
+    assert_eq!(
+        names,
+        BTreeSet::from(["doug.png", "extra.bin", "sample.txt"])
+    );
     let list = swarm.daemons[1].ctl(&["list"]).ok();
-    assert!(list.starts_with("There are currently 3 files in the network."), "{list}");
+    assert!(
+        list.starts_with("There are currently 3 files in the network."),
+        "{list}"
+    );
 }
 
 #[test]
@@ -113,7 +136,10 @@ fn downloading_from_several_peers() {
     let doc = leecher.ctl_json(&["download", "two-mib.bin", "-o", out.to_str().unwrap()]);
     assert_eq!(file_sha256(&out), file_sha256(&file));
     let from = sources(&doc);
-    let seeders: BTreeSet<String> = swarm.daemons[..2].iter().map(|d| d.addr.to_string()).collect();
+    let seeders: BTreeSet<String> = swarm.daemons[..2]
+        .iter()
+        .map(|d| d.addr.to_string())
+        .collect();
     assert_eq!(from, seeders, "chunks came from both seeders");
     assert_eq!(doc["chunks"].as_array().unwrap().len(), 32);
 
@@ -122,14 +148,25 @@ fn downloading_from_several_peers() {
     let fourth_dir = swarm.path("peer4");
     let fourth = Daemon::start(&fourth_dir, swarm.tracker.addr, &[]);
     let verbose = fourth
-        .ctl(&["-v", "download", "two-mib.bin", "-o", out2.to_str().unwrap()])
+        .ctl(&[
+            "-v",
+            "download",
+            "two-mib.bin",
+            "-o",
+            out2.to_str().unwrap(),
+        ])
         .ok();
     let received: Vec<&str> = verbose
         .lines()
         .filter(|l| l.starts_with("Received chunk "))
         .collect();
     assert_eq!(received.len(), 32, "{verbose}");
-    assert!(received.iter().all(|l| l.contains(" of 32 from 127.0.0.1:")), "{verbose}");
+    assert!(
+        received
+            .iter()
+            .all(|l| l.contains(" of 32 from 127.0.0.1:")),
+        "{verbose}"
+    );
     assert_eq!(file_sha256(&out2), file_sha256(&file));
 }
 
@@ -145,7 +182,13 @@ fn a_chunk_is_seeded_once_downloaded() {
     let (seeder, first, second) = (&swarm.daemons[0], &swarm.daemons[1], &swarm.daemons[2]);
 
     let first_out = swarm.path("first.bin");
-    first.ctl_json(&["download", "one-mib.bin", "-o", first_out.to_str().unwrap(), "--detach"]);
+    first.ctl_json(&[
+        "download",
+        "one-mib.bin",
+        "-o",
+        first_out.to_str().unwrap(),
+        "--detach",
+    ]);
     // While it downloads, the tracker already lists it holding some chunks, not all.
     let partial = eventually(Duration::from_secs(20), || {
         let doc = second.ctl_json(&["locate", "one-mib.bin"]);
@@ -154,17 +197,29 @@ fn a_chunk_is_seeded_once_downloaded() {
             (h["addr"] == first.addr.to_string() && n > 0 && n < 32).then_some(n)
         })
     });
-    assert!(partial.is_some(), "the downloader never announced a partial holding");
+    assert!(
+        partial.is_some(),
+        "the downloader never announced a partial holding"
+    );
     let done = eventually(Duration::from_secs(30), || {
         let s = first.status();
         (s["downloads"][0]["state"]["state"] == "complete").then_some(())
     });
-    assert!(done.is_some(), "first download never completed: {}", first.status());
+    assert!(
+        done.is_some(),
+        "first download never completed: {}",
+        first.status()
+    );
 
     // The original seeder leaves; the second downloader must get everything from the first.
     seeder.ctl(&["quit"]).ok();
     let second_out = swarm.path("second.bin");
-    let doc = second.ctl_json(&["download", "one-mib.bin", "-o", second_out.to_str().unwrap()]);
+    let doc = second.ctl_json(&[
+        "download",
+        "one-mib.bin",
+        "-o",
+        second_out.to_str().unwrap(),
+    ]);
     assert_eq!(sources(&doc), BTreeSet::from([first.addr.to_string()]));
     assert_eq!(file_sha256(&second_out), file_sha256(&file));
 }
@@ -173,7 +228,10 @@ fn a_chunk_is_seeded_once_downloaded() {
 fn split_and_merge_are_bit_identical_at_edge_sizes() {
     let swarm = Swarm::new(2, "30s", &[]);
     let cs = 1024usize;
-    for (i, size) in [0, 1, cs - 1, cs, cs + 1, 3 * cs, (3 << 20) + 7].into_iter().enumerate() {
+    for (i, size) in [0, 1, cs - 1, cs, cs + 1, 3 * cs, (3 << 20) + 7]
+        .into_iter()
+        .enumerate()
+    {
         let name = format!("edge-{size}.bin");
         let src = swarm.path(&name);
         write_random(&src, size, 10 + i as u64);
@@ -183,7 +241,11 @@ fn split_and_merge_are_bit_identical_at_edge_sizes() {
         }
         let doc = swarm.daemons[0].ctl_json(&args);
         // Above 1 MiB the automatic size applies: 64 KiB, so 48 full chunks and one of 7 bytes.
-        let expected_chunks = if size < 1 << 20 { size.div_ceil(cs) } else { 49 };
+        let expected_chunks = if size < 1 << 20 {
+            size.div_ceil(cs)
+        } else {
+            49
+        };
         assert_eq!(doc["file"]["chunks"], expected_chunks, "{size}: {doc}");
         let dst = swarm.path(&format!("copy-{name}"));
         swarm.daemons[1].ctl_json(&["download", &name, "-o", dst.to_str().unwrap()]);
@@ -219,7 +281,8 @@ fn hashing_gives_the_documented_content_id() {
 
     let text = sample("sample.txt");
     let data = std::fs::read(&text).unwrap();
-    let doc = swarm.daemons[0].ctl_json(&["register", text.to_str().unwrap(), "--chunk-size", "2048"]);
+    let doc =
+        swarm.daemons[0].ctl_json(&["register", text.to_str().unwrap(), "--chunk-size", "2048"]);
     assert_eq!(doc["file"]["id"], expected_id(&data, 2048));
 }
 
@@ -230,14 +293,19 @@ fn unknown_and_invalid_names_are_clear_errors_and_the_daemon_stays_healthy() {
     swarm.daemons[0].register(&sample("doug.png"));
 
     let err = d.ctl(&["download", "nothing.png"]).fails();
-    assert!(err.starts_with("error: no file named \"nothing.png\""), "{err}");
+    assert!(
+        err.starts_with("error: no file named \"nothing.png\""),
+        "{err}"
+    );
     let err = d.ctl(&["locate", "nothing.png"]).fails();
     assert!(err.contains("no file named"), "{err}");
     let err = d.ctl(&["download", "../../etc/passwd"]).fails();
     assert!(err.contains("no file named"), "{err}");
     let err = d.ctl(&["register", "/definitely/not/here.bin"]).fails();
     assert!(err.contains("no such file"), "{err}");
-    let err = d.ctl(&["register", swarm.dir.path().to_str().unwrap()]).fails();
+    let err = d
+        .ctl(&["register", swarm.dir.path().to_str().unwrap()])
+        .fails();
     assert!(err.contains("not a regular file"), "{err}");
     let err = d
         .ctl(&["download", "doug.png", "-o", "/definitely/not/here/x.png"])
@@ -248,7 +316,8 @@ fn unknown_and_invalid_names_are_clear_errors_and_the_daemon_stays_healthy() {
     // Still healthy: it lists, and downloads.
     assert!(d.ctl(&["list"]).ok().contains("doug.png"));
     let out = swarm.path("ok.png");
-    d.ctl(&["download", "doug.png", "-o", out.to_str().unwrap()]).ok();
+    d.ctl(&["download", "doug.png", "-o", out.to_str().unwrap()])
+        .ok();
     assert_eq!(file_sha256(&out), file_sha256(&sample("doug.png")));
     // Downloading it again is refused before any transfer.
     let err = d.ctl(&["download", "doug.png"]).fails();

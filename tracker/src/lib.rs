@@ -101,7 +101,10 @@ async fn reap(registry: Arc<Registry>, ttl: Duration, mut stop: watch::Receiver<
             () = tokio::time::sleep(period) => {}
         }
         for (addr, left) in registry.expire() {
-            info!(reason = "timed out", "{addr} has disconnected. {left} peers on network.");
+            info!(
+                reason = "timed out",
+                "{addr} has disconnected. {left} peers on network."
+            );
         }
     }
 }

@@ -27,7 +27,12 @@ struct Args {
     ttl: Duration,
 
     /// Shared secret peers must present (default: an open tracker).
-    #[arg(long, env = "P2P_TRACKER_SECRET", hide_env_values = true, conflicts_with = "secret_file")]
+    #[arg(
+        long,
+        env = "P2P_TRACKER_SECRET",
+        hide_env_values = true,
+        conflicts_with = "secret_file"
+    )]
     secret: Option<String>,
 
     /// Read the shared secret from this file (first line).

@@ -259,15 +259,12 @@ impl Registry {
             .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
         let id = manifest.file_id();
         let mut state = self.lock();
-        if !state.files.contains_key(&id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
             let _ = self.files.insert(id.0, cbor(&manifest));
-            state.files.insert(
-                id,
-                FileEntry {
-                    manifest: Arc::new(manifest),
-                    holders: HashMap::new(),
-                },
-            );
+            slot.insert(FileEntry {
+                manifest: Arc::new(manifest),
+                holders: HashMap::new(),
+            });
         }
         let chunks = state.files[&id].manifest.chunk_count();
         self.set_holding(&mut state, peer, id, Bitfield::full(chunks))?;
@@ -564,7 +561,9 @@ mod tests {
         let id = {
             let reg = Registry::open(dir.path(), ttl).unwrap();
             reg.hello(PeerId([1; 16]), addr(1));
-            let s = reg.register(PeerId([1; 16]), manifest("f", 3, 3000)).unwrap();
+            let s = reg
+                .register(PeerId([1; 16]), manifest("f", 3, 3000))
+                .unwrap();
             reg.db.flush().unwrap();
             s.id
         };

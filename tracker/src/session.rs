@@ -179,10 +179,9 @@ fn handle(
     config: &Config,
 ) -> TrackerResponse {
     let result = match request {
-        TrackerRequest::Hello { .. } => Err(WireError::new(
-            ErrorCode::BadRequest,
-            "already said hello",
-        )),
+        TrackerRequest::Hello { .. } => {
+            Err(WireError::new(ErrorCode::BadRequest, "already said hello"))
+        }
         TrackerRequest::Register { manifest } => {
             let name = manifest.name.clone();
             registry.register(peer, manifest).map(|file| {
