@@ -69,20 +69,27 @@ pub struct Download {
     downloaded: AtomicU64,
     wasted: AtomicU64,
     stalled: AtomicU32,
+    resumed_with: u32,
+    /// Bytes that had to be fetched again because a crash tore them, over the download's life.
+    refetched: u64,
     recent: Mutex<VecDeque<(Instant, u64, SocketAddr)>>,
     sources: Mutex<HashSet<SocketAddr>>,
 }
 
 impl Download {
-    /// A download record brought to life; `local` holds what is already verified.
+    /// A download record brought to life; `local` holds what is already verified, and
+    /// `refetched` counts bytes crashes tore so far (persisted with the record).
     pub fn new(
         manifest: Arc<Manifest>,
         local: Arc<LocalFile>,
         output: PathBuf,
         part: PathBuf,
         state: DownloadState,
+        refetched: u64,
     ) -> Download {
         Download {
+            resumed_with: local.have_count(),
+            refetched,
             id: manifest.file_id(),
             manifest,
             local,
@@ -110,6 +117,7 @@ impl Download {
             output: self.output.to_string_lossy().into_owned(),
             part: self.part.to_string_lossy().into_owned(),
             state,
+            refetched: self.refetched,
         };
         if let Err(e) = node.store.put_download(&self.id, &record) {
             warn!(error = %e, "saving download state");
@@ -141,6 +149,8 @@ impl Download {
             peers,
             rate,
             stalled: self.stalled.load(Ordering::Relaxed),
+            resumed_with: self.resumed_with,
+            refetched: self.refetched,
         }
     }
 
@@ -312,6 +322,8 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
     let mut backoff = Duration::from_millis(200);
     while !dl.local.is_complete() {
         if *stop.borrow() {
+            // The committer makes what was written durable before it ends.
+            let _ = committer.await;
             return Ok(false);
         }
         if committer.is_finished() {
@@ -663,41 +675,65 @@ async fn receive(
 }
 
 /// Makes written chunks durable in batches: sync the file, then record in sled, then serve
-/// and announce. A chunk is never recorded before its bytes are on disk.
+/// and announce. A chunk is never recorded before its bytes are on disk. When the daemon
+/// stops, what was written so far is committed before the task ends.
 async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
-    let dl = swarm.dl.clone();
-    let node = swarm.node.clone();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+    let mut stop = swarm.node.stop_signal();
+    loop {
+        let mut batch = Vec::new();
+        let stopping = tokio::select! {
+            first = rx.recv() => match first {
+                Some(i) => {
+                    batch.push(i);
+                    false
+                }
+                None => return,
+            },
+            _ = stop.changed() => true,
+        };
         let deadline = tokio::time::Instant::now() + COMMIT_INTERVAL;
-        while batch.len() < 4096 {
+        while !stopping && batch.len() < 4096 {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(i)) => batch.push(i),
                 Ok(None) | Err(_) => break,
             }
         }
-        let file = dl.local.handle();
-        // 1. The bytes reach the disk.
-        let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
-        if let Err(e) = synced.map_err(std::io::Error::other).and_then(|r| r) {
-            warn!(error = %e, "syncing {}", dl.part.display());
+        while let Ok(i) = rx.try_recv() {
+            batch.push(i);
+        }
+        if !batch.is_empty() && commit(&swarm, batch).await.is_err() {
             return;
         }
-        // 2. Only then are they recorded as held.
-        if let Err(e) = node.store.record_chunks(&dl.id, &batch) {
-            warn!(error = %e, "recording chunks");
+        if stopping {
             return;
-        }
-        // 3. Only then are they served and announced.
-        dl.local.add(&batch);
-        node.tracker.notify(TrackerRequest::Gained {
-            file_id: dl.id,
-            indices: batch,
-        });
-        if dl.local.is_complete() {
-            swarm.progress.notify_one();
         }
     }
+}
+
+async fn commit(swarm: &Swarm, batch: Vec<u32>) -> Result<(), ()> {
+    let (dl, node) = (&swarm.dl, &swarm.node);
+    let file = dl.local.handle();
+    // 1. The bytes reach the disk.
+    let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+    if let Err(e) = synced.map_err(std::io::Error::other).and_then(|r| r) {
+        warn!(error = %e, "syncing {}", dl.part.display());
+        return Err(());
+    }
+    // 2. Only then are they recorded as held.
+    if let Err(e) = node.store.record_chunks(&dl.id, &batch) {
+        warn!(error = %e, "recording chunks");
+        return Err(());
+    }
+    // 3. Only then are they served and announced.
+    dl.local.add(&batch);
+    node.tracker.notify(TrackerRequest::Gained {
+        file_id: dl.id,
+        indices: batch,
+    });
+    if dl.local.is_complete() {
+        swarm.progress.notify_one();
+    }
+    Ok(())
 }
 
 /// Renames the complete file into place and turns it into a share.
@@ -727,6 +763,8 @@ async fn finish(node: &Arc<Node>, dl: &Arc<Download>) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())??;
     dl.local.set_path(dl.output.clone());
+    dl.local
+        .set_source(meta.len(), crate::register::mtime_ns(&meta));
     let share = ShareRecord {
         manifest: (*dl.manifest).clone(),
         path: dl.output.to_string_lossy().into_owned(),

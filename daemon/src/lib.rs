@@ -9,6 +9,7 @@
 //! - [`register`]: hashing a local file into a manifest, off the async executor.
 //! - [`serve`]: the peer server: chunks to other daemons.
 //! - [`download`]: the download engine: picking, fetching, verifying, committing.
+//! - [`recover`]: re-verifying unrecorded chunks after an unclean stop.
 //! - [`control`]: the control socket and the commands `p2pctl` sends.
 //! - [`node`]: [`node::Node`], the state all of the above share, and [`run`].
 //!
@@ -18,6 +19,7 @@ pub mod control;
 pub mod download;
 pub mod local;
 pub mod node;
+pub mod recover;
 pub mod register;
 pub mod serve;
 pub mod store;

@@ -26,6 +26,9 @@ struct Inner {
     path: PathBuf,
     /// Set when the data can no longer be trusted (source changed): nothing is served.
     problem: Option<String>,
+    /// For a whole file: its size and modification time as hashed. Checked before serving,
+    /// so a file changed behind our back is never served stale.
+    source: Option<(u64, i128)>,
 }
 
 impl LocalFile {
@@ -39,6 +42,7 @@ impl LocalFile {
                 have,
                 path,
                 problem: None,
+                source: None,
             }),
             uploaded: AtomicU64::new(0),
         }
@@ -94,6 +98,37 @@ impl LocalFile {
     /// The data moved (a finished download renamed into place).
     pub fn set_path(&self, path: PathBuf) {
         self.lock().path = path;
+    }
+
+    /// Records the size and modification time the whole file must keep to be served.
+    pub fn set_source(&self, size: u64, mtime_ns: i128) {
+        self.lock().source = Some((size, mtime_ns));
+    }
+
+    /// Checks (blocking: a `stat`) that a whole file is unchanged since it was hashed. If it
+    /// changed or vanished, it stops being served and the reason is returned.
+    pub fn check_source(&self) -> Result<(), String> {
+        let (path, source) = {
+            let inner = self.lock();
+            if let Some(p) = &inner.problem {
+                return Err(p.clone());
+            }
+            (inner.path.clone(), inner.source)
+        };
+        let Some((size, mtime)) = source else {
+            return Ok(());
+        };
+        let why = match std::fs::metadata(&path) {
+            Ok(m) if m.len() == size && crate::register::mtime_ns(&m) == mtime => return Ok(()),
+            Ok(_) => format!(
+                "{} changed since it was registered; register it again to share it",
+                path.display()
+            ),
+            Err(e) => format!("{} cannot be read any more: {e}", path.display()),
+        };
+        tracing::warn!(file = %self.id.short(), "{why}; no longer serving it");
+        self.set_problem(why.clone());
+        Err(why)
     }
 
     /// Stops serving, for `why`.

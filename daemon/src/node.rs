@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use p2p_schema::{
-    Bitfield, DaemonInfo, DownloadState, ErrorCode, FileId, FileSummary, PeerId, ShareStatus,
-    StatusReport, TrackerRequest, TrackerResponse, WireError,
+    Bitfield, DaemonInfo, DownloadState, ErrorCode, FileId, FileSummary, Manifest, PeerId,
+    ShareStatus, StatusReport, TrackerRequest, TrackerResponse, WireError,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -19,7 +19,7 @@ use tracing::{info, warn};
 use crate::control::ControlListener;
 use crate::download::{self, Download};
 use crate::local::LocalFile;
-use crate::register::{hash_file, mtime_ns, share_name};
+use crate::register::{hash_file, share_name};
 use crate::serve::RateLimit;
 use crate::store::{DownloadRecord, ShareRecord, Store};
 use crate::tracker_client::{Announce, Identity, TrackerClient};
@@ -37,6 +37,8 @@ pub struct Node {
     pub tracker: TrackerClient,
     files: Files,
     downloads: Mutex<HashMap<FileId, Arc<Download>>>,
+    /// Download tasks, awaited on shutdown so their last chunks are committed.
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     stop: watch::Sender<bool>,
     /// Bounds chunk reads in progress for uploads (memory).
     pub upload_slots: Semaphore,
@@ -144,12 +146,14 @@ impl Node {
             .local_file(&id)
             .is_some_and(|f| f.is_complete() && f.problem().is_none());
         if !existing_ok {
-            self.insert_file(Arc::new(LocalFile::new(
+            let local = LocalFile::new(
                 manifest.clone(),
                 hashed.file,
                 path.clone(),
                 Bitfield::full(chunks),
-            )));
+            );
+            local.set_source(hashed.size, hashed.mtime_ns);
+            self.insert_file(Arc::new(local));
         }
         info!(file = %id.short(), path = %path.display(), size = manifest.size, "file shared");
         match self
@@ -280,6 +284,7 @@ impl Node {
             output: utf8(&output)?,
             part: utf8(&part)?,
             state: DownloadState::Running,
+            refetched: 0,
         };
         self.store
             .put_download(&id, &record)
@@ -297,6 +302,7 @@ impl Node {
             output,
             part,
             DownloadState::Running,
+            0,
         ))))
     }
 
@@ -305,7 +311,10 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(dl.id, dl.clone());
-        tokio::spawn(download::run(self.clone(), dl.clone()));
+        let task = tokio::spawn(download::run(self.clone(), dl.clone()));
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
         dl
     }
 
@@ -401,22 +410,20 @@ impl Node {
         }
     }
 
-    /// Brings back shares and downloads recorded by an earlier run.
-    fn load(self: &Arc<Self>) {
+    /// Brings back shares and downloads recorded by an earlier run. After an unclean stop
+    /// (`clean` false), chunks written but not yet recorded are re-verified from disk.
+    async fn load(self: &Arc<Self>, clean: bool) {
         for (id, rec) in self.store.shares() {
             let manifest = Arc::new(rec.manifest);
             let path = PathBuf::from(&rec.path);
             let chunks = manifest.chunk_count();
-            match std::fs::File::open(&path).and_then(|f| f.metadata().map(|m| (f, m))) {
-                Ok((file, meta)) => {
+            match std::fs::File::open(&path) {
+                Ok(file) => {
                     let local = LocalFile::new(manifest, file, path, Bitfield::full(chunks));
-                    if meta.len() != rec.size || mtime_ns(&meta) != rec.mtime_ns {
-                        let why = format!(
-                            "{} changed since it was registered; register it again to share it",
-                            rec.path
-                        );
-                        warn!(file = %id.short(), "{why}");
-                        local.set_problem(why);
+                    local.set_source(rec.size, rec.mtime_ns);
+                    // Unchanged size and modification time: served without re-hashing.
+                    if local.check_source().is_ok() {
+                        info!(file = %id.short(), path = %rec.path, "share restored without re-hashing");
                     }
                     self.insert_file(Arc::new(local));
                 }
@@ -430,7 +437,7 @@ impl Node {
             let (output, part) = (PathBuf::from(&rec.output), PathBuf::from(&rec.part));
             if rec.state == DownloadState::Complete {
                 if let Some(local) = self.local_file(&id) {
-                    let dl = Download::new(manifest, local, output, part, rec.state);
+                    let dl = Download::new(manifest, local, output, part, rec.state, rec.refetched);
                     self.downloads
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -456,7 +463,38 @@ impl Node {
                     }
                 }
             };
-            let have = self.store.held_chunks(&id, manifest.chunk_count());
+            let mut have = self.store.held_chunks(&id, manifest.chunk_count());
+            let mut refetched = rec.refetched;
+            if !clean && rec.state == DownloadState::Running {
+                match self.recover(&id, &manifest, &file, &have).await {
+                    Ok(r) => {
+                        for &i in &r.good {
+                            have.set(i);
+                        }
+                        refetched += r
+                            .torn
+                            .iter()
+                            .filter_map(|&i| manifest.chunk_range(i))
+                            .map(|(_, len)| u64::from(len))
+                            .sum::<u64>();
+                        if !r.torn.is_empty() {
+                            let updated = DownloadRecord {
+                                manifest: (*manifest).clone(),
+                                output: rec.output.clone(),
+                                part: rec.part.clone(),
+                                state: rec.state.clone(),
+                                refetched,
+                            };
+                            if let Err(e) = self.store.put_download(&id, &updated) {
+                                warn!(error = %e, "saving download state");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        warn!(file = %id.short(), error = %e, "re-verifying the partial file")
+                    }
+                }
+            }
             let local = Arc::new(LocalFile::new(manifest.clone(), file, part.clone(), have));
             self.insert_file(local.clone());
             let dl = Arc::new(Download::new(
@@ -465,6 +503,7 @@ impl Node {
                 output,
                 part,
                 rec.state.clone(),
+                refetched,
             ));
             if rec.state == DownloadState::Running {
                 info!(file = %id.short(), have = dl.local.have_count(), "resuming download");
@@ -476,6 +515,39 @@ impl Node {
                     .insert(id, dl);
             }
         }
+    }
+
+    /// Re-verifies the unrecorded chunks of a partial file; the good ones are synced and
+    /// recorded (the usual order), the torn ones returned to be fetched again.
+    async fn recover(
+        &self,
+        id: &FileId,
+        manifest: &Arc<Manifest>,
+        file: &std::fs::File,
+        have: &Bitfield,
+    ) -> Result<crate::recover::Recovered, Error> {
+        let file = file
+            .try_clone()
+            .map_err(|e| Error::io("reopening a partial file", e))?;
+        let (manifest, have) = (manifest.clone(), have.clone());
+        let found = tokio::task::spawn_blocking(move || {
+            let found = crate::recover::scan(&manifest, &file, &have)?;
+            if !found.good.is_empty() {
+                file.sync_data()?;
+            }
+            Ok::<_, std::io::Error>(found)
+        })
+        .await
+        .map_err(|e| Error::Other(e.to_string()))?
+        .map_err(|e| Error::io("re-verifying a partial file", e))?;
+        self.store.record_chunks(id, &found.good)?;
+        info!(
+            file = %id.short(),
+            recovered = found.good.len(),
+            torn = found.torn.len(),
+            "re-verified chunks written before an unclean stop"
+        );
+        Ok(found)
     }
 }
 
@@ -498,16 +570,16 @@ pub enum Resolve {
 /// partial holdings.
 fn announce_all(files: &Files) -> Vec<TrackerRequest> {
     let files = files.read().unwrap_or_else(|p| p.into_inner());
-    let (complete, partial): (Vec<_>, Vec<_>) = files
-        .values()
-        .filter(|f| f.problem().is_none())
-        .partition(|f| f.is_complete());
-    let mut out: Vec<TrackerRequest> = complete
+    let (stale, usable): (Vec<_>, Vec<_>) = files.values().partition(|f| f.problem().is_some());
+    let (complete, partial): (Vec<_>, Vec<_>) = usable.into_iter().partition(|f| f.is_complete());
+    // The tracker may still list files we no longer serve (from before a restart).
+    let mut out: Vec<TrackerRequest> = stale
         .into_iter()
-        .map(|f| TrackerRequest::Register {
-            manifest: (*f.manifest).clone(),
-        })
+        .map(|f| TrackerRequest::Drop { file_id: f.id })
         .collect();
+    out.extend(complete.into_iter().map(|f| TrackerRequest::Register {
+        manifest: (*f.manifest).clone(),
+    }));
     out.extend(
         partial
             .into_iter()
@@ -529,6 +601,10 @@ pub async fn run(
 ) -> Result<(), Error> {
     let store = Store::open(&config.data_dir)?;
     let peer_id = store.peer_id()?;
+    let clean = store.take_clean_flag().await?;
+    if !clean {
+        info!("the previous run did not stop cleanly: unrecorded chunks will be re-verified");
+    }
     let bound = peers
         .local_addr()
         .map_err(|e| Error::io("reading the bound peer address", e))?;
@@ -556,9 +632,10 @@ pub async fn run(
         tracker,
         files,
         downloads: Mutex::default(),
+        tasks: Mutex::default(),
         stop,
     });
-    node.load();
+    node.load(clean).await;
     let server = tokio::spawn(crate::serve::serve(node.clone(), peers, stop_rx.clone()));
     let socket = node.config.socket.clone();
     let controller = tokio::spawn(crate::control::serve(
@@ -583,7 +660,13 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(3), tracker_task).await;
     let _ = server.await;
     let _ = controller.await;
+    // Downloads commit what they have written, then stop.
+    let tasks = std::mem::take(&mut *node.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     node.store.flush().await?;
+    node.store.mark_clean().await?;
     info!("stopped");
     Ok(())
 }

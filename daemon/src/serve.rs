@@ -183,19 +183,41 @@ async fn read_chunk(
         .acquire()
         .await
         .map_err(|_| WireError::new(ErrorCode::Busy, "shutting down"))?;
-    let file = local.handle();
+    let reader = local.clone();
     let data = tokio::task::spawn_blocking(move || {
+        // A shared file changed behind our back is never served.
+        reader.check_source().map_err(Stale)?;
         buf.resize(len as usize, 0);
-        read_exact_at(&file, &mut buf, offset).map(|()| buf)
+        read_exact_at(&reader.handle(), &mut buf, offset)
+            .map(|()| buf)
+            .map_err(Failed)
     })
     .await
-    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?
-    .map_err(|e| {
-        warn!(file = %local.id.short(), index, error = %e, "reading a chunk to serve failed");
-        WireError::new(ErrorCode::Io, format!("reading chunk {index}: {e}"))
-    })?;
-    Ok((data, local))
+    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
+    match data {
+        Ok(data) => Ok((data, local)),
+        Err(Stale(why)) => {
+            node.tracker
+                .notify(p2p_schema::TrackerRequest::Drop { file_id: *id });
+            Err(WireError::new(ErrorCode::NotFound, why))
+        }
+        Err(Failed(e)) => {
+            warn!(file = %local.id.short(), index, error = %e, "reading a chunk to serve failed");
+            Err(WireError::new(
+                ErrorCode::Io,
+                format!("reading chunk {index}: {e}"),
+            ))
+        }
+    }
 }
+
+/// Why a chunk could not be read for serving.
+enum ReadFailure {
+    /// The shared file changed; it is no longer served.
+    Stale(String),
+    Failed(std::io::Error),
+}
+use ReadFailure::{Failed, Stale};
 
 /// Positional read of exactly `buf.len()` bytes.
 pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {

@@ -2,7 +2,7 @@
 //! which chunks are verified and durable. Chunk bytes live in ordinary files, never in sled.
 //!
 //! Trees (keys big-endian, values CBOR):
-//! - `meta`: `peer_id` -> 16 bytes
+//! - `meta`: `peer_id` -> 16 bytes; `clean` -> present only while stopped cleanly
 //! - `shares`: `FileId` -> [`ShareRecord`]
 //! - `downloads`: `FileId` -> [`DownloadRecord`]
 //! - `chunks`: `FileId || u32 index` -> empty: chunk held by an unfinished download
@@ -38,6 +38,9 @@ pub struct DownloadRecord {
     /// Where the chunks are written until then (same directory, `.part` suffix).
     pub part: String,
     pub state: DownloadState,
+    /// Bytes fetched again because a crash tore them before they were made durable.
+    #[serde(default)]
+    pub refetched: u64,
 }
 
 /// The daemon's database.
@@ -111,6 +114,26 @@ impl Store {
             .map_err(db_err("writing peer id"))?;
         self.db.flush().map_err(db_err("flushing peer id"))?;
         Ok(id)
+    }
+
+    /// Did the previous run stop cleanly? Then marks this run as not (yet) stopped cleanly,
+    /// durably, so a crash from here on is noticed at the next start.
+    pub async fn take_clean_flag(&self) -> Result<bool, Error> {
+        let clean = self
+            .meta
+            .remove("clean")
+            .map_err(db_err("reading clean flag"))?
+            .is_some();
+        self.flush().await?;
+        Ok(clean)
+    }
+
+    /// Records a clean stop (call last, after everything else is flushed).
+    pub async fn mark_clean(&self) -> Result<(), Error> {
+        self.meta
+            .insert("clean", &[1u8][..])
+            .map_err(db_err("writing clean flag"))?;
+        self.flush().await
     }
 
     /// All share records (unreadable ones are skipped with a warning).
@@ -242,6 +265,7 @@ mod tests {
                     output: "/o".into(),
                     part: "/o.part".into(),
                     state: DownloadState::Running,
+                    refetched: 0,
                 },
             )
             .unwrap();

@@ -150,11 +150,18 @@ async fn session_loop(
             return;
         }
         match connect(&address, &identity).await {
-            Ok((reader, writer, heartbeat)) => {
+            Ok((reader, writer, heartbeat, advertised)) => {
                 backoff = Duration::from_millis(100);
                 failures = 0;
                 let outcome = run_session(
-                    reader, writer, heartbeat, &announce, &mut calls, &connected, &mut stop,
+                    (&address, advertised),
+                    reader,
+                    writer,
+                    heartbeat,
+                    &announce,
+                    &mut calls,
+                    &connected,
+                    &mut stop,
                 )
                 .await;
                 let _ = connected.send(false);
@@ -199,7 +206,10 @@ fn jitter(d: Duration) -> Duration {
 type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
 type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
 
-async fn connect(address: &str, id: &Identity) -> Result<(Reader, Writer, Duration), WireError> {
+async fn connect(
+    address: &str,
+    id: &Identity,
+) -> Result<(Reader, Writer, Duration, SocketAddr), WireError> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
         .await
         .map_err(|_| unavailable(address, "connect timed out"))?
@@ -226,14 +236,12 @@ async fn connect(address: &str, id: &Identity) -> Result<(Reader, Writer, Durati
     match welcome {
         TrackerResponse::Welcome {
             addr, heartbeat_ms, ..
-        } => {
-            info!(tracker = %address, advertised = %addr, "connected to the tracker");
-            Ok((
-                reader,
-                writer,
-                Duration::from_millis(heartbeat_ms.clamp(50, 60_000)),
-            ))
-        }
+        } => Ok((
+            reader,
+            writer,
+            Duration::from_millis(heartbeat_ms.clamp(50, 60_000)),
+            addr,
+        )),
         TrackerResponse::Error(e) => Err(e),
         other => Err(unavailable(address, format!("unexpected answer {other:?}"))),
     }
@@ -244,7 +252,9 @@ enum SessionEnd {
     Lost(String),
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_session(
+    (address, advertised): (&str, SocketAddr),
     mut reader: Reader,
     mut writer: Writer,
     heartbeat: Duration,
@@ -260,18 +270,6 @@ async fn run_session(
             .unwrap_or_else(|p| p.into_inner())
             .push_back(reply)
     };
-
-    // Re-announce before anything else: the tracker may have forgotten us.
-    for request in announce() {
-        push(None);
-        if let Err(e) = writer.feed(&request).await {
-            return SessionEnd::Lost(e.to_string());
-        }
-    }
-    if let Err(e) = writer.flush().await {
-        return SessionEnd::Lost(e.to_string());
-    }
-    let _ = connected.send(true);
 
     // Responses are read by their own task: a frame read must never be cancelled half-way.
     let reader_pending = pending.clone();
@@ -299,6 +297,38 @@ async fn run_session(
             }
         }
     });
+
+    // Re-announce before anything else (the tracker may have forgotten us), and wait until
+    // it has taken it in: only then are we "connected" for others to find.
+    let announcements = announce();
+    let (done_tx, done_rx) = oneshot::channel();
+    let mut done_tx = Some(done_tx);
+    let count = announcements.len();
+    for (i, request) in announcements.into_iter().enumerate() {
+        push(if i + 1 == count { done_tx.take() } else { None });
+        if let Err(e) = writer.feed(&request).await {
+            reader_task.abort();
+            return SessionEnd::Lost(e.to_string());
+        }
+    }
+    if let Err(e) = writer.flush().await {
+        reader_task.abort();
+        return SessionEnd::Lost(e.to_string());
+    }
+    if count > 0 {
+        tokio::select! {
+            _ = done_rx => {}
+            why = &mut reader_task => {
+                return SessionEnd::Lost(why.unwrap_or_else(|e| e.to_string()));
+            }
+            () = tokio::time::sleep(CALL_TIMEOUT) => {
+                reader_task.abort();
+                return SessionEnd::Lost("the tracker did not take our announcements in time".into());
+            }
+        }
+    }
+    info!(tracker = %address, advertised = %advertised, announced = count, "connected to the tracker");
+    let _ = connected.send(true);
 
     let mut tick = tokio::time::interval(heartbeat);
     tick.reset();

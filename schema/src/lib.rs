@@ -270,6 +270,8 @@ mod tests {
                 peers: 0,
                 rate: 0,
                 stalled: 1,
+                resumed_with: 0,
+                refetched: 0,
             }],
         };
         for m in [

@@ -351,4 +351,11 @@ pub struct DownloadStatus {
     pub rate: u64,
     /// Chunks that no live peer holds, when the download waits for them.
     pub stalled: u32,
+    /// Chunks already held when this daemon run took the download up (after a restart).
+    #[serde(default)]
+    pub resumed_with: u32,
+    /// Bytes fetched again because a crash tore them before they were made durable, over
+    /// the download's whole life (persisted).
+    #[serde(default)]
+    pub refetched: u64,
 }

@@ -252,23 +252,35 @@ impl Registry {
         }
     }
 
-    /// Registers a manifest with `peer` holding all of it.
-    pub fn register(&self, peer: PeerId, manifest: Manifest) -> Result<FileSummary, WireError> {
+    /// Registers a manifest with `peer` holding all of it. Also says whether this changed
+    /// anything (a new file, or a new full holder).
+    pub fn register(
+        &self,
+        peer: PeerId,
+        manifest: Manifest,
+    ) -> Result<(FileSummary, bool), WireError> {
         manifest
             .validate()
             .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
         let id = manifest.file_id();
         let mut state = self.lock();
-        if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
+        let new = if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
             let _ = self.files.insert(id.0, cbor(&manifest));
             slot.insert(FileEntry {
                 manifest: Arc::new(manifest),
                 holders: HashMap::new(),
             });
-        }
+            true
+        } else {
+            false
+        };
         let chunks = state.files[&id].manifest.chunk_count();
+        let had_all = state.files[&id]
+            .holders
+            .get(&peer)
+            .is_some_and(|b| b.is_full());
         self.set_holding(&mut state, peer, id, Bitfield::full(chunks))?;
-        Ok(summary(&state, &id))
+        Ok((summary(&state, &id), new || !had_all))
     }
 
     /// Replaces what `peer` holds of file `id`.
@@ -514,10 +526,12 @@ mod tests {
         assert_eq!(reg.hello(a, addr(1)), (true, 1));
         assert_eq!(reg.hello(b, addr(2)), (true, 2));
         let m = manifest("doug.png", 1, 5000);
-        let s = reg.register(a, m.clone()).unwrap();
+        let (s, new) = reg.register(a, m.clone()).unwrap();
+        assert!(new);
         assert_eq!((s.chunks, s.seeders, s.holders), (5, 1, 1));
         // Same content under another name is the same file.
-        let s2 = reg.register(b, manifest("copy.png", 1, 5000)).unwrap();
+        let (s2, _) = reg.register(b, manifest("copy.png", 1, 5000)).unwrap();
+        assert!(!reg.register(b, manifest("copy.png", 1, 5000)).unwrap().1);
         assert_eq!(s2.id, s.id);
         assert_eq!(s2.seeders, 2);
         assert_eq!(reg.list().len(), 1);
@@ -542,7 +556,7 @@ mod tests {
         let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
         reg.hello(a, addr(1));
         reg.hello(b, addr(2));
-        let s = reg.register(a, manifest("f", 2, 4000)).unwrap();
+        let (s, _) = reg.register(a, manifest("f", 2, 4000)).unwrap();
         reg.gained(b, s.id, &[0, 2]).unwrap();
         assert!(reg.gained(b, s.id, &[4]).is_err(), "index out of range");
         let (sum, holders) = reg.locate(&s.id, Some(&a), 10).unwrap();
@@ -561,7 +575,7 @@ mod tests {
         let id = {
             let reg = Registry::open(dir.path(), ttl).unwrap();
             reg.hello(PeerId([1; 16]), addr(1));
-            let s = reg
+            let (s, _) = reg
                 .register(PeerId([1; 16]), manifest("f", 3, 3000))
                 .unwrap();
             reg.db.flush().unwrap();

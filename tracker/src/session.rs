@@ -90,7 +90,13 @@ pub async fn serve(
             return;
         }
         let bye = matches!(request, TrackerRequest::Bye);
-        let response = handle(request, peer, &registry, &config);
+        let (response, changed) = handle(request, peer, &registry, &config);
+        if changed {
+            // Registrations are rare and worth keeping: make them durable before confirming.
+            if let Err(e) = registry.flush().await {
+                warn!(error = %e, "flushing a registration");
+            }
+        }
         if writer.send(&response).await.is_err() || bye {
             return;
         }
@@ -172,20 +178,25 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Answers one request. Also says whether it registered something new (worth a flush).
 fn handle(
     request: TrackerRequest,
     peer: PeerId,
     registry: &Registry,
     config: &Config,
-) -> TrackerResponse {
+) -> (TrackerResponse, bool) {
+    let mut changed = false;
     let result = match request {
         TrackerRequest::Hello { .. } => {
             Err(WireError::new(ErrorCode::BadRequest, "already said hello"))
         }
         TrackerRequest::Register { manifest } => {
             let name = manifest.name.clone();
-            registry.register(peer, manifest).map(|file| {
-                info!(file = %file.id.short(), name = %name, size = file.size, "file registered");
+            registry.register(peer, manifest).map(|(file, new)| {
+                if new {
+                    info!(file = %file.id.short(), name = %name, size = file.size, "file registered");
+                    changed = true;
+                }
                 TrackerResponse::Registered { file }
             })
         }
@@ -224,5 +235,5 @@ fn handle(
         }
         TrackerRequest::Stats => Ok(TrackerResponse::Stats(registry.stats())),
     };
-    result.unwrap_or_else(TrackerResponse::Error)
+    (result.unwrap_or_else(TrackerResponse::Error), changed)
 }

@@ -1,0 +1,298 @@
+//! Crashes and restarts: processes killed with SIGKILL at awkward moments come back and carry
+//! on, nothing verified is lost, nothing unverified is trusted.
+
+use std::time::Duration;
+
+use p2p_tests::{eventually, file_sha256, sample, write_random, Daemon, Swarm, Tracker};
+
+const CHUNK: u64 = 64 << 10;
+const MIB64: usize = 64 << 20;
+
+/// The first download's status (panics if there is none).
+fn download_status(d: &Daemon) -> serde_json::Value {
+    let s = d.status();
+    s["downloads"][0].clone()
+}
+
+fn have(d: &Daemon) -> u64 {
+    download_status(d)["have"].as_u64().unwrap_or(0)
+}
+
+/// Waits until the daemon's download holds at least `chunks` chunks; returns what it saw.
+fn wait_have(d: &Daemon, chunks: u64) -> u64 {
+    eventually(Duration::from_secs(60), || {
+        let h = have(d);
+        (h >= chunks).then_some(h)
+    })
+    .unwrap_or_else(|| panic!("download never reached {chunks} chunks: {}", d.status()))
+}
+
+fn wait_complete(d: &Daemon) {
+    eventually(Duration::from_secs(90), || {
+        (download_status(d)["state"]["state"] == "complete").then_some(())
+    })
+    .unwrap_or_else(|| panic!("download never completed: {}", d.status()));
+}
+
+#[test]
+fn a_downloader_killed_early_midway_and_late_resumes_and_ends_bit_identical() {
+    // One seeder at 24 MB/s: a 64 MiB download takes a few seconds, time to kill it thrice.
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "24000000"]);
+    swarm.add_daemon(&[]);
+    let file = swarm.path("big.bin");
+    write_random(&file, MIB64, 20);
+    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    let out = swarm.path("big-copy.bin");
+    let part = swarm.path("big-copy.bin.part");
+    let leecher = &mut swarm.daemons[1];
+    leecher.ctl_json(&[
+        "download",
+        "big.bin",
+        "-o",
+        out.to_str().unwrap(),
+        "--detach",
+    ]);
+
+    let total = MIB64 as u64 / CHUNK;
+    for fraction in [0.15, 0.5, 0.9] {
+        let before = wait_have(leecher, (total as f64 * fraction) as u64);
+        leecher.proc.kill();
+        assert!(
+            part.exists() && !out.exists(),
+            "only the partial file exists"
+        );
+        // No new `download` command: it resumes by itself.
+        leecher.restart();
+        let st = download_status(leecher);
+        let resumed = st["resumed_with"].as_u64().unwrap();
+        assert!(
+            resumed >= before,
+            "chunks verified before the kill were lost: {resumed} < {before}"
+        );
+        assert!(
+            leecher.proc.log().contains("did not stop cleanly"),
+            "an unclean stop is noticed"
+        );
+        assert_ne!(st["state"]["state"], "failed", "{st}");
+        let recovered = leecher
+            .proc
+            .try_wait_for("re-verified chunks", Duration::from_secs(1))
+            .unwrap_or_default();
+        eprintln!("killed at {before}/{total} chunks; resumed with {resumed}; {recovered}");
+        leecher
+            .proc
+            .wait_for("connected to the tracker", Duration::from_secs(10));
+    }
+    wait_complete(leecher);
+    // Persisted across restarts: the total over all three kills.
+    let refetched = download_status(leecher)["refetched"].as_u64().unwrap();
+    eprintln!("refetched over three kills: {refetched} bytes");
+    // At most the chunk being written at each kill is torn and fetched again.
+    assert!(
+        refetched <= 3 * CHUNK,
+        "refetched {refetched} bytes over three kills"
+    );
+    assert!(!part.exists());
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+}
+
+#[test]
+fn a_clean_restart_resumes_the_same_way() {
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "16000000"]);
+    swarm.add_daemon(&[]);
+    let file = swarm.path("f.bin");
+    write_random(&file, 16 << 20, 21);
+    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    let out = swarm.path("f-copy.bin");
+    let leecher = &mut swarm.daemons[1];
+    leecher.ctl_json(&["download", "f.bin", "-o", out.to_str().unwrap(), "--detach"]);
+    let before = wait_have(leecher, 64);
+    leecher.ctl(&["quit"]).ok();
+    assert!(leecher.proc.wait_exit(Duration::from_secs(10)).success());
+    leecher.restart();
+    assert!(!leecher.proc.log().contains("did not stop cleanly"));
+    let st = download_status(leecher);
+    assert!(st["resumed_with"].as_u64().unwrap() >= before, "{st}");
+    assert_eq!(st["refetched"], 0);
+    wait_complete(leecher);
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    // The finished state itself survives a restart.
+    leecher.ctl(&["quit"]).ok();
+    leecher.proc.wait_exit(Duration::from_secs(10));
+    leecher.restart();
+    assert_eq!(download_status(leecher)["state"]["state"], "complete");
+    assert_eq!(leecher.status()["shares"][0]["name"], "f.bin");
+}
+
+#[test]
+fn the_tracker_killed_mid_download_comes_back_and_the_download_finishes() {
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "16000000"]);
+    swarm.add_daemon(&[]);
+    let file = swarm.path("t.bin");
+    write_random(&file, 32 << 20, 22);
+    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    let out = swarm.path("t-copy.bin");
+    swarm.daemons[1].ctl_json(&["download", "t.bin", "-o", out.to_str().unwrap(), "--detach"]);
+    wait_have(&swarm.daemons[1], 64);
+
+    let addr = swarm.tracker.addr;
+    let data = swarm.tracker.data_dir.clone();
+    swarm.tracker.proc.kill();
+    // Daemons notice and keep retrying; the download carries on from the peer it knows.
+    let noticed = eventually(Duration::from_secs(10), || {
+        (swarm.daemons[1].status()["tracker_connected"] == false).then_some(())
+    });
+    assert!(
+        noticed.is_some(),
+        "the daemon never noticed the tracker went away"
+    );
+    swarm.tracker = Tracker::start_on(&data, "30s", &addr.to_string(), &[]);
+    for d in &swarm.daemons {
+        let line = format!("{} has reconnected", d.addr);
+        swarm.tracker.proc.wait_for(&line, Duration::from_secs(15));
+    }
+    wait_complete(&swarm.daemons[1]);
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let list = swarm.daemons[1].ctl(&["list"]).ok();
+    assert!(list.contains("Name: t.bin"), "{list}");
+    let doc = swarm.daemons[1].ctl_json(&["locate", "t.bin"]);
+    assert_eq!(doc["holders"].as_array().unwrap().len(), 2, "{doc}");
+}
+
+#[test]
+fn the_tracker_registry_survives_sigkill_and_absent_peers_expire_after_the_ttl() {
+    let mut swarm = Swarm::new(2, "2s", &[]);
+    swarm.daemons[0].register(&sample("doug.png"));
+    swarm.daemons[1].register(&sample("sample.txt"));
+    // Kill everything at once: nothing says goodbye.
+    for d in &mut swarm.daemons {
+        d.proc.kill();
+    }
+    let addr = swarm.tracker.addr;
+    let data = swarm.tracker.data_dir.clone();
+    swarm.tracker.proc.kill();
+    swarm.tracker = Tracker::start_on(&data, "2s", &addr.to_string(), &[]);
+    swarm
+        .tracker
+        .proc
+        .wait_for("registry loaded files=2 peers=2", Duration::from_secs(5));
+    let fresh = Daemon::start(&swarm.path("fresh"), addr, &[]);
+    let list = fresh.ctl(&["list"]).ok();
+    assert!(list.starts_with("There are currently 2 files"), "{list}");
+    // The old peers never come back: dropped after the TTL, with their files.
+    for d in &swarm.daemons {
+        let line = format!("{} has disconnected", d.addr);
+        swarm.tracker.proc.wait_for(&line, Duration::from_secs(6));
+    }
+    let list = fresh.ctl(&["list"]).ok();
+    assert!(list.starts_with("There are currently 0 files"), "{list}");
+}
+
+#[test]
+fn a_restarted_seeder_serves_without_rehashing() {
+    let mut swarm = Swarm::new(2, "30s", &[]);
+    let file = swarm.path("s.bin");
+    write_random(&file, 3 << 20, 23);
+    swarm.daemons[0].register(&file);
+    swarm.daemons[0].ctl(&["quit"]).ok();
+    swarm.daemons[0].proc.wait_exit(Duration::from_secs(10));
+    swarm.daemons[0].restart();
+    swarm.daemons[0]
+        .proc
+        .wait_for("share restored without re-hashing", Duration::from_secs(5));
+    swarm.daemons[0]
+        .proc
+        .wait_for("connected to the tracker", Duration::from_secs(10));
+    let out = swarm.path("s-copy.bin");
+    swarm.daemons[1]
+        .ctl(&["download", "s.bin", "-o", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+}
+
+/// Rewrites `path` with other bytes of the same length and a later modification time.
+fn tamper(path: &std::path::Path) {
+    let mut data = std::fs::read(path).unwrap();
+    for b in data.iter_mut().take(4096) {
+        *b = !*b;
+    }
+    std::fs::write(path, &data).unwrap();
+    let f = std::fs::File::options().write(true).open(path).unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+}
+
+#[test]
+fn a_changed_source_is_never_served_stale() {
+    let mut swarm = Swarm::new(2, "30s", &[]);
+    let file = swarm.path("c.bin");
+    write_random(&file, 1 << 20, 24);
+    let id = swarm.daemons[0].register(&file);
+
+    // Changed while the daemon runs: the next request notices, and it stops serving it.
+    tamper(&file);
+    let out = swarm.path("c-copy.bin");
+    swarm.daemons[1].ctl_json(&["download", &id, "-o", out.to_str().unwrap(), "--detach"]);
+    let problem = eventually(Duration::from_secs(10), || {
+        swarm.daemons[0].status()["shares"][0]["problem"]
+            .as_str()
+            .map(str::to_string)
+    })
+    .expect("the change was never noticed");
+    assert!(
+        problem.contains("changed since it was registered"),
+        "{problem}"
+    );
+    let gone = eventually(Duration::from_secs(10), || {
+        let list = swarm.daemons[1].ctl(&["list"]).ok();
+        list.contains("There are currently 0 files").then_some(())
+    });
+    assert!(gone.is_some(), "the tracker still lists the stale file");
+    assert!(!out.exists(), "nothing stale was assembled");
+    assert_eq!(
+        download_status(&swarm.daemons[1])["state"]["state"],
+        "running"
+    );
+
+    // Changed while the daemon is down: noticed at start, not announced.
+    let file2 = swarm.path("d.bin");
+    write_random(&file2, 100_000, 25);
+    swarm.daemons[0].register(&file2);
+    swarm.daemons[0].ctl(&["quit"]).ok();
+    swarm.daemons[0].proc.wait_exit(Duration::from_secs(10));
+    tamper(&file2);
+    swarm.daemons[0].restart();
+    swarm.daemons[0]
+        .proc
+        .wait_for("changed since it was registered", Duration::from_secs(5));
+    let doc = swarm.daemons[0].status();
+    let shares = doc["shares"].as_array().unwrap();
+    assert!(shares.iter().all(|s| !s["problem"].is_null()), "{doc}");
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_a_stale_socket_does_not_block_the_next_start() {
+    let mut swarm = Swarm::new(2, "30s", &[]);
+    swarm.daemons[0].register(&sample("doug.png"));
+    let addr = swarm.daemons[0].addr;
+    swarm.daemons[0].proc.signal(libc::SIGTERM);
+    let status = swarm.daemons[0].proc.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "{status:?}");
+    assert!(!swarm.daemons[0].socket.exists(), "socket removed");
+    swarm.tracker.proc.wait_for(
+        &format!("{addr} has disconnected. 1 peers"),
+        Duration::from_secs(5),
+    );
+
+    // SIGKILL leaves the socket file behind; the next start removes it and carries on.
+    swarm.daemons[1].proc.kill();
+    assert!(
+        swarm.daemons[1].socket.exists(),
+        "a crash leaves the socket"
+    );
+    swarm.daemons[1].restart();
+    swarm.daemons[1]
+        .proc
+        .wait_for("removing a stale socket", Duration::from_secs(5));
+    assert!(swarm.daemons[1].ctl(&["status"]).ok().contains("Sharing"));
+}
