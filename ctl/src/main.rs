@@ -87,6 +87,34 @@ enum Command {
     /// Example: p2pctl quit
     #[command(visible_alias = "q")]
     Quit,
+    /// Pause a download (it stays paused across restarts).
+    ///
+    /// Example: p2pctl pause big.iso
+    Pause {
+        /// Name, ID or unique ID prefix of a download on this daemon.
+        file: String,
+    },
+    /// Resume a paused or failed download.
+    ///
+    /// Example: p2pctl resume big.iso
+    Resume {
+        /// Name, ID or unique ID prefix of a download on this daemon.
+        file: String,
+    },
+    /// Cancel a download and delete its partial file.
+    ///
+    /// Example: p2pctl cancel big.iso
+    Cancel {
+        /// Name, ID or unique ID prefix of a download on this daemon.
+        file: String,
+    },
+    /// Stop sharing a file (the file itself is not touched).
+    ///
+    /// Example: p2pctl unregister doug.png
+    Unregister {
+        /// Name, ID or unique ID prefix of a file this daemon shares.
+        file: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -257,6 +285,37 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             other => Err(unexpected(other)),
         },
+        Command::Pause { file } => {
+            updated(
+                &mut client,
+                CtlRequest::Pause { query: file },
+                "Paused",
+                cli.json,
+            )
+            .await
+        }
+        Command::Resume { file } => {
+            updated(
+                &mut client,
+                CtlRequest::Resume { query: file },
+                "Resumed",
+                cli.json,
+            )
+            .await
+        }
+        Command::Cancel { file } => {
+            let r = updated(
+                &mut client,
+                CtlRequest::Cancel { query: file },
+                "Cancelled",
+                cli.json,
+            );
+            r.await
+        }
+        Command::Unregister { file } => {
+            let r = CtlRequest::Unregister { query: file };
+            updated(&mut client, r, "No longer sharing", cli.json).await
+        }
         Command::Quit => match client.call(CtlRequest::Quit).await? {
             CtlResponse::Ok => {
                 if cli.json {
@@ -268,6 +327,26 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             other => Err(unexpected(other)),
         },
+    }
+}
+
+/// Runs a command answered by `Updated` and says what happened.
+async fn updated(
+    client: &mut Client,
+    request: CtlRequest,
+    verb: &str,
+    json: bool,
+) -> Result<(), CtlError> {
+    match client.call(request).await? {
+        CtlResponse::Updated { file } => {
+            if json {
+                print_json(&json!({ "file": file }));
+            } else {
+                print(&format!("{verb} {} (ID {}).\n", file.name, file.id.short()));
+            }
+            Ok(())
+        }
+        other => Err(unexpected(other)),
     }
 }
 

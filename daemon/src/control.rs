@@ -250,6 +250,10 @@ async fn connection(
             send(writer, reply).await
         }
         CtlRequest::Status => send(writer, CtlResponse::Status(node.status())).await,
+        CtlRequest::Pause { query } => updated(writer, node.pause(&query).await).await,
+        CtlRequest::Resume { query } => updated(writer, node.resume(&query)).await,
+        CtlRequest::Cancel { query } => updated(writer, node.cancel(&query).await).await,
+        CtlRequest::Unregister { query } => updated(writer, node.unregister(&query).await).await,
         CtlRequest::Quit => {
             info!("quit requested");
             let r = send(writer, CtlResponse::Ok).await;
@@ -257,6 +261,17 @@ async fn connection(
             r
         }
     }
+}
+
+async fn updated(
+    writer: &mut Writer,
+    result: Result<p2p_schema::FileSummary, WireError>,
+) -> Result<(), String> {
+    let reply = match result {
+        Ok(file) => CtlResponse::Updated { file },
+        Err(e) => CtlResponse::Error(e),
+    };
+    send(writer, reply).await
 }
 
 async fn send(writer: &mut Writer, reply: CtlResponse) -> Result<(), String> {
@@ -368,7 +383,7 @@ async fn download(
                     .map_err(|e| e.to_string())
             }
             Ok(Event::Failed(why)) => {
-                let e = WireError::new(ErrorCode::Io, format!("download failed: {why}"));
+                let e = WireError::new(ErrorCode::Io, format!("download of {}: {why}", file.name));
                 return writer
                     .send(&CtlResponse::Error(e))
                     .await

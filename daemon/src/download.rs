@@ -24,7 +24,7 @@ use p2p_schema::{
     PeerRequest, PeerResponse, TrackerRequest, TrackerResponse, MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc, Notify};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::local::LocalFile;
@@ -74,6 +74,32 @@ pub struct Download {
     refetched: u64,
     recent: Mutex<VecDeque<(Instant, u64, SocketAddr)>>,
     sources: Mutex<HashSet<SocketAddr>>,
+    /// Set to stop this download alone (pause, cancel).
+    halt: watch::Sender<bool>,
+    /// Set while its task runs; cleared (and `ended` notified) when it returns.
+    running: std::sync::atomic::AtomicBool,
+    ended: Notify,
+}
+
+/// Fires when the daemon stops or the download is halted on its own.
+pub struct Halt {
+    daemon: watch::Receiver<bool>,
+    download: watch::Receiver<bool>,
+}
+
+impl Halt {
+    /// Has either fired?
+    pub fn is_set(&self) -> bool {
+        *self.daemon.borrow() || *self.download.borrow()
+    }
+
+    /// Resolves once either fires (at once if one has). Cancellation safe.
+    pub async fn wait(&mut self) {
+        tokio::select! {
+            _ = self.daemon.wait_for(|s| *s) => {}
+            _ = self.download.wait_for(|s| *s) => {}
+        }
+    }
 }
 
 impl Download {
@@ -102,7 +128,35 @@ impl Download {
             stalled: AtomicU32::new(0),
             recent: Mutex::new(VecDeque::new()),
             sources: Mutex::new(HashSet::new()),
+            halt: watch::channel(false).0,
+            running: std::sync::atomic::AtomicBool::new(false),
+            ended: Notify::new(),
         }
+    }
+
+    /// What stops this download's tasks.
+    pub fn halt(&self, node: &Node) -> Halt {
+        Halt {
+            daemon: node.stop_signal(),
+            download: self.halt.subscribe(),
+        }
+    }
+
+    /// Stops this download's tasks and waits (bounded) until they have ended; the state is
+    /// set to `state` first.
+    pub async fn stop(&self, node: &Node, state: DownloadState) {
+        self.set_state(node, state);
+        let ended = self.ended.notified();
+        let _ = self.halt.send(true);
+        if self.running.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), ended).await;
+        }
+    }
+
+    /// Lets a stopped download run again (its task must be spawned anew).
+    pub fn rearm(&self, node: &Node) {
+        let _ = self.halt.send(false);
+        self.set_state(node, DownloadState::Running);
     }
 
     /// The current state.
@@ -110,7 +164,7 @@ impl Download {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set_state(&self, node: &Node, state: DownloadState) {
+    pub(crate) fn set_state(&self, node: &Node, state: DownloadState) {
         *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
         let record = DownloadRecord {
             manifest: (*self.manifest).clone(),
@@ -278,16 +332,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Drives `dl` until it is complete, fails, or the daemon stops.
 pub async fn run(node: Arc<Node>, dl: Arc<Download>) {
     let span = tracing::info_span!("download", file = %dl.id.short(), name = %dl.manifest.name);
+    dl.running.store(true, Ordering::Release);
     async move {
         match drive(node.clone(), dl.clone()).await {
             Ok(true) => {}
-            Ok(false) => debug!("download paused: the daemon is stopping"),
+            Ok(false) => info!(state = ?dl.state(), "download stopped"),
             Err(why) => {
                 warn!("download failed: {why}");
                 dl.set_state(&node, DownloadState::Failed(why.clone()));
                 let _ = dl.events.send(Event::Failed(why));
             }
         }
+        dl.running.store(false, Ordering::Release);
+        dl.ended.notify_waiters();
     }
     .instrument(span)
     .await
@@ -295,7 +352,7 @@ pub async fn run(node: Arc<Node>, dl: Arc<Download>) {
 
 /// Returns `Ok(true)` when complete, `Ok(false)` when stopped early.
 async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
-    let mut stop = node.stop_signal();
+    let mut stop = dl.halt(&node);
     let chunk_size = u64::from(dl.manifest.chunk_size.max(1));
     let window = (WINDOW_BYTES / chunk_size).clamp(2, node.config.max_in_flight.max(2) as u64);
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();
@@ -321,7 +378,7 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
 
     let mut backoff = Duration::from_millis(200);
     while !dl.local.is_complete() {
-        if *stop.borrow() {
+        if stop.is_set() {
             // The committer makes what was written durable before it ends.
             let _ = committer.await;
             return Ok(false);
@@ -357,7 +414,7 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
             }
         }
         tokio::select! {
-            _ = stop.changed() => {}
+            () = stop.wait() => {}
             () = swarm.progress.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }
@@ -472,7 +529,7 @@ impl Worker {
 
     async fn run(&mut self, chunks: Bitfield) -> Result<(), String> {
         let timeout = self.swarm.node.config.request_timeout;
-        let mut stop = self.swarm.node.stop_signal();
+        let mut stop = self.swarm.dl.halt(&self.swarm.node);
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
             .await
             .map_err(|_| "connect timed out".to_string())?
@@ -502,7 +559,7 @@ impl Worker {
         let file_id = self.swarm.dl.id;
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            if *stop.borrow() {
+            if stop.is_set() {
                 return Ok(());
             }
             // Keep the window full.
@@ -529,7 +586,7 @@ impl Worker {
                 // Nothing this peer has is needed now: wait for a change, then ask it what
                 // it holds (it may be downloading too).
                 tokio::select! {
-                    _ = stop.changed() => return Ok(()),
+                    () = stop.wait() => return Ok(()),
                     () = self.swarm.changed.notified() => {}
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
@@ -552,7 +609,7 @@ impl Worker {
             }
 
             let received = tokio::select! {
-                _ = stop.changed() => return Ok(()),
+                () = stop.wait() => return Ok(()),
                 r = tokio::time::timeout(timeout, receive(&mut reader, &self.swarm.dl.manifest, &mut self.asked, &mut buf)) => r,
             };
             match received {
@@ -678,7 +735,7 @@ async fn receive(
 /// and announce. A chunk is never recorded before its bytes are on disk. When the daemon
 /// stops, what was written so far is committed before the task ends.
 async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
-    let mut stop = swarm.node.stop_signal();
+    let mut stop = swarm.dl.halt(&swarm.node);
     loop {
         let mut batch = Vec::new();
         let stopping = tokio::select! {
@@ -689,7 +746,7 @@ async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
                 }
                 None => return,
             },
-            _ = stop.changed() => true,
+            () = stop.wait() => true,
         };
         let deadline = tokio::time::Instant::now() + COMMIT_INTERVAL;
         while !stopping && batch.len() < 4096 {

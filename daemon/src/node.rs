@@ -217,8 +217,13 @@ impl Node {
     ) -> Result<Arc<Download>, WireError> {
         let id = file.id;
         if let Some(dl) = self.download(&id) {
-            if dl.state() == DownloadState::Running {
-                return Ok(dl);
+            match dl.state() {
+                DownloadState::Running => return Ok(dl),
+                DownloadState::Paused | DownloadState::Failed(_) => {
+                    dl.rearm(self);
+                    return Ok(self.spawn_download(dl));
+                }
+                DownloadState::Complete => {}
             }
         }
         if let Some(local) = self.local_file(&id) {
@@ -279,6 +284,10 @@ impl Node {
             })?
         };
         let manifest = Arc::new(manifest);
+        // Chunk keys left by a cancelled earlier download of the same file mean nothing now.
+        self.store
+            .clear_chunks(&id)
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
         let record = DownloadRecord {
             manifest: (*manifest).clone(),
             output: utf8(&output)?,
@@ -373,6 +382,160 @@ impl Node {
         let mut part = target.clone().into_os_string();
         part.push(".part");
         Ok((target, PathBuf::from(part)))
+    }
+
+    /// The local download or share matching `query` (a name, ID or unique ID prefix).
+    fn find_local(&self, query: &str) -> Result<FileId, WireError> {
+        let q = query.to_ascii_lowercase();
+        let by_id = p2p_schema::is_hex_prefix(&q);
+        let mut ids: Vec<(FileId, String)> = self
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|f| (f.id, f.manifest.name.clone()))
+            .chain(
+                self.downloads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|d| (d.id, d.manifest.name.clone())),
+            )
+            .filter(|(id, name)| name == query || (by_id && id.to_hex().starts_with(&q)))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        match ids.as_slice() {
+            [] => Err(err(
+                ErrorCode::NotFound,
+                format!("this daemon has no file or download {query:?}; see 'p2pctl status'"),
+            )),
+            [(id, _)] => Ok(*id),
+            many => Err(err(
+                ErrorCode::Ambiguous,
+                format!(
+                    "{query:?} matches {} files here; use an ID: {}",
+                    many.len(),
+                    many.iter()
+                        .map(|(id, _)| id.to_hex())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+
+    fn local_download(&self, query: &str) -> Result<Arc<Download>, WireError> {
+        let id = self.find_local(query)?;
+        self.download(&id).ok_or_else(|| {
+            err(
+                ErrorCode::NotFound,
+                format!("{query:?} is shared here, not being downloaded"),
+            )
+        })
+    }
+
+    /// Pauses a running download (it stays paused across restarts).
+    pub async fn pause(&self, query: &str) -> Result<FileSummary, WireError> {
+        let dl = self.local_download(query)?;
+        if dl.state() != DownloadState::Running {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("{} is not running ({:?})", dl.manifest.name, dl.state()),
+            ));
+        }
+        dl.stop(self, DownloadState::Paused).await;
+        let _ = dl.events.send(download::Event::Failed(format!(
+            "paused; resume it with 'p2pctl resume {}'",
+            dl.id.short()
+        )));
+        info!(file = %dl.id.short(), "download paused");
+        Ok(local_summary(&dl.manifest))
+    }
+
+    /// Resumes a paused or failed download.
+    pub fn resume(self: &Arc<Self>, query: &str) -> Result<FileSummary, WireError> {
+        let dl = self.local_download(query)?;
+        match dl.state() {
+            DownloadState::Paused | DownloadState::Failed(_) => {}
+            other => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!("{} is {other:?}, not paused", dl.manifest.name),
+                ))
+            }
+        }
+        dl.rearm(self);
+        info!(file = %dl.id.short(), "download resumed");
+        self.spawn_download(dl.clone());
+        Ok(local_summary(&dl.manifest))
+    }
+
+    /// Cancels a download: stops it, removes its partial file and forgets it.
+    pub async fn cancel(&self, query: &str) -> Result<FileSummary, WireError> {
+        let dl = self.local_download(query)?;
+        if dl.state() == DownloadState::Complete {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "{} is complete; use 'p2pctl unregister' to stop sharing it",
+                    dl.manifest.name
+                ),
+            ));
+        }
+        dl.stop(self, DownloadState::Failed("cancelled".into()))
+            .await;
+        let _ = dl.events.send(download::Event::Failed("cancelled".into()));
+        self.forget(&dl.id).await?;
+        if let Err(e) = tokio::fs::remove_file(&dl.part).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(part = %dl.part.display(), error = %e, "removing a cancelled download's partial file");
+            }
+        }
+        info!(file = %dl.id.short(), "download cancelled");
+        Ok(local_summary(&dl.manifest))
+    }
+
+    /// Stops sharing a file (a registered one or a finished download); the file itself stays.
+    pub async fn unregister(&self, query: &str) -> Result<FileSummary, WireError> {
+        let id = self.find_local(query)?;
+        if let Some(dl) = self.download(&id) {
+            if dl.state() != DownloadState::Complete {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} is still being downloaded; use 'p2pctl cancel'",
+                        dl.manifest.name
+                    ),
+                ));
+            }
+        }
+        let manifest = self
+            .local_file(&id)
+            .map(|f| f.manifest.clone())
+            .ok_or_else(|| err(ErrorCode::NotFound, "not shared here"))?;
+        self.forget(&id).await?;
+        info!(file = %id.short(), "stopped sharing");
+        Ok(local_summary(&manifest))
+    }
+
+    /// Forgets everything about file `id`: records, chunks, serving, the tracker's holding.
+    async fn forget(&self, id: &FileId) -> Result<(), WireError> {
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let io = |e: Error| err(ErrorCode::Io, e.to_string());
+        self.store.remove_share(id).map_err(io)?;
+        self.store.remove_download(id).map_err(io)?;
+        self.store.clear_chunks(id).map_err(io)?;
+        self.store.flush().await.map_err(io)?;
+        self.tracker.notify(TrackerRequest::Drop { file_id: *id });
+        Ok(())
     }
 
     /// What this daemon shares and downloads.
@@ -548,6 +711,19 @@ impl Node {
             "re-verified chunks written before an unclean stop"
         );
         Ok(found)
+    }
+}
+
+/// A summary of a local file, for replies that need no tracker.
+fn local_summary(m: &Manifest) -> FileSummary {
+    FileSummary {
+        id: m.file_id(),
+        name: m.name.clone(),
+        size: m.size,
+        chunk_size: m.chunk_size,
+        chunks: m.chunk_count(),
+        seeders: 0,
+        holders: 0,
     }
 }
 

@@ -167,6 +167,13 @@ impl Store {
             .map_err(db_err("writing download"))
     }
 
+    pub fn remove_download(&self, id: &FileId) -> Result<(), Error> {
+        self.downloads
+            .remove(id.0)
+            .map(drop)
+            .map_err(db_err("removing download"))
+    }
+
     /// The chunks recorded as held for download `id`, over `chunks` chunks.
     pub fn held_chunks(&self, id: &FileId, chunks: u32) -> Bitfield {
         let mut bits = Bitfield::new(chunks);

@@ -242,6 +242,10 @@ mod tests {
             CtlRequest::Locate { query: "x".into() },
             CtlRequest::Status,
             CtlRequest::Quit,
+            CtlRequest::Pause { query: "a".into() },
+            CtlRequest::Resume { query: "a".into() },
+            CtlRequest::Cancel { query: "a".into() },
+            CtlRequest::Unregister { query: "a".into() },
         ] {
             round_trip(&m);
         }
@@ -307,6 +311,7 @@ mod tests {
             },
             CtlResponse::Status(status),
             CtlResponse::Ok,
+            CtlResponse::Updated { file: summary() },
             CtlResponse::Ambiguous {
                 query: "a".into(),
                 candidates: vec![summary()],

@@ -236,6 +236,14 @@ pub enum CtlRequest {
     Status,
     /// Leave the network and exit.
     Quit,
+    /// Pause a running download (name, ID or prefix of a local download).
+    Pause { query: String },
+    /// Resume a paused or failed download.
+    Resume { query: String },
+    /// Cancel a download and remove its partial file.
+    Cancel { query: String },
+    /// Stop sharing a file (the file itself is left alone).
+    Unregister { query: String },
 }
 
 /// The daemon's answers to `p2pctl`.
@@ -277,6 +285,8 @@ pub enum CtlResponse {
     Status(StatusReport),
     /// Done (for `Quit`).
     Ok,
+    /// A local file or download changed state (pause, resume, cancel, unregister).
+    Updated { file: FileSummary },
     /// A name matched several files: choose one by ID.
     Ambiguous {
         query: String,

@@ -296,3 +296,154 @@ fn sigterm_stops_cleanly_and_a_stale_socket_does_not_block_the_next_start() {
         .wait_for("removing a stale socket", Duration::from_secs(5));
     assert!(swarm.daemons[1].ctl(&["status"]).ok().contains("Sharing"));
 }
+
+#[test]
+fn paused_running_complete_and_failed_states_survive_restarts() {
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "8000000"]);
+    swarm.add_daemon(&[]);
+    let (a, b) = (swarm.path("a.bin"), swarm.path("b.bin"));
+    write_random(&a, 8 << 20, 30);
+    write_random(&b, 8 << 20, 31);
+    for f in [&a, &b] {
+        swarm.daemons[0].ctl_json(&["register", f.to_str().unwrap(), "--chunk-size", "65536"]);
+    }
+    let (out_a, out_b) = (swarm.path("a-copy.bin"), swarm.path("b-copy.bin"));
+    let leecher = &mut swarm.daemons[1];
+    leecher.ctl_json(&[
+        "download",
+        "a.bin",
+        "-o",
+        out_a.to_str().unwrap(),
+        "--detach",
+    ]);
+    wait_have(leecher, 8);
+    let out = leecher.ctl(&["pause", "a.bin"]).ok();
+    assert!(out.starts_with("Paused a.bin"), "{out}");
+
+    // b fails: its output appears while it downloads.
+    leecher.ctl_json(&[
+        "download",
+        "b.bin",
+        "-o",
+        out_b.to_str().unwrap(),
+        "--detach",
+    ]);
+    std::fs::write(&out_b, b"someone else's file").unwrap();
+    let failed = eventually(Duration::from_secs(30), || {
+        let s = leecher.status();
+        let d = s["downloads"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == "b.bin")?
+            .clone();
+        (d["state"]["state"] == "failed").then_some(d)
+    })
+    .expect("b.bin never failed");
+    assert!(
+        failed["state"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("appeared while downloading"),
+        "{failed}"
+    );
+
+    leecher.ctl(&["quit"]).ok();
+    leecher.proc.wait_exit(Duration::from_secs(10));
+    leecher.restart();
+    let s = leecher.status();
+    let state_of = |name: &str| {
+        s["downloads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state_of("a.bin")["state"], "paused", "{s}");
+    assert_eq!(state_of("b.bin")["state"], "failed", "{s}");
+    assert!(state_of("b.bin")["reason"]
+        .as_str()
+        .unwrap()
+        .contains("appeared"));
+
+    leecher
+        .proc
+        .wait_for("connected to the tracker", Duration::from_secs(10));
+    leecher.ctl(&["resume", "a.bin"]).ok();
+    wait_complete(leecher);
+    assert_eq!(file_sha256(&out_a), file_sha256(&a));
+    // Resuming after a failure works once the obstacle is gone.
+    std::fs::remove_file(&out_b).unwrap();
+    leecher.ctl(&["resume", "b.bin"]).ok();
+    let done = eventually(Duration::from_secs(60), || {
+        let s = leecher.status();
+        s["downloads"]
+            .as_array()?
+            .iter()
+            .all(|d| d["state"]["state"] == "complete")
+            .then_some(())
+    });
+    assert!(done.is_some(), "{}", leecher.status());
+    assert_eq!(file_sha256(&out_b), file_sha256(&b));
+}
+
+#[test]
+fn cancel_removes_the_partial_file_and_unregister_stops_sharing() {
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "4000000"]);
+    swarm.add_daemon(&[]);
+    let f = swarm.path("c.bin");
+    write_random(&f, 8 << 20, 32);
+    swarm.daemons[0].ctl_json(&["register", f.to_str().unwrap(), "--chunk-size", "65536"]);
+    let out = swarm.path("c-copy.bin");
+    let part = swarm.path("c-copy.bin.part");
+    let leecher = &swarm.daemons[1];
+    leecher.ctl_json(&["download", "c.bin", "-o", out.to_str().unwrap(), "--detach"]);
+    wait_have(leecher, 4);
+    let msg = leecher.ctl(&["cancel", "c.bin"]).ok();
+    assert!(msg.starts_with("Cancelled c.bin"), "{msg}");
+    assert!(!part.exists() && !out.exists());
+    assert!(leecher.status()["downloads"].as_array().unwrap().is_empty());
+    let holders = eventually(Duration::from_secs(5), || {
+        let doc = leecher.ctl_json(&["locate", "c.bin"]);
+        let h = doc["holders"].as_array().unwrap().clone();
+        (h.len() == 1).then_some(h)
+    })
+    .expect("the tracker still lists the cancelled download");
+    assert_eq!(holders[0]["addr"], swarm.daemons[0].addr.to_string());
+
+    let msg = swarm.daemons[0].ctl(&["unregister", "c.bin"]).ok();
+    assert!(msg.starts_with("No longer sharing c.bin"), "{msg}");
+    assert!(f.exists(), "the file itself is untouched");
+    let err = leecher.ctl(&["locate", "c.bin"]).fails();
+    assert!(err.contains("no file named"), "{err}");
+    let err = leecher.ctl(&["pause", "nothing"]).fails();
+    assert!(err.contains("no file or download"), "{err}");
+}
+
+#[test]
+fn a_daemon_started_before_its_tracker_keeps_trying_and_announces_once_it_is_up() {
+    let dir = tempfile::tempdir().unwrap();
+    // A free loopback port, nobody listening on it yet.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let d = Daemon::start_unconnected(&dir.path().join("peer"), addr, &[]);
+    d.proc
+        .wait_for("cannot reach the tracker", Duration::from_secs(5));
+    let err = d
+        .ctl(&["register", sample("doug.png").to_str().unwrap()])
+        .fails();
+    assert!(err.contains("not yet announced"), "{err}");
+    assert_eq!(d.status()["tracker_connected"], false);
+
+    let _tracker = Tracker::start_on(&dir.path().join("tracker"), "30s", &addr.to_string(), &[]);
+    d.proc
+        .wait_for("connected to the tracker", Duration::from_secs(15));
+    let list = d.ctl(&["list"]).ok();
+    assert!(
+        list.contains("Name: doug.png"),
+        "shared while the tracker was down: {list}"
+    );
+}
