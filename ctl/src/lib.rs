@@ -61,9 +61,12 @@ impl Client {
         let name = socket
             .to_fs_name::<GenericFilePath>()
             .map_err(|_| CtlError::NoDaemon(shown.clone()))?;
-        let stream = Stream::connect(name)
-            .await
-            .map_err(|_| CtlError::NoDaemon(shown.clone()))?;
+        let stream = Stream::connect(name).await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::PermissionDenied => CtlError::Protocol(format!(
+                "permission denied on {shown}: only the user running the daemon may control it"
+            )),
+            _ => CtlError::NoDaemon(shown.clone()),
+        })?;
         let (r, w) = tokio::io::split(stream);
         let mut client = Client {
             reader: FrameReader::new(r, MAX_FRAME),

@@ -317,6 +317,8 @@ struct Swarm {
     banned: Mutex<HashSet<PeerId>>,
     retry_after: Mutex<HashMap<PeerId, Instant>>,
     window: usize,
+    /// Set when the file is complete: workers still waiting on slow peers give up.
+    finished: watch::Sender<bool>,
 }
 
 impl Swarm {
@@ -368,6 +370,7 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
         banned: Mutex::default(),
         retry_after: Mutex::default(),
         window: window as usize,
+        finished: watch::channel(false).0,
     });
     info!(
         have = dl.local.have_count(),
@@ -421,6 +424,7 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
     }
     // Every chunk is durable; the committer has nothing left to do.
     committer.abort();
+    let _ = swarm.finished.send(true);
     finish(&node, &dl).await?;
     Ok(true)
 }
@@ -481,7 +485,7 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
             let result = worker.run(chunks).await;
             drop(worker);
             if let Err(e) = result {
-                debug!("peer worker ended: {e}");
+                info!("stopped fetching from this peer: {e}");
                 lock(&swarm.retry_after).insert(peer, Instant::now() + Duration::from_secs(2));
             }
             lock(&swarm.workers).remove(&peer);
@@ -530,6 +534,7 @@ impl Worker {
     async fn run(&mut self, chunks: Bitfield) -> Result<(), String> {
         let timeout = self.swarm.node.config.request_timeout;
         let mut stop = self.swarm.dl.halt(&self.swarm.node);
+        let mut finished = self.swarm.finished.subscribe();
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
             .await
             .map_err(|_| "connect timed out".to_string())?
@@ -587,6 +592,7 @@ impl Worker {
                 // it holds (it may be downloading too).
                 tokio::select! {
                     () = stop.wait() => return Ok(()),
+                    _ = finished.wait_for(|f| *f) => return Ok(()),
                     () = self.swarm.changed.notified() => {}
                     () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
@@ -610,6 +616,7 @@ impl Worker {
 
             let received = tokio::select! {
                 () = stop.wait() => return Ok(()),
+                _ = finished.wait_for(|f| *f) => return Ok(()),
                 r = tokio::time::timeout(timeout, receive(&mut reader, &self.swarm.dl.manifest, &mut self.asked, &mut buf)) => r,
             };
             match received {

@@ -43,8 +43,17 @@ struct Args {
     advertise: Option<SocketAddr>,
 
     /// Shared secret the tracker requires, if any.
-    #[arg(long, env = "P2PD_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "P2PD_SECRET",
+        hide_env_values = true,
+        conflicts_with = "secret_file"
+    )]
     secret: Option<String>,
+
+    /// Read the tracker's shared secret from this file (first line).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
 
     /// Give up on a peer that sends no chunk for this long.
     #[arg(long, default_value = "20s", value_parser = p2p_schema::parse_duration)]
@@ -100,7 +109,11 @@ fn config(args: Args) -> Result<(p2pd::Config, SocketAddr), String> {
             .map_err(|e| format!("download directory {}: {e}", d.display()))?;
     }
     config.advertise = args.advertise;
-    config.secret = args.secret;
+    config.secret = match (args.secret, args.secret_file) {
+        (Some(s), _) => Some(s),
+        (None, Some(path)) => Some(p2p_schema::read_secret(&path)?),
+        (None, None) => None,
+    };
     config.request_timeout = args.request_timeout;
     config.max_in_flight = args.max_in_flight.max(1);
     config.upload_rate = args.upload_rate;

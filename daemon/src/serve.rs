@@ -3,6 +3,8 @@
 //! A peer can never read any file that was not registered: requests name a file ID and a
 //! chunk index, never a path.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,12 +20,18 @@ use crate::node::Node;
 
 /// Most peer connections served at once.
 const MAX_CONNECTIONS: usize = 512;
+/// Most connections from one IP address at once.
+const MAX_PER_IP: usize = 64;
+/// Requests one connection may send per second (sustained), and in a burst.
+const REQUESTS_PER_SEC: f64 = 4000.0;
+const REQUEST_BURST: f64 = 1000.0;
 /// How long a connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Accepts peer connections until `stop` becomes true.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
@@ -41,6 +49,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
             debug!(%remote, "too many peer connections; refusing");
             continue;
         };
+        let Some(ip_slot) = IpSlot::take(&per_ip, remote.ip()) else {
+            warn!(%remote, "too many connections from one address; refusing");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         let stop = stop.clone();
@@ -49,6 +61,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
                 if let Err(e) = connection(node, stream, stop).await {
                     debug!("peer connection ended: {e}");
                 }
+                drop(ip_slot);
                 drop(slot);
             }
             .instrument(tracing::debug_span!("serve", %remote)),
@@ -93,7 +106,10 @@ async fn connection(
     }
 
     let mut buf = Vec::new();
+    let mut budget = Budget::new();
     loop {
+        // Throttle a peer that floods us with requests.
+        budget.spend().await;
         let request = tokio::select! {
             _ = stop.changed() => return Ok(()),
             r = tokio::time::timeout(IDLE_TIMEOUT, reader.recv::<PeerRequest>()) => r,
@@ -208,6 +224,70 @@ async fn read_chunk(
                 format!("reading chunk {index}: {e}"),
             ))
         }
+    }
+}
+
+/// One connection's share of an address's connection cap, returned when dropped.
+struct IpSlot {
+    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl IpSlot {
+    fn take(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<IpSlot> {
+        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_insert(0);
+        if *n >= MAX_PER_IP {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            map: map.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A token bucket of requests for one connection.
+struct Budget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            tokens: REQUEST_BURST,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one token, waiting for it if the bucket is empty.
+    async fn spend(&mut self) {
+        let now = Instant::now();
+        self.tokens = (self.tokens
+            + now.duration_since(self.last).as_secs_f64() * REQUESTS_PER_SEC)
+            .min(REQUEST_BURST);
+        self.last = now;
+        if self.tokens < 1.0 {
+            let wait = (1.0 - self.tokens) / REQUESTS_PER_SEC;
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            self.tokens = 1.0;
+            self.last = Instant::now();
+        }
+        self.tokens -= 1.0;
     }
 }
 

@@ -66,7 +66,7 @@ pub use manifest::{
     MAX_NAME_LEN, MIN_CHUNK_SIZE,
 };
 pub use msg::*;
-pub use process::{default_data_dir, parse_duration, shutdown_signal, socket_in};
+pub use process::{default_data_dir, parse_duration, read_secret, shutdown_signal, socket_in};
 
 /// The agent string sent in hellos: crate name and version.
 pub fn agent(program: &str) -> String {

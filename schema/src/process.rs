@@ -44,6 +44,17 @@ pub fn socket_in(data_dir: &std::path::Path) -> std::path::PathBuf {
     data_dir.join("p2pd.sock")
 }
 
+/// Reads a shared secret from the first line of `path` (an empty secret is refused).
+pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("reading secret file {}: {e}", path.display()))?;
+    let secret = text.lines().next().unwrap_or("").trim().to_string();
+    if secret.is_empty() {
+        return Err(format!("secret file {} is empty", path.display()));
+    }
+    Ok(secret)
+}
+
 /// Resolves on SIGINT or SIGTERM (Ctrl-C only, elsewhere).
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();

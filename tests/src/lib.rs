@@ -14,6 +14,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod fake;
+
 pub use tempfile::TempDir;
 
 /// How long a process may take to print a line we wait for.
@@ -306,7 +308,17 @@ impl Daemon {
 
     /// Starts a daemon and waits only for it to be ready (the tracker may be down).
     pub fn start_unconnected(data_dir: &Path, tracker: SocketAddr, extra: &[&str]) -> Daemon {
-        let socket = data_dir.join("p2pd.sock");
+        Self::start_with_socket(data_dir, &data_dir.join("p2pd.sock"), tracker, extra)
+    }
+
+    /// Starts a daemon with its control socket at `socket`; waits until it is ready.
+    pub fn start_with_socket(
+        data_dir: &Path,
+        socket: &Path,
+        tracker: SocketAddr,
+        extra: &[&str],
+    ) -> Daemon {
+        let socket = socket.to_path_buf();
         let mut cmd = Command::new(bin("p2pd"));
         cmd.args(["--tracker", &tracker.to_string(), "--listen", "127.0.0.1:0"])
             .arg("--data-dir")
@@ -339,7 +351,7 @@ impl Daemon {
     /// Starts the same daemon again (same data directory and flags) after it stopped.
     pub fn restart(&mut self) {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let fresh = Daemon::start_unconnected(&self.data_dir, self.tracker, &extra);
+        let fresh = Daemon::start_with_socket(&self.data_dir, &self.socket, self.tracker, &extra);
         *self = fresh;
     }
 

@@ -70,14 +70,7 @@ fn init_logging(level: &str) {
 fn real_main(args: Args) -> Result<(), String> {
     let secret = match (&args.secret, &args.secret_file) {
         (Some(s), _) => Some(s.clone()),
-        (None, Some(path)) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("reading secret file {}: {e}", path.display()))?
-                .lines()
-                .next()
-                .unwrap_or("")
-                .to_string(),
-        ),
+        (None, Some(path)) => Some(p2p_schema::read_secret(path)?),
         (None, None) => None,
     };
     let config = Config {

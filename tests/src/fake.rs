@@ -1,0 +1,218 @@
+//! Misbehaving peers for the hostile-network tests, written with the `schema` crate: they
+//! join the tracker like a real daemon, register a real file, and then serve it badly.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use p2p_schema::frame::{decode_body, encode_frame};
+use p2p_schema::{
+    FrameError, Manifest, ManifestBuilder, PeerId, PeerRequest, PeerResponse, TrackerRequest,
+    TrackerResponse, PROTOCOL_VERSION,
+};
+
+/// How a fake peer misbehaves when asked for a chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Sends the chunk with some bytes flipped.
+    Corrupt,
+    /// Accepts requests and never answers them.
+    Silent,
+    /// Sends the header, then the bytes one at a time, slowly.
+    Drip,
+}
+
+/// A running fake peer. Stops (closes its listener and tracker session) when dropped.
+pub struct FakePeer {
+    pub addr: SocketAddr,
+    pub peer_id: PeerId,
+    /// Chunk requests it received.
+    pub requests: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for FakePeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Unblock the accept loop.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+fn send<T: serde::Serialize>(s: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    encode_frame(msg, &mut buf).map_err(std::io::Error::other)?;
+    s.write_all(&buf)
+}
+
+/// Reads one frame (blocking); `None` at a clean end of stream.
+pub fn read_frame<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> std::io::Result<Option<T>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > p2p_schema::MAX_FRAME {
+        return Err(std::io::Error::other("frame too large"));
+    }
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body)?;
+    decode_body(&body)
+        .map(Some)
+        .map_err(|e: FrameError| std::io::Error::other(e.to_string()))
+}
+
+/// The manifest of `data` as the daemon would make it.
+pub fn manifest_of(name: &str, data: &[u8], chunk_size: u32) -> Manifest {
+    let mut b = ManifestBuilder::new(chunk_size);
+    b.update(data);
+    b.finish(name.to_string())
+}
+
+/// Starts a fake peer holding `file` (split into `chunk_size` chunks) and announces it to
+/// the tracker at `tracker`.
+pub fn start(tracker: SocketAddr, file: &Path, chunk_size: u32, behaviour: Behaviour) -> FakePeer {
+    let data = Arc::new(std::fs::read(file).expect("reading the fake peer's file"));
+    let name = file.file_name().unwrap().to_string_lossy().into_owned();
+    let manifest = manifest_of(&name, &data, chunk_size);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("fake peer listener");
+    let addr = listener.local_addr().unwrap();
+    let peer_id = PeerId::random();
+    let stop = Arc::new(AtomicBool::new(false));
+    let requests = Arc::new(AtomicU64::new(0));
+
+    // The tracker session: hello, register, then heartbeats until stopped.
+    let mut session = TcpStream::connect(tracker).expect("fake peer reaching the tracker");
+    send(
+        &mut session,
+        &TrackerRequest::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id,
+            listen: addr,
+            agent: "fake-peer".into(),
+            secret: None,
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        read_frame::<TrackerResponse>(&mut session).unwrap(),
+        Some(TrackerResponse::Welcome { .. })
+    ));
+    send(
+        &mut session,
+        &TrackerRequest::Register {
+            manifest: manifest.clone(),
+        },
+    )
+    .unwrap();
+    match read_frame::<TrackerResponse>(&mut session).unwrap() {
+        Some(TrackerResponse::Registered { .. }) => {}
+        other => panic!("fake peer could not register: {other:?}"),
+    }
+    {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if send(&mut session, &TrackerRequest::Heartbeat).is_err()
+                    || read_frame::<TrackerResponse>(&mut session).is_err()
+                {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            let _ = send(&mut session, &TrackerRequest::Bye);
+        });
+    }
+
+    {
+        let (stop, requests) = (stop.clone(), requests.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (data, manifest, stop, requests) = (
+                    data.clone(),
+                    manifest.clone(),
+                    stop.clone(),
+                    requests.clone(),
+                );
+                std::thread::spawn(move || {
+                    let _ = serve(conn, &data, &manifest, behaviour, peer_id, &stop, &requests);
+                });
+            }
+        });
+    }
+    FakePeer {
+        addr,
+        peer_id,
+        requests,
+        stop,
+    }
+}
+
+fn serve(
+    mut conn: TcpStream,
+    data: &[u8],
+    manifest: &Manifest,
+    behaviour: Behaviour,
+    peer_id: PeerId,
+    stop: &AtomicBool,
+    requests: &AtomicU64,
+) -> std::io::Result<()> {
+    conn.set_nodelay(true)?;
+    while let Some(request) = read_frame::<PeerRequest>(&mut conn)? {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match request {
+            PeerRequest::Hello { .. } => send(
+                &mut conn,
+                &PeerResponse::Welcome {
+                    version: PROTOCOL_VERSION,
+                    peer_id,
+                },
+            )?,
+            PeerRequest::GetHave { .. } => send(
+                &mut conn,
+                &PeerResponse::Have {
+                    chunks: p2p_schema::Bitfield::full(manifest.chunk_count()),
+                },
+            )?,
+            PeerRequest::GetChunk { index, .. } => {
+                requests.fetch_add(1, Ordering::SeqCst);
+                let Some((offset, len)) = manifest.chunk_range(index) else {
+                    continue;
+                };
+                let mut chunk = data[offset as usize..offset as usize + len as usize].to_vec();
+                match behaviour {
+                    Behaviour::Silent => continue,
+                    Behaviour::Corrupt => {
+                        for b in chunk.iter_mut().step_by(97) {
+                            *b = !*b;
+                        }
+                        send(&mut conn, &PeerResponse::Chunk { index, len })?;
+                        conn.write_all(&chunk)?;
+                    }
+                    Behaviour::Drip => {
+                        send(&mut conn, &PeerResponse::Chunk { index, len })?;
+                        for b in chunk {
+                            if stop.load(Ordering::SeqCst) {
+                                return Ok(());
+                            }
+                            conn.write_all(&[b])?;
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

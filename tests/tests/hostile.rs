@@ -1,0 +1,188 @@
+//! Broken and hostile peers: crashing seeders, lying peers, silent and dripping peers, many
+//! downloaders at once. The download always ends bit-identical, or waits and says why.
+
+use std::time::Duration;
+
+use p2p_tests::fake::{self, Behaviour};
+use p2p_tests::{eventually, file_sha256, write_random, Daemon, Swarm};
+
+fn first_download(d: &Daemon) -> serde_json::Value {
+    d.status()["downloads"][0].clone()
+}
+
+fn wait_complete(d: &Daemon, timeout: Duration) {
+    eventually(timeout, || {
+        (first_download(d)["state"]["state"] == "complete").then_some(())
+    })
+    .unwrap_or_else(|| panic!("download never completed: {}", d.status()));
+}
+
+#[test]
+fn a_peer_sending_wrong_bytes_is_caught_banned_and_the_file_is_still_right() {
+    // The honest seeder is slow, so the liar gets asked for plenty of chunks.
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "2000000"]);
+    swarm.add_daemon(&[]);
+    let file = swarm.path("target.bin");
+    write_random(&file, 2 << 20, 40);
+    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    let liar = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Corrupt);
+
+    let out = swarm.path("got.bin");
+    let leecher = &swarm.daemons[1];
+    let doc = leecher.ctl_json(&["download", "target.bin", "-o", out.to_str().unwrap()]);
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let sources: Vec<&str> = doc["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert!(
+        !sources.contains(&liar.addr.to_string().as_str()),
+        "no chunk from the liar"
+    );
+    let log = leecher.proc.log();
+    assert!(
+        log.contains("chunk failed verification; discarded"),
+        "{log}"
+    );
+    assert_eq!(
+        leecher.proc.count("peer banned from this download"),
+        1,
+        "{log}"
+    );
+    assert!(first_download(leecher)["wasted"].as_u64().unwrap() >= 2 * 65536);
+    // Banned: after two strikes it is asked for nothing more (the window may hold a few).
+    assert!(liar.requests.load(std::sync::atomic::Ordering::SeqCst) <= 2 + 16);
+}
+
+#[test]
+fn silent_and_dripping_peers_are_timed_out_and_their_chunks_go_elsewhere() {
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "4000000"]);
+    swarm.add_daemon(&["--request-timeout", "1s"]);
+    let file = swarm.path("slow.bin");
+    write_random(&file, 2 << 20, 41);
+    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    let silent = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Silent);
+    let drip = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Drip);
+
+    let out = swarm.path("got.bin");
+    let leecher = &swarm.daemons[1];
+    leecher.ctl_json(&["download", "slow.bin", "-o", out.to_str().unwrap()]);
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let asked = |p: &fake::FakePeer| p.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        asked(&silent) > 0 && asked(&drip) > 0,
+        "both bad peers were tried"
+    );
+    // Time-outs are logged (they may come after the download finished from others).
+    let timed_out = leecher.proc.try_wait_for(
+        "stopped fetching from this peer: no chunk in",
+        Duration::from_secs(5),
+    );
+    assert!(timed_out.is_some(), "{}", leecher.proc.log());
+}
+
+#[test]
+fn a_seeder_killed_mid_transfer_leaves_the_rest_to_the_others() {
+    let mut swarm = Swarm::new(2, "30s", &["--upload-rate", "4000000"]);
+    swarm.add_daemon(&[]);
+    let file = swarm.path("f.bin");
+    write_random(&file, 8 << 20, 42);
+    for d in &swarm.daemons[..2] {
+        d.ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    }
+    let out = swarm.path("got.bin");
+    swarm.daemons[2].ctl_json(&["download", "f.bin", "-o", out.to_str().unwrap(), "--detach"]);
+    eventually(Duration::from_secs(30), || {
+        (first_download(&swarm.daemons[2])["have"].as_u64()? >= 20).then_some(())
+    })
+    .expect("no progress");
+    swarm.daemons[0].proc.kill();
+    wait_complete(&swarm.daemons[2], Duration::from_secs(60));
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+}
+
+#[test]
+fn with_no_live_holder_a_download_stalls_says_so_and_continues_when_one_appears() {
+    let mut swarm = Swarm::new(1, "1s", &["--upload-rate", "2000000"]);
+    swarm.add_daemon(&[]);
+    let file = swarm.path("lonely.bin");
+    write_random(&file, 4 << 20, 43);
+    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    let out = swarm.path("got.bin");
+    let leecher_i = 1;
+    swarm.daemons[leecher_i].ctl_json(&[
+        "download",
+        "lonely.bin",
+        "-o",
+        out.to_str().unwrap(),
+        "--detach",
+    ]);
+    eventually(Duration::from_secs(30), || {
+        (first_download(&swarm.daemons[leecher_i])["have"].as_u64()? >= 8).then_some(())
+    })
+    .expect("no progress");
+    swarm.daemons[0].proc.kill();
+
+    // Once the tracker drops the dead seeder, the missing chunks have no live holder.
+    let stalled = eventually(Duration::from_secs(15), || {
+        let d = first_download(&swarm.daemons[leecher_i]);
+        (d["stalled"].as_u64()? > 0).then_some(d)
+    })
+    .expect("the download never reported being stalled");
+    assert_eq!(stalled["state"]["state"], "running", "{stalled}");
+    assert!(!out.exists(), "never complete early");
+    let prose = swarm.daemons[leecher_i].ctl(&["status"]).ok();
+    assert!(prose.contains("chunks have no live holder"), "{prose}");
+
+    // A new holder appears: the download carries on and finishes.
+    let i = swarm.add_daemon(&[]);
+    swarm.daemons[i].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    wait_complete(&swarm.daemons[leecher_i], Duration::from_secs(60));
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+}
+
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[test]
+fn twenty_daemons_download_at_once_and_the_seeder_memory_stays_bounded() {
+    let mut swarm = Swarm::new(1, "30s", &[]);
+    for _ in 0..20 {
+        swarm.add_daemon(&[]);
+    }
+    let file = swarm.path("popular.bin");
+    write_random(&file, 16 << 20, 44);
+    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap()]);
+    let want = file_sha256(&file);
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = swarm.daemons[1..]
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let out = swarm.path(&format!("copy{i}.bin"));
+                s.spawn(move || {
+                    d.ctl(&["-q", "download", "popular.bin", "-o", out.to_str().unwrap()])
+                        .ok();
+                    out
+                })
+            })
+            .collect();
+        for j in jobs {
+            let out = j.join().expect("download thread");
+            assert_eq!(file_sha256(&out), want, "{}", out.display());
+        }
+    });
+    let rss = peak_rss_kib(swarm.daemons[0].proc.pid());
+    eprintln!("seeder peak RSS with 20 downloaders: {} MiB", rss / 1024);
+    assert!(rss < 96 * 1024, "seeder peak RSS {rss} KiB");
+}
