@@ -216,3 +216,82 @@ fn serve(
     }
     Ok(())
 }
+
+/// How a fake tracker lies about a file's manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lie {
+    /// A name that would escape the download directory (the ID does not cover names).
+    EscapingName,
+    /// Different chunk hashes than the file ID was made from.
+    SwappedHashes,
+}
+
+/// A tracker that answers just enough for a download to be attempted, and lies.
+pub struct FakeTracker {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for FakeTracker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(self.addr);
+    }
+}
+
+/// Starts a fake tracker offering `manifest` (under its true ID), with `lie` applied.
+pub fn start_tracker(manifest: Manifest, lie: Lie) -> FakeTracker {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("fake tracker listener");
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let id = manifest.file_id();
+    let mut served = manifest.clone();
+    match lie {
+        Lie::EscapingName => served.name = "../../escaped.bin".into(),
+        Lie::SwappedHashes => served.hashes.iter_mut().for_each(|b| *b ^= 0x55),
+    }
+    let summary = p2p_schema::FileSummary {
+        id,
+        name: manifest.name.clone(),
+        size: manifest.size,
+        chunk_size: manifest.chunk_size,
+        chunks: manifest.chunk_count(),
+        seeders: 1,
+        holders: 1,
+    };
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop2.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(mut conn) = conn else { continue };
+            let (served, summary) = (served.clone(), summary.clone());
+            std::thread::spawn(move || {
+                while let Ok(Some(request)) = read_frame::<TrackerRequest>(&mut conn) {
+                    let reply = match request {
+                        TrackerRequest::Hello { listen, .. } => TrackerResponse::Welcome {
+                            version: PROTOCOL_VERSION,
+                            addr: listen,
+                            heartbeat_ms: 1000,
+                            ttl_ms: 3000,
+                        },
+                        TrackerRequest::Find { .. } | TrackerRequest::List => {
+                            TrackerResponse::Files {
+                                files: vec![summary.clone()],
+                            }
+                        }
+                        TrackerRequest::GetManifest { .. } => TrackerResponse::Manifest {
+                            manifest: served.clone(),
+                        },
+                        _ => TrackerResponse::Ok,
+                    };
+                    if send(&mut conn, &reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    FakeTracker { addr, stop }
+}

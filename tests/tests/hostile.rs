@@ -186,3 +186,29 @@ fn twenty_daemons_download_at_once_and_the_seeder_memory_stays_bounded() {
     eprintln!("seeder peak RSS with 20 downloaders: {} MiB", rss / 1024);
     assert!(rss < 96 * 1024, "seeder peak RSS {rss} KiB");
 }
+
+#[test]
+fn a_lying_tracker_can_neither_substitute_hashes_nor_make_a_download_escape_its_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+    let manifest = fake::manifest_of("honest.bin", &data, 4096);
+    for (lie, expected) in [
+        (fake::Lie::EscapingName, "invalid file name"),
+        (fake::Lie::SwappedHashes, "does not match file ID"),
+    ] {
+        let tracker = fake::start_tracker(manifest.clone(), lie);
+        let peer = dir.path().join(format!("{lie:?}"));
+        let d = Daemon::start(&peer, tracker.addr, &[]);
+        let downloads = peer.join("downloads");
+        let err = d.ctl(&["download", "honest.bin"]).fails();
+        assert!(err.contains("the tracker sent a bad manifest"), "{err}");
+        assert!(err.contains(expected), "{err}");
+        assert!(d.status()["downloads"].as_array().unwrap().is_empty());
+        assert!(!dir.path().join("escaped.bin").exists());
+        assert!(!peer.join("escaped.bin").exists());
+        let left: Vec<_> = std::fs::read_dir(&downloads)
+            .map(|r| r.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "nothing written: {left:?}");
+    }
+}

@@ -268,3 +268,32 @@ fn the_control_socket_is_owner_only() {
         .mode();
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
 }
+
+#[test]
+fn one_address_cannot_hold_more_than_its_share_of_connections() {
+    let swarm = Swarm::new(2, "30s", &[]);
+    let seeder = &swarm.daemons[0];
+    seeder.register(&sample("doug.png"));
+    // Open connections that say nothing, up to and past the per-address cap of 64.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(connect(seeder.addr));
+    }
+    // Accepted in order: by the time this one is, the 64 before it hold their slots.
+    let mut extra = connect(seeder.addr);
+    let mut byte = [0u8; 1];
+    let closed = matches!(extra.read(&mut byte), Ok(0) | Err(_));
+    assert!(closed, "the 65th connection from one address was served");
+    drop(held);
+    // Once they are gone, the address is served again.
+    let out = swarm.path("after.png");
+    let got = p2p_tests::eventually(Duration::from_secs(10), || {
+        swarm.daemons[1]
+            .ctl(&["download", "doug.png", "-o", out.to_str().unwrap()])
+            .status
+            .success()
+            .then_some(())
+    });
+    assert!(got.is_some());
+    assert_eq!(file_sha256(&out), file_sha256(&sample("doug.png")));
+}
