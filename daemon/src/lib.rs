@@ -11,6 +11,7 @@
 //! - [`download`]: the download engine: picking, fetching, verifying, committing.
 //! - [`recover`]: re-verifying unrecorded chunks after an unclean stop.
 //! - [`control`]: the control socket and the commands `p2pctl` sends.
+//! - [`settings`]: flags, environment, configuration file and defaults, merged.
 //! - [`node`]: [`node::Node`], the state all of the above share, and [`run`].
 //!
 //! See `daemon/STATE.md` for the chunk state machine and the crash-consistency ordering.
@@ -22,6 +23,7 @@ pub mod node;
 pub mod recover;
 pub mod register;
 pub mod serve;
+pub mod settings;
 pub mod store;
 pub mod tracker_client;
 

@@ -1,128 +1,98 @@
-//! `p2pd`: flags, logging and runtime around [`p2pd::run`].
+//! `p2pd`: settings, logging, `--daemon`, runtime, then [`p2pd::run`].
 //!
-//! `main` is a plain function: it must stay free of threads until the runtime is built (so
-//! that a future `--daemon` can fork safely first).
+//! `main` is a plain function that stays free of threads until the runtime is built, so that
+//! `--daemon` can fork safely first.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Parser;
+use p2p_schema::service::{self, Detached, Readiness};
+use p2pd::settings::Settings;
 use tracing::{error, info};
 
 /// The p2p peer daemon: shares files, downloads them from the swarm, serves p2pctl.
+///
+/// Settings come from flags, then P2PD_* environment variables, then the configuration file,
+/// then defaults. Run it in the foreground (as systemd expects), or detach with --daemon.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about)]
 struct Args {
-    /// The tracker's address (host:port).
-    #[arg(long, default_value = "127.0.0.1:7070", env = "P2PD_TRACKER")]
-    tracker: String,
+    #[command(flatten)]
+    settings: Settings,
 
-    /// TCP address other peers fetch chunks from (port 0 picks a free one; the tracker is
-    /// told the real one).
-    #[arg(long, default_value = "0.0.0.0:0", env = "P2PD_LISTEN")]
-    listen: SocketAddr,
+    /// Configuration file (TOML, keys as the flags) [default: $CONFIGURATION_DIRECTORY/
+    /// config.toml under systemd, else ~/.config/p2pd/config.toml, if it exists].
+    #[arg(long, env = "P2PD_CONFIG")]
+    config: Option<PathBuf>,
 
-    /// Directory for the daemon's database [default: $XDG_DATA_HOME/p2pd or
-    /// ~/.local/share/p2pd].
-    #[arg(long, env = "P2PD_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-
-    /// Control socket for p2pctl [default: p2pd.sock in the data directory].
-    #[arg(long, env = "P2PD_SOCKET")]
-    socket: Option<PathBuf>,
-
-    /// Where downloads go unless p2pctl names an output [default: downloads/ in the data
-    /// directory].
-    #[arg(long, env = "P2PD_DOWNLOAD_DIR")]
-    download_dir: Option<PathBuf>,
-
-    /// Address to announce to the tracker instead of the bound one.
+    /// Print the effective settings (as a configuration file) and exit.
     #[arg(long)]
-    advertise: Option<SocketAddr>,
+    print_config: bool,
 
-    /// Shared secret the tracker requires, if any.
-    #[arg(
-        long,
-        env = "P2PD_SECRET",
-        hide_env_values = true,
-        conflicts_with = "secret_file"
-    )]
-    secret: Option<String>,
-
-    /// Read the tracker's shared secret from this file (first line).
+    /// Detach into the background; returns once the daemon is ready (or says why not).
     #[arg(long)]
-    secret_file: Option<PathBuf>,
-
-    /// Give up on a peer that sends no chunk for this long.
-    #[arg(long, default_value = "20s", value_parser = p2p_schema::parse_duration)]
-    request_timeout: Duration,
-
-    /// Chunk requests in flight per peer, at most.
-    #[arg(long, default_value_t = 16)]
-    max_in_flight: usize,
-
-    /// Upload at most this many bytes per second (0: unlimited).
-    #[arg(long, default_value_t = 0)]
-    upload_rate: u64,
-
-    /// Log level or filter (overridden by RUST_LOG).
-    #[arg(long, default_value = "info")]
-    log_level: String,
+    daemon: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(&args.log_level);
-    match real_main(args) {
+    let fail = |e: String| {
+        eprintln!("p2pd: error: {e}");
+        ExitCode::FAILURE
+    };
+    let (file, source) = match service::load_config::<Settings>(args.config.as_deref(), "p2pd") {
+        Ok(x) => x,
+        Err(e) => return fail(e),
+    };
+    let settings = match Settings::resolve(args.settings, file) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if args.print_config {
+        if let Some(p) = source {
+            println!("# read from {}", p.display());
+        }
+        print!("{}", settings.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let config = match settings.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = create_private_dir(&config.data_dir) {
+        return fail(e);
+    }
+    let mut readiness = if args.daemon {
+        let pid = settings.pid_file.clone().unwrap_or_default();
+        let log = settings.log_file.clone().unwrap_or_default();
+        match service::detach("p2pd", &pid, &log) {
+            Ok(Detached::Parent(code)) => return ExitCode::from(code),
+            Ok(Detached::Daemon(r)) => r,
+            Err(e) => return fail(e),
+        }
+    } else {
+        Readiness::foreground()
+    };
+    service::init_logging(settings.log_level.as_deref().unwrap_or("info"));
+    let listen = settings
+        .listen
+        .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+    match serve(config, listen, &mut readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
-            eprintln!("p2pd: error: {e}");
-            ExitCode::FAILURE
+            readiness.fail(&e);
+            fail(e)
         }
     }
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-fn config(args: Args) -> Result<(p2pd::Config, SocketAddr), String> {
-    let data_dir = args.data_dir.unwrap_or_else(p2p_schema::default_data_dir);
-    let data_dir = std::path::absolute(&data_dir)
-        .map_err(|e| format!("data directory {}: {e}", data_dir.display()))?;
-    let mut config = p2pd::Config::new(args.tracker, data_dir);
-    if let Some(s) = args.socket {
-        config.socket =
-            std::path::absolute(&s).map_err(|e| format!("socket {}: {e}", s.display()))?;
-    }
-    if let Some(d) = args.download_dir {
-        config.download_dir = std::path::absolute(&d)
-            .map_err(|e| format!("download directory {}: {e}", d.display()))?;
-    }
-    config.advertise = args.advertise;
-    config.secret = match (args.secret, args.secret_file) {
-        (Some(s), _) => Some(s),
-        (None, Some(path)) => Some(p2p_schema::read_secret(&path)?),
-        (None, None) => None,
-    };
-    config.request_timeout = args.request_timeout;
-    config.max_in_flight = args.max_in_flight.max(1);
-    config.upload_rate = args.upload_rate;
-    Ok((config, args.listen))
-}
-
-fn real_main(args: Args) -> Result<(), String> {
-    let (config, listen) = config(args)?;
-    create_private_dir(&config.data_dir)?;
+fn serve(
+    config: p2pd::Config,
+    listen: std::net::SocketAddr,
+    readiness: &mut Readiness,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -133,9 +103,11 @@ fn real_main(args: Args) -> Result<(), String> {
             .map_err(|e| format!("binding peer address {listen}: {e}"))?;
         let control = p2pd::control::bind(&config.socket).map_err(|e| e.to_string())?;
         info!(tracker = %config.tracker, data_dir = %config.data_dir.display(), "starting");
-        p2pd::run(config, peers, control, shutdown_signal())
-            .await
-            .map_err(|e| e.to_string())
+        p2pd::run(config, peers, control, shutdown_signal(), |status| {
+            readiness.ready(status)
+        })
+        .await
+        .map_err(|e| e.to_string())
     })
 }
 

@@ -767,13 +767,15 @@ fn announce_all(files: &Files) -> Vec<TrackerRequest> {
 }
 
 /// Runs the daemon until `shutdown` resolves or `p2pctl quit` asks it to stop: serves peers
-/// on `peers`, commands on `control`, and keeps the tracker session. Then leaves the
-/// network, flushes state and removes the socket.
+/// on `peers`, commands on `control`, and keeps the tracker session. `ready` is called once
+/// it serves (with a one-line status). Then leaves the network, flushes state and removes
+/// the socket.
 pub async fn run(
     config: Config,
     peers: TcpListener,
     control: ControlListener,
     shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
     let store = Store::open(&config.data_dir)?;
     let peer_id = store.peer_id()?;
@@ -819,11 +821,12 @@ pub async fn run(
         control,
         stop_rx.clone(),
     ));
-    info!(
-        peer_id = %peer_id.short(),
-        "p2pd ready: serving peers on {bound}, control socket {}",
+    let status = format!(
+        "serving peers on {bound}, control socket {}",
         socket.display()
     );
+    info!(peer_id = %peer_id.short(), "p2pd ready: {status}");
+    ready(&status);
 
     let mut stopping = stop_rx.clone();
     tokio::select! {
@@ -831,6 +834,7 @@ pub async fn run(
         _ = stopping.wait_for(|s| *s) => {}
     }
     info!("shutting down");
+    p2p_schema::service::notify_stopping();
     node.request_stop();
     // The tracker session says Bye; bounded so a dead tracker cannot hold us up.
     let _ = tokio::time::timeout(Duration::from_secs(3), tracker_task).await;

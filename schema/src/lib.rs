@@ -56,6 +56,8 @@ mod ids;
 mod manifest;
 mod msg;
 pub mod process;
+#[cfg(feature = "service")]
+pub mod service;
 
 pub use bitfield::{format_ranges, Bitfield, SPELLED_RUN};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_PEER_FRAME};
@@ -66,7 +68,10 @@ pub use manifest::{
     MAX_NAME_LEN, MIN_CHUNK_SIZE,
 };
 pub use msg::*;
-pub use process::{default_data_dir, parse_duration, read_secret, shutdown_signal, socket_in};
+pub use process::{
+    config_file_for, data_dir_for, default_data_dir, default_socket_candidates, parse_duration,
+    read_secret, runtime_dir, shutdown_signal, socket_in,
+};
 
 /// The agent string sent in hellos: crate name and version.
 pub fn agent(program: &str) -> String {

@@ -129,7 +129,7 @@ pub enum TrackerRequest {
     Heartbeat,
     /// The sender leaves the network: drop its holdings now.
     Bye,
-    /// Counters, for monitoring.
+    /// Counters, for monitoring. May also be sent instead of a hello, without joining.
     Stats,
 }
 

@@ -26,17 +26,68 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
 }
 
-/// The daemon's default data directory: `$XDG_DATA_HOME/p2pd`, else `~/.local/share/p2pd`,
-/// else `./p2pd-data`. `p2pd` and `p2pctl` both derive the default socket from it.
+fn env_dir(key: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os(key)
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+}
+
+/// The default data directory of `program`: `$STATE_DIRECTORY` under systemd (for a system
+/// service, `/var/lib/<program>`), else `$XDG_DATA_HOME/<program>`, else
+/// `~/.local/share/<program>`, else `./<program>-data`.
+pub fn data_dir_for(program: &str) -> std::path::PathBuf {
+    if let Some(d) = env_dir("STATE_DIRECTORY") {
+        // systemd may list several, separated by colons: ours is the first.
+        let first = d
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or("")
+            .to_string();
+        return std::path::PathBuf::from(first);
+    }
+    if let Some(d) = env_dir("XDG_DATA_HOME") {
+        return d.join(program);
+    }
+    if let Some(h) = env_dir("HOME") {
+        return h.join(".local/share").join(program);
+    }
+    std::path::PathBuf::from(format!("{program}-data"))
+}
+
+/// The default configuration file of `program`: `$CONFIGURATION_DIRECTORY/config.toml` under
+/// systemd (for a system service, `/etc/<program>/config.toml`), else
+/// `$XDG_CONFIG_HOME/<program>/config.toml` or `~/.config/<program>/config.toml`.
+pub fn config_file_for(program: &str) -> Option<std::path::PathBuf> {
+    if let Some(d) = env_dir("CONFIGURATION_DIRECTORY") {
+        return Some(d.join("config.toml"));
+    }
+    let base = env_dir("XDG_CONFIG_HOME").or_else(|| env_dir("HOME").map(|h| h.join(".config")))?;
+    Some(base.join(program).join("config.toml"))
+}
+
+/// The runtime directory systemd made for the service (`/run/<program>`, or
+/// `$XDG_RUNTIME_DIR/<program>` for a user service), if any.
+pub fn runtime_dir() -> Option<std::path::PathBuf> {
+    env_dir("RUNTIME_DIRECTORY")
+}
+
+/// The daemon's default data directory (see [`data_dir_for`]).
 pub fn default_data_dir() -> std::path::PathBuf {
-    let env = |k| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(d) = env("XDG_DATA_HOME") {
-        return std::path::PathBuf::from(d).join("p2pd");
+    data_dir_for("p2pd")
+}
+
+/// Where `p2pctl` looks for the daemon's socket when not told: the first that exists of the
+/// user service's (`$XDG_RUNTIME_DIR/p2pd/p2pd.sock`), the system service's
+/// (`/run/p2pd/p2pd.sock`) and the default data directory's; else the last.
+pub fn default_socket_candidates() -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Some(r) = env_dir("XDG_RUNTIME_DIR") {
+        out.push(r.join("p2pd").join("p2pd.sock"));
     }
-    if let Some(h) = env("HOME") {
-        return std::path::PathBuf::from(h).join(".local/share/p2pd");
-    }
-    std::path::PathBuf::from("p2pd-data")
+    out.push(std::path::PathBuf::from("/run/p2pd/p2pd.sock"));
+    out.push(socket_in(&default_data_dir()));
+    out
 }
 
 /// The control socket inside a data directory.

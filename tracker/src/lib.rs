@@ -4,7 +4,8 @@
 //! - [`registry`]: the state (in memory, written through to sled) and every operation on it.
 //! - [`session`]: one task per daemon connection: handshake, requests, liveness.
 //! - [`run`]: accepts connections and expires silent peers until told to shut down.
-//! - `main.rs`: flags, logging, runtime.
+//! - [`settings`]: flags, environment, configuration file and defaults, merged.
+//! - `main.rs`: `--daemon`, logging, runtime, and the `stats` subcommand.
 //!
 //! Peers are daemons (`p2pd`). Each keeps one session open, sends a heartbeat every
 //! `heartbeat_ms`, and is dropped (with its holdings) when it says `Bye` or after the TTL of
@@ -12,6 +13,7 @@
 
 pub mod registry;
 pub mod session;
+pub mod settings;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -87,6 +89,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
+    p2p_schema::service::notify_stopping();
     let _ = stop_tx.send(true);
     let _ = reaper.await;
     registry.flush().await

@@ -1,92 +1,138 @@
-//! `p2p-tracker`: flags, logging and runtime around [`p2p_tracker::run`].
+//! `p2p-tracker`: settings, logging, `--daemon`, runtime, then [`p2p_tracker::run`]; and the
+//! `stats` subcommand.
+//!
+//! `main` stays free of threads until the runtime is built, so `--daemon` can fork first.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
-use clap::Parser;
-use p2p_tracker::{Config, Registry};
+use clap::{Parser, Subcommand};
+use p2p_schema::service::{self, Detached, Readiness};
+use p2p_schema::{FrameReader, FrameWriter, TrackerRequest, TrackerResponse, MAX_FRAME};
+use p2p_tracker::settings::Settings;
+use p2p_tracker::Registry;
 use tracing::{error, info};
 
 /// The tracker of a p2p swarm: records which peers hold which chunks of which files.
+///
+/// Settings come from flags, then P2P_TRACKER_* environment variables, then the configuration
+/// file, then defaults. Runs in the foreground (as systemd expects), or detaches with --daemon.
 #[derive(Parser, Debug)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about)]
 struct Args {
-    /// TCP address peers connect to.
-    #[arg(long, default_value = "127.0.0.1:7070", env = "P2P_TRACKER_LISTEN")]
-    listen: SocketAddr,
+    #[command(flatten)]
+    settings: Settings,
 
-    /// Directory for the registry database.
-    #[arg(long, env = "P2P_TRACKER_DATA_DIR")]
-    data_dir: PathBuf,
+    /// Configuration file (TOML, keys as the flags) [default: $CONFIGURATION_DIRECTORY/
+    /// config.toml under systemd, else ~/.config/p2p-tracker/config.toml, if it exists].
+    #[arg(long, env = "P2P_TRACKER_CONFIG")]
+    config: Option<PathBuf>,
 
-    /// Drop a peer not heard from for this long (e.g. 30s, 500ms).
-    #[arg(long, default_value = "30s", value_parser = p2p_schema::parse_duration)]
-    ttl: Duration,
-
-    /// Shared secret peers must present (default: an open tracker).
-    #[arg(
-        long,
-        env = "P2P_TRACKER_SECRET",
-        hide_env_values = true,
-        conflicts_with = "secret_file"
-    )]
-    secret: Option<String>,
-
-    /// Read the shared secret from this file (first line).
+    /// Print the effective settings (as a configuration file) and exit.
     #[arg(long)]
-    secret_file: Option<PathBuf>,
+    print_config: bool,
 
-    /// Log level or filter (overridden by RUST_LOG).
-    #[arg(long, default_value = "info")]
-    log_level: String,
+    /// Detach into the background; returns once the tracker is listening (or says why not).
+    #[arg(long)]
+    daemon: bool,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show a running tracker's counters: files, peers, holdings, requests served.
+    ///
+    /// Example: p2p-tracker stats --tracker 127.0.0.1:7070
+    Stats {
+        /// The tracker to ask.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        tracker: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(&args.log_level);
-    match real_main(args) {
+    let fail = |e: String| {
+        eprintln!("p2p-tracker: error: {e}");
+        ExitCode::FAILURE
+    };
+    if let Some(Command::Stats { tracker, json }) = &args.command {
+        return match stats(tracker, *json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => fail(e),
+        };
+    }
+    let (file, source) =
+        match service::load_config::<Settings>(args.config.as_deref(), "p2p-tracker") {
+            Ok(x) => x,
+            Err(e) => return fail(e),
+        };
+    let settings = match Settings::resolve(args.settings, file) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    if args.print_config {
+        if let Some(p) = source {
+            println!("# read from {}", p.display());
+        }
+        print!("{}", settings.to_toml());
+        return ExitCode::SUCCESS;
+    }
+    let config = match settings.to_config() {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let data_dir = settings.data_dir.clone().unwrap_or_default();
+    if let Err(e) = std::fs::create_dir_all(&data_dir) {
+        return fail(format!("creating {}: {e}", data_dir.display()));
+    }
+    let mut readiness = if args.daemon {
+        let pid = settings.pid_file.clone().unwrap_or_default();
+        let log = settings.log_file.clone().unwrap_or_default();
+        match service::detach("p2p-tracker", &pid, &log) {
+            Ok(Detached::Parent(code)) => return ExitCode::from(code),
+            Ok(Detached::Daemon(r)) => r,
+            Err(e) => return fail(e),
+        }
+    } else {
+        Readiness::foreground()
+    };
+    service::init_logging(settings.log_level.as_deref().unwrap_or("info"));
+    let listen = settings
+        .listen
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    match serve(config, listen, data_dir, &mut readiness) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");
-            eprintln!("p2p-tracker: error: {e}");
-            ExitCode::FAILURE
+            readiness.fail(&e);
+            fail(e)
         }
     }
 }
 
-fn init_logging(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-}
-
-fn real_main(args: Args) -> Result<(), String> {
-    let secret = match (&args.secret, &args.secret_file) {
-        (Some(s), _) => Some(s.clone()),
-        (None, Some(path)) => Some(p2p_schema::read_secret(path)?),
-        (None, None) => None,
-    };
-    let config = Config {
-        ttl: args.ttl,
-        secret,
-        ..Config::default()
-    };
+fn serve(
+    config: p2p_tracker::Config,
+    listen: SocketAddr,
+    data_dir: PathBuf,
+    readiness: &mut Readiness,
+) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     runtime.block_on(async move {
-        let registry = Registry::open(&args.data_dir, config.ttl).map_err(|e| e.to_string())?;
-        let listener = tokio::net::TcpListener::bind(args.listen)
+        let registry = Registry::open(&data_dir, config.ttl).map_err(|e| e.to_string())?;
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .map_err(|e| format!("binding {}: {e}", args.listen))?;
+            .map_err(|e| format!("binding {listen}: {e}"))?;
         let addr = listener
             .local_addr()
             .map_err(|e| format!("reading bound address: {e}"))?;
@@ -95,10 +141,48 @@ fn real_main(args: Args) -> Result<(), String> {
             secret = config.secret.is_some(),
             "Waiting for peers... listening on {addr}"
         );
+        readiness.ready(&format!("listening on {addr}"));
         p2p_tracker::run(listener, Arc::new(registry), config, shutdown_signal())
             .await
             .map_err(|e| e.to_string())
     })
+}
+
+/// `p2p-tracker stats`: asks a running tracker for its counters.
+fn stats(tracker: &str, json: bool) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting runtime: {e}"))?;
+    let stats = runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(tracker)
+            .await
+            .map_err(|e| format!("no tracker at {tracker}: {e}"))?;
+        let (r, w) = stream.into_split();
+        let (mut reader, mut writer) = (FrameReader::new(r, MAX_FRAME), FrameWriter::new(w));
+        writer
+            .send(&TrackerRequest::Stats)
+            .await
+            .map_err(|e| format!("asking {tracker}: {e}"))?;
+        match reader.expect::<TrackerResponse>().await {
+            Ok(TrackerResponse::Stats(s)) => Ok(s),
+            Ok(TrackerResponse::Error(e)) => Err(format!("{tracker}: {e}")),
+            Ok(other) => Err(format!("{tracker}: unexpected answer {other:?}")),
+            Err(e) => Err(format!("reading from {tracker}: {e}")),
+        }
+    })?;
+    if json {
+        println!(
+            "{{\"files\": {}, \"peers\": {}, \"holdings\": {}, \"requests\": {}}}",
+            stats.files, stats.peers, stats.holdings, stats.requests
+        );
+    } else {
+        println!(
+            "files: {}\npeers: {}\nholdings: {}\nrequests served: {}",
+            stats.files, stats.peers, stats.holdings, stats.requests
+        );
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

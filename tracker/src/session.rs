@@ -34,6 +34,11 @@ pub async fn serve(
     let mut writer = FrameWriter::new(w);
 
     let peer = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<TrackerRequest>()).await {
+        // Monitoring (`p2p-tracker stats`) may ask for counters without joining.
+        Ok(Ok(Some(TrackerRequest::Stats))) => {
+            let _ = writer.send(&TrackerResponse::Stats(registry.stats())).await;
+            return;
+        }
         Ok(Ok(Some(hello))) => match handshake(hello, remote, &registry, &config) {
             Ok((peer, welcome)) => {
                 if writer.send(&welcome).await.is_err() {

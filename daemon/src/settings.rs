@@ -1,0 +1,242 @@
+//! `p2pd`'s settings: flags, environment, configuration file and defaults, merged in that
+//! order of precedence (a flag beats `P2PD_*` in the environment, which beats the file, which
+//! beats the defaults). `p2pd --print-config` shows the result.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Config;
+
+/// Every setting, each optional until merged. The same struct is read from the command line
+/// (with environment variables) and from the TOML file (keys in kebab-case, as the flags).
+#[derive(Debug, Default, Clone, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// The tracker's address (host:port) [default: 127.0.0.1:7070].
+    #[arg(long, env = "P2PD_TRACKER")]
+    pub tracker: Option<String>,
+
+    /// TCP address other peers fetch chunks from; port 0 picks a free one and the tracker is
+    /// told the real one [default: 0.0.0.0:0].
+    #[arg(long, env = "P2PD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory for the daemon's database [default: $STATE_DIRECTORY under systemd, else
+    /// $XDG_DATA_HOME/p2pd or ~/.local/share/p2pd].
+    #[arg(long, env = "P2PD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Control socket for p2pctl [default: $RUNTIME_DIRECTORY/p2pd.sock under systemd, else
+    /// p2pd.sock in the data directory].
+    #[arg(long, env = "P2PD_SOCKET")]
+    pub socket: Option<PathBuf>,
+
+    /// Where downloads go unless p2pctl names an output [default: downloads/ in the data
+    /// directory].
+    #[arg(long, env = "P2PD_DOWNLOAD_DIR")]
+    pub download_dir: Option<PathBuf>,
+
+    /// Address to announce to the tracker instead of the bound one.
+    #[arg(long, env = "P2PD_ADVERTISE")]
+    pub advertise: Option<SocketAddr>,
+
+    /// Shared secret the tracker requires, if any (prefer secret-file: flags are visible to
+    /// other users in the process list).
+    #[arg(long, env = "P2PD_SECRET", hide_env_values = true)]
+    #[serde(skip_serializing)]
+    pub secret: Option<String>,
+
+    /// Read the tracker's shared secret from this file (first line).
+    #[arg(long, env = "P2PD_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// Give up on a peer that sends no chunk for this long [default: 20s].
+    #[arg(long, env = "P2PD_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+
+    /// Chunk requests in flight per peer, at most [default: 16].
+    #[arg(long, env = "P2PD_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+
+    /// Upload at most this many bytes per second; 0 is unlimited [default: 0].
+    #[arg(long, env = "P2PD_UPLOAD_RATE")]
+    pub upload_rate: Option<u64>,
+
+    /// Log level or filter; RUST_LOG overrides it [default: info].
+    #[arg(long, env = "P2PD_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// With --daemon: the pid file [default: p2pd.pid in the data directory].
+    #[arg(long, env = "P2PD_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// With --daemon: the log file [default: p2pd.log in the data directory].
+    #[arg(long, env = "P2PD_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+macro_rules! or_fields {
+    ($a:expr, $b:expr, $($f:ident),*) => {
+        Settings { $($f: $a.$f.or($b.$f)),* }
+    };
+}
+
+impl Settings {
+    /// Each field from `self`, or else from `other`.
+    pub fn or(self, other: Settings) -> Settings {
+        or_fields!(
+            self,
+            other,
+            tracker,
+            listen,
+            data_dir,
+            socket,
+            download_dir,
+            advertise,
+            secret,
+            secret_file,
+            request_timeout,
+            max_in_flight,
+            upload_rate,
+            log_level,
+            pid_file,
+            log_file
+        )
+    }
+
+    /// The defaults, given the data directory (which several paths live in).
+    fn defaults(data_dir: &Path) -> Settings {
+        Settings {
+            tracker: Some("127.0.0.1:7070".into()),
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 0))),
+            data_dir: Some(data_dir.to_path_buf()),
+            socket: Some(
+                p2p_schema::runtime_dir()
+                    .map(|d| d.join("p2pd.sock"))
+                    .unwrap_or_else(|| p2p_schema::socket_in(data_dir)),
+            ),
+            download_dir: Some(data_dir.join("downloads")),
+            advertise: None,
+            secret: None,
+            secret_file: None,
+            request_timeout: Some("20s".into()),
+            max_in_flight: Some(16),
+            upload_rate: Some(0),
+            log_level: Some("info".into()),
+            pid_file: Some(data_dir.join("p2pd.pid")),
+            log_file: Some(data_dir.join("p2pd.log")),
+        }
+    }
+
+    /// Merges flags (with environment), then the configuration file, then defaults, and
+    /// makes every path absolute.
+    pub fn resolve(flags: Settings, file: Settings) -> Result<Settings, String> {
+        let given = flags.or(file);
+        let data_dir = given
+            .data_dir
+            .clone()
+            .unwrap_or_else(p2p_schema::default_data_dir);
+        let data_dir = absolute(&data_dir)?;
+        let mut s = given.or(Settings::defaults(&data_dir));
+        s.data_dir = Some(data_dir);
+        for p in [
+            &mut s.socket,
+            &mut s.download_dir,
+            &mut s.secret_file,
+            &mut s.pid_file,
+            &mut s.log_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = absolute(p)?;
+        }
+        if let Some(t) = &s.request_timeout {
+            p2p_schema::parse_duration(t).map_err(|e| format!("request-timeout: {e}"))?;
+        }
+        Ok(s)
+    }
+
+    /// The running configuration (reads the secret file, if any).
+    pub fn to_config(&self) -> Result<Config, String> {
+        let get = |o: &Option<PathBuf>| o.clone().unwrap_or_default();
+        let mut config = Config::new(
+            self.tracker.clone().unwrap_or_default(),
+            get(&self.data_dir),
+        );
+        config.socket = get(&self.socket);
+        config.download_dir = get(&self.download_dir);
+        config.advertise = self.advertise;
+        config.secret = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(path)) => Some(p2p_schema::read_secret(path)?),
+            (None, None) => None,
+        };
+        if let Some(t) = &self.request_timeout {
+            config.request_timeout = p2p_schema::parse_duration(t)?;
+        }
+        config.max_in_flight = self.max_in_flight.unwrap_or(16).max(1);
+        config.upload_rate = self.upload_rate.unwrap_or(0);
+        Ok(config)
+    }
+
+    /// The effective settings as a configuration file (the secret itself is never shown).
+    pub fn to_toml(&self) -> String {
+        let mut text = toml::to_string(self).unwrap_or_else(|e| format!("# cannot show: {e}\n"));
+        if self.secret.is_some() {
+            text.push_str("# secret = (set, not shown)\n");
+        }
+        text
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let flags = Settings {
+            tracker: Some("flag:1".into()),
+            ..Settings::default()
+        };
+        let file: Settings =
+            toml::from_str("tracker = \"file:1\"\nupload-rate = 5\ndata-dir = \"/srv/p2pd\"\n")
+                .unwrap();
+        let s = Settings::resolve(flags, file).unwrap();
+        assert_eq!(s.tracker.as_deref(), Some("flag:1"));
+        assert_eq!(s.upload_rate, Some(5));
+        assert_eq!(s.max_in_flight, Some(16));
+        assert_eq!(s.download_dir, Some(PathBuf::from("/srv/p2pd/downloads")));
+        let c = s.to_config().unwrap();
+        assert_eq!(c.upload_rate, 5);
+        assert_eq!(c.tracker, "flag:1");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors() {
+        assert!(toml::from_str::<Settings>("trackr = \"x\"").is_err());
+        let bad = Settings {
+            request_timeout: Some("soon".into()),
+            ..Settings::default()
+        };
+        assert!(Settings::resolve(bad, Settings::default()).is_err());
+    }
+
+    #[test]
+    fn the_secret_is_never_printed() {
+        let s = Settings {
+            secret: Some("hunter2".into()),
+            ..Settings::default()
+        };
+        let text = Settings::resolve(s, Settings::default()).unwrap().to_toml();
+        assert!(!text.contains("hunter2"));
+        assert!(text.contains("secret = (set, not shown)"));
+    }
+}

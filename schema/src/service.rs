@@ -1,0 +1,186 @@
+//! Process plumbing shared by `p2p-tracker` and `p2pd` (feature `service`): logging set-up,
+//! readiness (systemd's `READY=1`, or the `--daemon` parent waiting on a pipe), and detaching
+//! with `--daemon`.
+//!
+//! `--daemon` forks with the `daemonize` crate *before* any thread exists (the tokio runtime is
+//! built afterwards). The parent waits on a pipe until the daemon reports it is ready, or why
+//! it failed, and exits accordingly: `p2pd --daemon` returning 0 means the daemon is serving.
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+
+/// Sets up `tracing`: `RUST_LOG` if set, else `level`, to stderr. Colours only on a terminal;
+/// no timestamps under systemd (journald adds its own).
+pub fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        builder.without_time().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Tells whoever started us that we are ready, or why we could not start.
+pub struct Readiness {
+    /// The pipe to a waiting `--daemon` parent, if any.
+    pipe: Option<std::fs::File>,
+}
+
+impl Readiness {
+    /// Readiness for a process running in the foreground (systemd may still be listening).
+    pub fn foreground() -> Readiness {
+        Readiness { pipe: None }
+    }
+
+    /// Serving now: tells systemd (`READY=1`, with a status line) and a waiting parent.
+    pub fn ready(&mut self, status: &str) {
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ]);
+        if let Some(mut pipe) = self.pipe.take() {
+            let _ = writeln!(pipe, "ready {status}");
+        }
+    }
+
+    /// Could not start: tells a waiting parent why (systemd sees the exit status).
+    pub fn fail(&mut self, error: &str) {
+        if let Some(mut pipe) = self.pipe.take() {
+            let _ = writeln!(pipe, "error {error}");
+        }
+    }
+}
+
+/// Tells systemd we are stopping (`STOPPING=1`).
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+}
+
+/// Which side of `--daemon` we are on.
+pub enum Detached {
+    /// The launching process: exit with this code (0: the daemon reported ready).
+    Parent(u8),
+    /// The daemon: report readiness through this.
+    Daemon(Readiness),
+}
+
+/// Detaches into the background: forks (twice), starts a new session, takes the pid file
+/// (refusing if another process holds it), sends stdout and stderr to `log_file`, and changes
+/// to `/`. Must be called before any thread is started.
+#[cfg(unix)]
+pub fn detach(program: &str, pid_file: &Path, log_file: &Path) -> Result<Detached, String> {
+    use std::os::fd::FromRawFd;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_file)
+        .map_err(|e| format!("opening log file {}: {e}", log_file.display()))?;
+    let mut fds = [0; 2];
+    // SAFETY: pipe() fills the two descriptors; each is owned by exactly one File below.
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(format!(
+            "creating a pipe: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    let (read_end, write_end) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    let outcome = daemonize::Daemonize::new()
+        .pid_file(pid_file)
+        .working_directory("/")
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .execute();
+    match outcome {
+        daemonize::Outcome::Parent(Err(e)) => Err(format!("detaching: {e}")),
+        daemonize::Outcome::Parent(Ok(_)) => {
+            drop(write_end);
+            Ok(Detached::Parent(wait_for_daemon(
+                program, read_end, pid_file, log_file,
+            )))
+        }
+        daemonize::Outcome::Child(Err(e)) => {
+            let mut pipe = write_end;
+            let why = match e.to_string() {
+                s if s.contains("lock") => format!(
+                    "another {program} holds the pid file {} ({s})",
+                    pid_file.display()
+                ),
+                s => s,
+            };
+            let _ = writeln!(pipe, "error {why}");
+            std::process::exit(1);
+        }
+        daemonize::Outcome::Child(Ok(_)) => {
+            drop(read_end);
+            Ok(Detached::Daemon(Readiness {
+                pipe: Some(write_end),
+            }))
+        }
+    }
+}
+
+/// The parent's side: relays the daemon's first word and turns it into an exit code.
+#[cfg(unix)]
+fn wait_for_daemon(program: &str, mut pipe: std::fs::File, pid_file: &Path, log: &Path) -> u8 {
+    let mut said = String::new();
+    let _ = pipe.read_to_string(&mut said);
+    let said = said.lines().next().unwrap_or("");
+    if let Some(status) = said.strip_prefix("ready ") {
+        println!(
+            "{program} started in the background ({status}); pid file {}, log {}",
+            pid_file.display(),
+            log.display()
+        );
+        0
+    } else if let Some(error) = said.strip_prefix("error ") {
+        eprintln!("{program}: error: {error}");
+        1
+    } else {
+        eprintln!(
+            "{program}: error: the daemon exited before it was ready; see {}",
+            log.display()
+        );
+        1
+    }
+}
+
+/// `--daemon` is Unix-only.
+#[cfg(not(unix))]
+pub fn detach(program: &str, _pid_file: &Path, _log_file: &Path) -> Result<Detached, String> {
+    Err(format!(
+        "{program}: --daemon is only supported on Unix; run it as a service instead"
+    ))
+}
+
+/// Reads the configuration file of `program`: `explicit` if given (it must exist), else the
+/// default one ([`crate::config_file_for`]) if it exists, else nothing. Returns the settings
+/// and the file they came from.
+pub fn load_config<T: serde::de::DeserializeOwned + Default>(
+    explicit: Option<&Path>,
+    program: &str,
+) -> Result<(T, Option<std::path::PathBuf>), String> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => match crate::config_file_for(program) {
+            Some(p) if p.exists() => p,
+            _ => return Ok((T::default(), None)),
+        },
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("reading config file {}: {e}", path.display()))?;
+    let settings = toml::from_str(&text).map_err(|e| {
+        let msg = e.to_string().replace('\n', " ");
+        format!("config file {}: {}", path.display(), msg.trim())
+    })?;
+    Ok((settings, Some(path)))
+}

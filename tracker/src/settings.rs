@@ -1,0 +1,122 @@
+//! `p2p-tracker`'s settings: flags, `P2P_TRACKER_*` environment, configuration file and
+//! defaults, merged in that order of precedence. `p2p-tracker --print-config` shows them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::Config;
+
+/// Every setting, optional until merged; read from flags (with environment) and from TOML.
+#[derive(Debug, Default, Clone, Serialize, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Settings {
+    /// TCP address peers connect to [default: 127.0.0.1:7070].
+    #[arg(long, env = "P2P_TRACKER_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Directory for the registry database [default: $STATE_DIRECTORY under systemd, else
+    /// $XDG_DATA_HOME/p2p-tracker or ~/.local/share/p2p-tracker].
+    #[arg(long, env = "P2P_TRACKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Drop a peer not heard from for this long, e.g. 30s or 500ms [default: 30s].
+    #[arg(long, env = "P2P_TRACKER_TTL")]
+    pub ttl: Option<String>,
+
+    /// Shared secret peers must present; without one the tracker is open to anyone who can
+    /// reach it (prefer secret-file: flags are visible in the process list).
+    #[arg(long, env = "P2P_TRACKER_SECRET", hide_env_values = true)]
+    #[serde(skip_serializing)]
+    pub secret: Option<String>,
+
+    /// Read the shared secret from this file (first line).
+    #[arg(long, env = "P2P_TRACKER_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+
+    /// Log level or filter; RUST_LOG overrides it [default: info].
+    #[arg(long, env = "P2P_TRACKER_LOG_LEVEL")]
+    pub log_level: Option<String>,
+
+    /// With --daemon: the pid file [default: p2p-tracker.pid in the data directory].
+    #[arg(long, env = "P2P_TRACKER_PID_FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// With --daemon: the log file [default: p2p-tracker.log in the data directory].
+    #[arg(long, env = "P2P_TRACKER_LOG_FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+impl Settings {
+    /// Each field from `self`, or else from `other`.
+    pub fn or(self, o: Settings) -> Settings {
+        Settings {
+            listen: self.listen.or(o.listen),
+            data_dir: self.data_dir.or(o.data_dir),
+            ttl: self.ttl.or(o.ttl),
+            secret: self.secret.or(o.secret),
+            secret_file: self.secret_file.or(o.secret_file),
+            log_level: self.log_level.or(o.log_level),
+            pid_file: self.pid_file.or(o.pid_file),
+            log_file: self.log_file.or(o.log_file),
+        }
+    }
+
+    /// Merges flags, the file and defaults; makes paths absolute; checks values.
+    pub fn resolve(flags: Settings, file: Settings) -> Result<Settings, String> {
+        let given = flags.or(file);
+        let data_dir = given
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| p2p_schema::data_dir_for("p2p-tracker"));
+        let data_dir = absolute(&data_dir)?;
+        let mut s = given.or(Settings {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7070))),
+            data_dir: Some(data_dir.clone()),
+            ttl: Some("30s".into()),
+            secret: None,
+            secret_file: None,
+            log_level: Some("info".into()),
+            pid_file: Some(data_dir.join("p2p-tracker.pid")),
+            log_file: Some(data_dir.join("p2p-tracker.log")),
+        });
+        s.data_dir = Some(data_dir);
+        for p in [&mut s.secret_file, &mut s.pid_file, &mut s.log_file]
+            .into_iter()
+            .flatten()
+        {
+            *p = absolute(p)?;
+        }
+        if let Some(t) = &s.ttl {
+            p2p_schema::parse_duration(t).map_err(|e| format!("ttl: {e}"))?;
+        }
+        Ok(s)
+    }
+
+    /// The running configuration (reads the secret file, if any).
+    pub fn to_config(&self) -> Result<Config, String> {
+        Ok(Config {
+            ttl: p2p_schema::parse_duration(self.ttl.as_deref().unwrap_or("30s"))?,
+            secret: match (&self.secret, &self.secret_file) {
+                (Some(s), _) => Some(s.clone()),
+                (None, Some(path)) => Some(p2p_schema::read_secret(path)?),
+                (None, None) => None,
+            },
+            ..Config::default()
+        })
+    }
+
+    /// The effective settings as a configuration file (the secret itself is never shown).
+    pub fn to_toml(&self) -> String {
+        let mut text = toml::to_string(self).unwrap_or_else(|e| format!("# cannot show: {e}\n"));
+        if self.secret.is_some() {
+            text.push_str("# secret = (set, not shown)\n");
+        }
+        text
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
+}
