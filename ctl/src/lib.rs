@@ -20,7 +20,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
     /// The daemon is not there.
-    #[error("no daemon at {0}: is p2pd running? (start it, or point --socket at its socket)")]
+    #[error("no daemon at {0}: is p2pd running? (start it with 'systemctl --user start p2pd' or 'p2pd --daemon', or point --socket at its socket)")]
     NoDaemon(String),
     /// The daemon refused the command.
     #[error("{0}")]

@@ -78,10 +78,18 @@ enum Command {
         /// Name, ID or unique ID prefix.
         file: String,
     },
-    /// Show what this daemon shares and downloads.
+    /// Show what this daemon shares and downloads: per transfer its name, ID, size, progress,
+    /// speed, peers and state.
     ///
-    /// Example: p2pctl status
-    Status,
+    /// Example: p2pctl status --watch
+    Status {
+        /// Keep refreshing (every --interval) until interrupted.
+        #[arg(short, long)]
+        watch: bool,
+        /// How often --watch refreshes.
+        #[arg(long, default_value = "1s", value_parser = p2p_schema::parse_duration)]
+        interval: std::time::Duration,
+    },
     /// Make the daemon leave the network and exit.
     ///
     /// Example: p2pctl quit
@@ -115,6 +123,17 @@ enum Command {
         /// Name, ID or unique ID prefix of a file this daemon shares.
         file: String,
     },
+    /// Print a shell completion script.
+    ///
+    /// Example: p2pctl completions bash > /etc/bash_completion.d/p2pctl
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff).
+    ///
+    /// Example: p2pctl man > /usr/local/share/man/man1/p2pctl.1
+    Man,
 }
 
 fn main() -> ExitCode {
@@ -177,10 +196,25 @@ fn absolute(p: &Path) -> Result<String, CtlError> {
 }
 
 async fn run(cli: Cli) -> Result<(), CtlError> {
-    let socket = cli
-        .socket
-        .clone()
-        .unwrap_or_else(|| p2p_schema::socket_in(&p2p_schema::default_data_dir()));
+    // Commands that need no daemon.
+    match &cli.command {
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "p2pctl", &mut std::io::stdout());
+            return Ok(());
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| CtlError::Protocol(format!("rendering the manual: {e}")))?;
+            print(&String::from_utf8_lossy(&out));
+            return Ok(());
+        }
+        _ => {}
+    }
+    let socket = cli.socket.clone().unwrap_or_else(default_socket);
     // Check local paths before bothering the daemon.
     if let Command::Register { file, .. } = &cli.command {
         if !file.exists() {
@@ -274,17 +308,36 @@ async fn run(cli: Cli) -> Result<(), CtlError> {
             }
             other => Err(unexpected(other)),
         },
-        Command::Status => match client.call(CtlRequest::Status).await? {
-            CtlResponse::Status(report) => {
-                if cli.json {
-                    print_json(&json!(report));
-                } else {
-                    print(&format_status(&report));
+        Command::Status { watch, interval } => {
+            let terminal = std::io::stdout().is_terminal();
+            loop {
+                match client.call(CtlRequest::Status).await? {
+                    CtlResponse::Status(report) => {
+                        if cli.json {
+                            print_json(&json!(report));
+                        } else if watch && terminal {
+                            // Clear the screen and redraw in place.
+                            print(&format!("\x1b[H\x1b[2J{}", format_status(&report)));
+                        } else {
+                            print(&format_status(&report));
+                        }
+                    }
+                    other => return Err(unexpected(other)),
                 }
-                Ok(())
+                if !watch {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                    () = tokio::time::sleep(interval) => {}
+                }
+                if !terminal {
+                    print("\n");
+                }
+                client = Client::connect(&socket).await?;
             }
-            other => Err(unexpected(other)),
-        },
+        }
+        Command::Completions { .. } | Command::Man => Ok(()),
         Command::Pause { file } => {
             updated(
                 &mut client,
@@ -350,6 +403,18 @@ async fn updated(
     }
 }
 
+/// The socket to use when none is given: the first that exists of the user service's, the
+/// system service's and the default data directory's.
+fn default_socket() -> PathBuf {
+    let candidates = p2p_schema::default_socket_candidates();
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .or(candidates.last())
+        .cloned()
+        .unwrap_or_else(|| PathBuf::from("p2pd.sock"))
+}
+
 fn bytes_bar(what: &str) -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -403,8 +468,25 @@ async fn download(
     });
     let mut chunks = Vec::new();
     let mut sources = BTreeSet::new();
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
     let result = loop {
-        match client.next().await {
+        let next = tokio::select! {
+            _ = &mut interrupted => {
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                // Ctrl-C detaches: the daemon carries on with the download.
+                eprintln!(
+                    "Detached: {} keeps downloading in the daemon; see 'p2pctl status' (or 'p2pctl cancel {}').",
+                    file.name,
+                    file.id.short()
+                );
+                return Ok(());
+            }
+            n = client.next() => n,
+        };
+        match next {
             Ok(CtlResponse::Chunk {
                 index,
                 total,

@@ -98,12 +98,14 @@ fn serve(
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     runtime.block_on(async move {
+        // Handlers first: a signal right after readiness must still stop us cleanly.
+        let shutdown = shutdown_signal();
         let peers = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("binding peer address {listen}: {e}"))?;
         let control = p2pd::control::bind(&config.socket).map_err(|e| e.to_string())?;
         info!(tracker = %config.tracker, data_dir = %config.data_dir.display(), "starting");
-        p2pd::run(config, peers, control, shutdown_signal(), |status| {
+        p2pd::run(config, peers, control, shutdown, |status| {
             readiness.ready(status)
         })
         .await
@@ -125,7 +127,11 @@ fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    p2p_schema::shutdown_signal().await;
-    info!("signal received");
+/// Installs the SIGINT/SIGTERM handlers now; the future resolves when one arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let signal = p2p_schema::shutdown_signal();
+    async move {
+        signal.await;
+        info!("signal received");
+    }
 }

@@ -410,7 +410,7 @@ fn p2pctl_without_a_daemon_says_so() {
     assert_eq!(
         err.trim_end(),
         format!(
-            "error: no daemon at {}: is p2pd running? (start it, or point --socket at its socket)",
+            "error: no daemon at {}: is p2pd running? (start it with 'systemctl --user start p2pd' or 'p2pd --daemon', or point --socket at its socket)",
             sock.display()
         )
     );

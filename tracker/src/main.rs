@@ -129,6 +129,8 @@ fn serve(
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     runtime.block_on(async move {
+        // Handlers first: a signal right after readiness must still stop us cleanly.
+        let shutdown = shutdown_signal();
         let registry = Registry::open(&data_dir, config.ttl).map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -142,7 +144,7 @@ fn serve(
             "Waiting for peers... listening on {addr}"
         );
         readiness.ready(&format!("listening on {addr}"));
-        p2p_tracker::run(listener, Arc::new(registry), config, shutdown_signal())
+        p2p_tracker::run(listener, Arc::new(registry), config, shutdown)
             .await
             .map_err(|e| e.to_string())
     })
@@ -185,7 +187,11 @@ fn stats(tracker: &str, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    p2p_schema::shutdown_signal().await;
-    info!("signal received");
+/// Installs the SIGINT/SIGTERM handlers now; the future resolves when one arrives.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let signal = p2p_schema::shutdown_signal();
+    async move {
+        signal.await;
+        info!("signal received");
+    }
 }
