@@ -252,8 +252,8 @@ impl Registry {
         }
     }
 
-    /// Registers a manifest with `peer` holding all of it. Also says whether this changed
-    /// anything (a new file, or a new full holder).
+    /// Registers a manifest with `peer` holding all of it. Also says whether the file is new
+    /// to the registry (worth a flush: holdings are re-announced by daemons anyway).
     pub fn register(
         &self,
         peer: PeerId,
@@ -275,12 +275,8 @@ impl Registry {
             false
         };
         let chunks = state.files[&id].manifest.chunk_count();
-        let had_all = state.files[&id]
-            .holders
-            .get(&peer)
-            .is_some_and(|b| b.is_full());
         self.set_holding(&mut state, peer, id, Bitfield::full(chunks))?;
-        Ok((summary(&state, &id), new || !had_all))
+        Ok((summary(&state, &id), new))
     }
 
     /// Replaces what `peer` holds of file `id`.

@@ -201,6 +201,8 @@ fn handle(
                 if new {
                     info!(file = %file.id.short(), name = %name, size = file.size, "file registered");
                     changed = true;
+                } else {
+                    debug!(file = %file.id.short(), name = %name, "another holder registered");
                 }
                 TrackerResponse::Registered { file }
             })
