@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
+use crate::aligned::{AlignedBuf, ALIGN};
 use crate::local::LocalFile;
 use crate::node::Node;
 use crate::serve::write_all_at;
@@ -76,6 +77,9 @@ pub struct Download {
     sources: Mutex<HashSet<SocketAddr>>,
     /// Set to stop this download alone (pause, cancel).
     halt: watch::Sender<bool>,
+    /// The partial file opened for direct I/O (`O_DIRECT`), where the file system allows:
+    /// aligned chunks are written through it, bypassing the page cache.
+    direct: Option<Arc<std::fs::File>>,
     /// Set while its task runs; cleared (and `ended` notified) when it returns.
     running: std::sync::atomic::AtomicBool,
     ended: Notify,
@@ -114,6 +118,7 @@ impl Download {
         refetched: u64,
     ) -> Download {
         Download {
+            direct: open_direct(&part).map(Arc::new),
             resumed_with: local.have_count(),
             refetched,
             id: manifest.file_id(),
@@ -481,8 +486,13 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
                 peer,
                 has: Bitfield::new(0),
                 asked: VecDeque::new(),
+                verifying: VecDeque::new(),
+                pool: Vec::new(),
             };
             let result = worker.run(chunks).await;
+            // Chunks still being verified are taken in before the worker lets go of them.
+            let drained = worker.drain().await;
+            let result = result.and(drained);
             drop(worker);
             if let Err(e) = result {
                 info!("stopped fetching from this peer: {e}");
@@ -504,7 +514,17 @@ struct Worker {
     has: Bitfield,
     /// Chunks requested and not yet answered, oldest first.
     asked: VecDeque<u32>,
+    /// Chunks received and being verified and written, oldest first.
+    verifying: VecDeque<Verifying>,
+    /// Spare chunk buffers.
+    pool: Vec<AlignedBuf>,
 }
+
+/// A chunk being verified and written: its index, buffer, and whether it matched.
+type Verifying = tokio::task::JoinHandle<(u32, AlignedBuf, std::io::Result<bool>)>;
+
+/// Chunks one worker may have in verification at once (besides the one being received).
+const MAX_VERIFYING: usize = 2;
 
 impl Drop for Worker {
     fn drop(&mut self) {
@@ -562,7 +582,7 @@ impl Worker {
         debug!("connected");
 
         let file_id = self.swarm.dl.id;
-        let mut buf: Vec<u8> = Vec::new();
+        let mut buf = AlignedBuf::new();
         loop {
             if stop.is_set() {
                 return Ok(());
@@ -584,6 +604,11 @@ impl Worker {
                 writer.flush().await.map_err(|e| e.to_string())?;
             }
 
+            if self.asked.is_empty() && !self.verifying.is_empty() {
+                // Nothing on the wire: take in what is being verified before deciding more.
+                self.drain().await?;
+                continue;
+            }
             if self.asked.is_empty() {
                 if self.swarm.picker().remaining == 0 {
                     return Ok(());
@@ -631,29 +656,75 @@ impl Worker {
                     self.swarm.changed.notify_waiters();
                 }
                 Ok(Ok(Received::Chunk(index))) => {
-                    buf = self.accept(index, std::mem::take(&mut buf)).await?;
+                    // Verify and write on a blocking thread while the next chunk arrives.
+                    let data = std::mem::replace(&mut buf, self.pool.pop().unwrap_or_default());
+                    self.verifying.push_back(self.start_verify(index, data)?);
+                    while self
+                        .verifying
+                        .front()
+                        .is_some_and(|h| h.is_finished() || self.verifying.len() > MAX_VERIFYING)
+                    {
+                        self.finish_one().await?;
+                    }
                 }
             }
         }
     }
 
-    /// Verifies chunk `index` (in `data`) and writes it in place. Returns the buffer for reuse.
-    async fn accept(&mut self, index: u32, data: Vec<u8>) -> Result<Vec<u8>, String> {
-        let swarm = &self.swarm;
-        let dl = &swarm.dl;
-        let (offset, _) = dl.manifest.chunk_range(index).ok_or("index out of range")?;
+    /// Waits for every chunk still being verified and takes in the outcomes.
+    async fn drain(&mut self) -> Result<(), String> {
+        while !self.verifying.is_empty() {
+            self.finish_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish_one(&mut self) -> Result<(), String> {
+        let Some(handle) = self.verifying.pop_front() else {
+            return Ok(());
+        };
+        let (index, data, outcome) = handle.await.map_err(|e| e.to_string())?;
+        let data = self.accept(index, data, outcome)?;
+        if self.pool.len() <= MAX_VERIFYING {
+            self.pool.push(data);
+        }
+        Ok(())
+    }
+
+    /// Starts checking chunk `index` (in `data`) against its hash, and writing it in place
+    /// if it matches, on a blocking thread.
+    fn start_verify(&self, index: u32, data: AlignedBuf) -> Result<Verifying, String> {
+        let dl = &self.swarm.dl;
+        let (offset, len) = dl.manifest.chunk_range(index).ok_or("index out of range")?;
         let expected = *dl.manifest.hash(index).ok_or("index out of range")?;
         let file = dl.local.handle();
-        let len = data.len() as u64;
-        let (data, outcome) = tokio::task::spawn_blocking(move || {
+        let aligned = offset.is_multiple_of(ALIGN as u64) && (len as usize).is_multiple_of(ALIGN);
+        let direct = dl.direct.clone().filter(|_| aligned);
+        Ok(tokio::task::spawn_blocking(move || {
             if sha256(&data) != expected {
-                return (data, Ok(false));
+                return (index, data, Ok(false));
             }
-            let written = write_all_at(&file, &data, offset);
-            (data, written.map(|()| true))
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+            let written = match direct.map(|d| write_all_at(&d, &data, offset)) {
+                Some(Ok(())) => Ok(()),
+                // Buffered where direct I/O is not possible (or was refused).
+                Some(Err(_)) | None => write_all_at(&file, &data, offset)
+                    .inspect(|()| start_writeback(&file, offset, data.len())),
+            };
+            (index, data, written.map(|()| true))
+        }))
+    }
+
+    /// Takes in the outcome of verifying chunk `index`: counts it, commits it, or discards
+    /// it and strikes the peer. Returns the buffer for reuse.
+    fn accept(
+        &mut self,
+        index: u32,
+        data: AlignedBuf,
+        outcome: std::io::Result<bool>,
+    ) -> Result<AlignedBuf, String> {
+        let swarm = &self.swarm;
+        let dl = &swarm.dl;
+        let len = data.len() as u64;
         match outcome {
             Ok(true) => {
                 let (new, have) = {
@@ -686,8 +757,9 @@ impl Worker {
                 };
                 warn!(index, strikes, "chunk failed verification; discarded");
                 if strikes >= MAX_STRIKES {
-                    lock(&swarm.banned).insert(self.peer);
-                    warn!(peer = %self.addr, "peer banned from this download: it sent bad data {strikes} times");
+                    if lock(&swarm.banned).insert(self.peer) {
+                        warn!(peer = %self.addr, "peer banned from this download: it sent bad data {strikes} times");
+                    }
                     return Err("banned".into());
                 }
                 Ok(data)
@@ -710,7 +782,7 @@ async fn receive(
     reader: &mut PeerReader,
     manifest: &Manifest,
     asked: &mut VecDeque<u32>,
-    buf: &mut Vec<u8>,
+    buf: &mut AlignedBuf,
 ) -> Result<Received, String> {
     let expected = *asked.front().ok_or("nothing asked")?;
     match reader
@@ -725,7 +797,7 @@ async fn receive(
                     "peer answered chunk {index} ({len} bytes) for chunk {expected} ({want} bytes)"
                 ));
             }
-            buf.resize(len as usize, 0);
+            buf.resize(len as usize);
             reader.recv_payload(buf).await.map_err(|e| e.to_string())?;
             asked.pop_front();
             Ok(Received::Chunk(index))
@@ -736,6 +808,45 @@ async fn receive(
         }
         other => Err(format!("unexpected answer {other:?}")),
     }
+}
+
+/// Opens `part` for direct I/O, if the platform and file system allow it.
+fn open_direct(part: &std::path::Path) -> Option<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(part)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = part;
+        None
+    }
+}
+
+/// Asks the kernel to start writing a freshly written range to disk now, without waiting, so
+/// that the committer's `fdatasync` finds little left to do (streaming writes otherwise pile
+/// up as dirty pages and are flushed all at once).
+fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a hint on a descriptor we own; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
 }
 
 /// Makes written chunks durable in batches: sync the file, then record in sled, then serve

@@ -16,6 +16,7 @@
 //!
 //! See `daemon/STATE.md` for the chunk state machine and the crash-consistency ordering.
 
+pub mod aligned;
 pub mod control;
 pub mod download;
 pub mod local;

@@ -778,8 +778,8 @@ pub async fn run(
     ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
     let store = Store::open(&config.data_dir)?;
-    let peer_id = store.peer_id()?;
     let clean = store.take_clean_flag().await?;
+    let peer_id = store.peer_id()?;
     if !clean {
         info!("the previous run did not stop cleanly: unrecorded chunks will be re-verified");
     }

@@ -105,6 +105,7 @@ async fn connection(
         None => return Ok(()),
     }
 
+    #[cfg(not(target_os = "linux"))]
     let mut buf = Vec::new();
     let mut budget = Budget::new();
     loop {
@@ -127,27 +128,36 @@ async fn connection(
         };
         match request {
             PeerRequest::GetChunk { file_id, index } => {
-                match read_chunk(&node, &file_id, index, std::mem::take(&mut buf)).await {
-                    Ok((data, local)) => {
-                        node.upload_limit.wait(data.len()).await;
-                        let header = PeerResponse::Chunk {
-                            index,
-                            len: data.len() as u32,
-                        };
-                        writer
-                            .send_with_payload(&header, &data)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        local.add_uploaded(data.len() as u64);
-                        buf = data;
-                    }
+                let (local, offset, len) = match locate_chunk(&node, &file_id, index) {
+                    Ok(found) => found,
                     Err(e) => {
                         writer
                             .send(&PeerResponse::Error(e))
                             .await
                             .map_err(|e| e.to_string())?;
+                        continue;
                     }
+                };
+                node.upload_limit.wait(len as usize).await;
+                let header = PeerResponse::Chunk { index, len };
+                #[cfg(target_os = "linux")]
+                {
+                    writer.feed(&header).await.map_err(|e| e.to_string())?;
+                    writer.flush().await.map_err(|e| e.to_string())?;
+                    let socket: &tokio::net::TcpStream = writer.get_ref().as_ref();
+                    send_file(socket, &local.handle(), offset, len)
+                        .await
+                        .map_err(|e| format!("sending chunk {index}: {e}"))?;
                 }
+                #[cfg(not(target_os = "linux"))]
+                {
+                    buf = read_chunk(&node, &local, offset, len, std::mem::take(&mut buf)).await?;
+                    writer
+                        .send_with_payload(&header, &buf)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                }
+                local.add_uploaded(u64::from(len));
             }
             PeerRequest::GetHave { file_id } => {
                 let reply = match node.local_file(&file_id) {
@@ -173,13 +183,14 @@ fn not_shared(id: &p2p_schema::FileId) -> WireError {
     WireError::new(ErrorCode::NotFound, format!("file {id} is not shared here"))
 }
 
-/// Reads chunk `index` of file `id` into `buf`, if it is held.
-async fn read_chunk(
+/// Finds chunk `index` of file `id` if it may be served: registered, held, and (for a whole
+/// file) unchanged since it was hashed. A changed file stops being served and the tracker is
+/// told to forget it.
+fn locate_chunk(
     node: &Node,
     id: &p2p_schema::FileId,
     index: u32,
-    mut buf: Vec<u8>,
-) -> Result<(Vec<u8>, Arc<crate::local::LocalFile>), WireError> {
+) -> Result<(Arc<crate::local::LocalFile>, u64, u32), WireError> {
     let local = node.local_file(id).ok_or_else(|| not_shared(id))?;
     let (offset, len) = local.manifest.chunk_range(index).ok_or_else(|| {
         WireError::new(
@@ -193,38 +204,78 @@ async fn read_chunk(
             format!("chunk {index} is not held here"),
         ));
     }
+    // A `stat`: cheap enough to do inline, and it must come before every send.
+    if let Err(why) = local.check_source() {
+        node.tracker
+            .notify(p2p_schema::TrackerRequest::Drop { file_id: *id });
+        return Err(WireError::new(ErrorCode::NotFound, why));
+    }
+    Ok((local, offset, len))
+}
+
+/// Sends `len` bytes of `file` from `offset` straight from the page cache to the socket
+/// (`sendfile`: no copy through this process, no buffer). Waits for the socket as needed; a
+/// read of data not in the page cache blocks this worker thread briefly.
+#[cfg(target_os = "linux")]
+async fn send_file(
+    socket: &tokio::net::TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    len: u32,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (out_fd, in_fd) = (socket.as_raw_fd(), file.as_raw_fd());
+    let mut off = offset as libc::off_t;
+    let mut left = len as usize;
+    while left > 0 {
+        socket.writable().await?;
+        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: both descriptors are open for the duration of the call; `off` is ours.
+            let n = unsafe { libc::sendfile(out_fd, in_fd, &mut off, left) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match sent {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file is shorter than its manifest",
+                ))
+            }
+            Ok(n) => left -= n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads a chunk into `buf` on a blocking thread (where `sendfile` is not available).
+#[cfg(not(target_os = "linux"))]
+async fn read_chunk(
+    node: &Node,
+    local: &Arc<crate::local::LocalFile>,
+    offset: u64,
+    len: u32,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, String> {
     // Bound the memory held by reads in progress across all connections.
     let _permit = node
         .upload_slots
         .acquire()
         .await
-        .map_err(|_| WireError::new(ErrorCode::Busy, "shutting down"))?;
-    let reader = local.clone();
-    let data = tokio::task::spawn_blocking(move || {
-        // A shared file changed behind our back is never served.
-        reader.check_source().map_err(Stale)?;
+        .map_err(|e| e.to_string())?;
+    let file = local.handle();
+    tokio::task::spawn_blocking(move || {
         buf.resize(len as usize, 0);
-        read_exact_at(&reader.handle(), &mut buf, offset)
-            .map(|()| buf)
-            .map_err(Failed)
+        read_exact_at(&file, &mut buf, offset).map(|()| buf)
     })
     .await
-    .map_err(|e| WireError::new(ErrorCode::Internal, e.to_string()))?;
-    match data {
-        Ok(data) => Ok((data, local)),
-        Err(Stale(why)) => {
-            node.tracker
-                .notify(p2p_schema::TrackerRequest::Drop { file_id: *id });
-            Err(WireError::new(ErrorCode::NotFound, why))
-        }
-        Err(Failed(e)) => {
-            warn!(file = %local.id.short(), index, error = %e, "reading a chunk to serve failed");
-            Err(WireError::new(
-                ErrorCode::Io,
-                format!("reading chunk {index}: {e}"),
-            ))
-        }
-    }
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("reading a chunk to serve: {e}"))
 }
 
 /// One connection's share of an address's connection cap, returned when dropped.
@@ -290,14 +341,6 @@ impl Budget {
         self.tokens -= 1.0;
     }
 }
-
-/// Why a chunk could not be read for serving.
-enum ReadFailure {
-    /// The shared file changed; it is no longer served.
-    Stale(String),
-    Failed(std::io::Error),
-}
-use ReadFailure::{Failed, Stale};
 
 /// Positional read of exactly `buf.len()` bytes.
 pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {

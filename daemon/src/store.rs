@@ -119,11 +119,18 @@ impl Store {
     /// Did the previous run stop cleanly? Then marks this run as not (yet) stopped cleanly,
     /// durably, so a crash from here on is noticed at the next start.
     pub async fn take_clean_flag(&self) -> Result<bool, Error> {
-        let clean = self
+        // A brand-new database has nothing to doubt.
+        let fresh = self
             .meta
-            .remove("clean")
-            .map_err(db_err("reading clean flag"))?
-            .is_some();
+            .get("peer_id")
+            .map_err(db_err("reading peer id"))?
+            .is_none();
+        let clean = fresh
+            || self
+                .meta
+                .remove("clean")
+                .map_err(db_err("reading clean flag"))?
+                .is_some();
         self.flush().await?;
         Ok(clean)
     }

@@ -166,6 +166,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Are bytes of a next frame already buffered? (A server answering pipelined requests
+    /// can then hold its flush until it has answered them all.)
+    pub fn has_buffered(&self) -> bool {
+        !self.inner.buffer().is_empty()
+    }
+
     /// The underlying stream.
     pub fn get_ref(&self) -> &R {
         self.inner.get_ref()
@@ -218,6 +224,11 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
     pub async fn flush(&mut self) -> Result<(), FrameError> {
         self.inner.flush().await?;
         Ok(())
+    }
+
+    /// The underlying stream, for writing around the buffer (flush first).
+    pub fn get_ref(&self) -> &W {
+        self.inner.get_ref()
     }
 
     /// Flushes and shuts the write side down.

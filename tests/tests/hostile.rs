@@ -52,35 +52,52 @@ fn a_peer_sending_wrong_bytes_is_caught_banned_and_the_file_is_still_right() {
         "{log}"
     );
     assert!(first_download(leecher)["wasted"].as_u64().unwrap() >= 2 * 65536);
-    // Banned: after two strikes it is asked for nothing more (the window may hold a few).
-    assert!(liar.requests.load(std::sync::atomic::Ordering::SeqCst) <= 2 + 16);
+    // Banned: after two strikes it is asked for nothing more. Before the second strike is
+    // known, the worker may have asked for a window (16) more, and have 3 chunks in hand.
+    let asked = liar.requests.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(asked <= 2 + 16 + 3, "the liar was asked for {asked} chunks");
 }
 
 #[test]
 fn silent_and_dripping_peers_are_timed_out_and_their_chunks_go_elsewhere() {
-    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "4000000"]);
+    // At first only a silent peer and a dripping one hold the file.
+    let mut swarm = Swarm::new(0, "30s", &[]);
     swarm.add_daemon(&["--request-timeout", "1s"]);
     let file = swarm.path("slow.bin");
     write_random(&file, 2 << 20, 41);
-    swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
     let silent = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Silent);
     let drip = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Drip);
-
     let out = swarm.path("got.bin");
-    let leecher = &swarm.daemons[1];
-    leecher.ctl_json(&["download", "slow.bin", "-o", out.to_str().unwrap()]);
-    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let leecher = 0;
+    swarm.daemons[leecher].ctl_json(&[
+        "download",
+        "slow.bin",
+        "-o",
+        out.to_str().unwrap(),
+        "--detach",
+    ]);
+
+    // Both are asked, both time out; nothing is taken from them.
+    let timed_out = eventually(Duration::from_secs(20), || {
+        let n = swarm.daemons[leecher]
+            .proc
+            .count("stopped fetching from this peer: no chunk in");
+        (n >= 2).then_some(n)
+    });
+    assert!(timed_out.is_some(), "{}", swarm.daemons[leecher].proc.log());
     let asked = |p: &fake::FakePeer| p.requests.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
         asked(&silent) > 0 && asked(&drip) > 0,
         "both bad peers were tried"
     );
-    // Time-outs are logged (they may come after the download finished from others).
-    let timed_out = leecher.proc.try_wait_for(
-        "stopped fetching from this peer: no chunk in",
-        Duration::from_secs(5),
-    );
-    assert!(timed_out.is_some(), "{}", leecher.proc.log());
+    assert_eq!(first_download(&swarm.daemons[leecher])["have"], 0);
+    assert!(!out.exists());
+
+    // An honest seeder appears: the requests go to it and the download finishes.
+    let honest = swarm.add_daemon(&[]);
+    swarm.daemons[honest].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    wait_complete(&swarm.daemons[leecher], Duration::from_secs(60));
+    assert_eq!(file_sha256(&out), file_sha256(&file));
 }
 
 #[test]

@@ -95,14 +95,16 @@ pub async fn run(
     registry.flush().await
 }
 
-/// Drops peers silent for longer than the TTL, checking a few times per TTL.
+/// Drops peers silent for longer than the TTL, checking a few times per TTL, and writes
+/// changed holdings to disk at least once a second.
 async fn reap(registry: Arc<Registry>, ttl: Duration, mut stop: watch::Receiver<bool>) {
-    let period = (ttl / 4).max(Duration::from_millis(50));
+    let period = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.changed() => return,
             () = tokio::time::sleep(period) => {}
         }
+        registry.persist();
         for (addr, left) in registry.expire() {
             info!(
                 reason = "timed out",

@@ -47,6 +47,8 @@ struct PeerEntry {
 struct State {
     files: HashMap<FileId, FileEntry>,
     peers: HashMap<PeerId, PeerEntry>,
+    /// Holdings changed in memory and not yet written to sled (see [`Registry::persist`]).
+    dirty: HashSet<(FileId, PeerId)>,
 }
 
 /// The tracker's registry. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -174,7 +176,7 @@ impl Registry {
             let Ok(bits) = ciborium::from_reader::<Bitfield, _>(&v[..]) else {
                 continue;
             };
-            let State { files, peers } = &mut *state;
+            let State { files, peers, .. } = &mut *state;
             if let (Some(file), Some(peer)) = (files.get_mut(&fid), peers.get_mut(&pid)) {
                 if let Some(bits) = bits.checked(file.manifest.chunk_count()) {
                     file.holders.insert(pid, bits);
@@ -204,6 +206,24 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; the state is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes the holdings changed since the last call to sled, in one batch.
+    pub fn persist(&self) {
+        let mut state = self.lock();
+        if state.dirty.is_empty() {
+            return;
+        }
+        let mut batch = sled::Batch::default();
+        for (id, peer) in std::mem::take(&mut state.dirty) {
+            if let Some(bits) = state.files.get(&id).and_then(|f| f.holders.get(&peer)) {
+                batch.insert(holding_key(&id, &peer), cbor(bits));
+            }
+        }
+        drop(state);
+        if let Err(e) = self.holdings.apply_batch(batch) {
+            warn!(error = %e, "writing holdings");
+        }
     }
 
     /// Counts one request (for stats).
@@ -333,7 +353,9 @@ impl Registry {
             .get_mut(&peer)
             .ok_or_else(|| not_found("unknown peer: say hello first"))?;
         p.files.insert(id);
-        let _ = self.holdings.insert(holding_key(&id, &peer), cbor(&bits));
+        // Written to sled in batches by `persist`: holdings change with every chunk a
+        // downloader gains, and daemons re-announce them after a restart anyway.
+        state.dirty.insert((id, peer));
         if let Some(f) = state.files.get_mut(&id) {
             f.holders.insert(peer, bits);
         }
@@ -347,6 +369,7 @@ impl Registry {
     }
 
     fn drop_holding(&self, state: &mut State, peer: PeerId, id: FileId) {
+        state.dirty.remove(&(id, peer));
         let _ = self.holdings.remove(holding_key(&id, &peer));
         if let Some(p) = state.peers.get_mut(&peer) {
             p.files.remove(&id);
@@ -469,6 +492,7 @@ impl Registry {
 
     /// Writes everything to disk (fsync).
     pub async fn flush(&self) -> Result<(), Error> {
+        self.persist();
         self.db
             .flush_async()
             .await
@@ -574,6 +598,7 @@ mod tests {
             let (s, _) = reg
                 .register(PeerId([1; 16]), manifest("f", 3, 3000))
                 .unwrap();
+            reg.persist();
             reg.db.flush().unwrap();
             s.id
         };

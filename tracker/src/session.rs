@@ -102,7 +102,14 @@ pub async fn serve(
                 warn!(error = %e, "flushing a registration");
             }
         }
-        if writer.send(&response).await.is_err() || bye {
+        // Pipelined requests already buffered get their answers in one write.
+        if writer.feed(&response).await.is_err() {
+            return;
+        }
+        if (bye || !reader.has_buffered()) && writer.flush().await.is_err() {
+            return;
+        }
+        if bye {
             return;
         }
     }
