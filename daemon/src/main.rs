@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use p2p_schema::service::{self, Detached, Readiness};
+use p2p_schema::service::{self, Readiness};
 use p2pd::settings::Settings;
-use tracing::{error, info};
+use tracing::info;
 
 /// The p2p peer daemon: shares files, downloads them from the swarm, serves p2pctl.
 ///
@@ -37,55 +37,22 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let fail = |e: String| {
-        eprintln!("p2pd: error: {e}");
-        ExitCode::FAILURE
+    let (settings, mut readiness) = match service::start(
+        args.settings,
+        args.config.as_deref(),
+        args.print_config,
+        args.daemon,
+    ) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
-    let (file, source) = match service::load_config::<Settings>(args.config.as_deref(), "p2pd") {
-        Ok(x) => x,
-        Err(e) => return fail(e),
-    };
-    let settings = match Settings::resolve(args.settings, file) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
-    if args.print_config {
-        if let Some(p) = source {
-            println!("# read from {}", p.display());
-        }
-        print!("{}", settings.to_toml());
-        return ExitCode::SUCCESS;
-    }
-    let config = match settings.to_config() {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    if let Err(e) = create_private_dir(&config.data_dir) {
-        return fail(e);
-    }
-    let mut readiness = if args.daemon {
-        let pid = settings.pid_file.clone().unwrap_or_default();
-        let log = settings.log_file.clone().unwrap_or_default();
-        match service::detach("p2pd", &pid, &log) {
-            Ok(Detached::Parent(code)) => return ExitCode::from(code),
-            Ok(Detached::Daemon(r)) => r,
-            Err(e) => return fail(e),
-        }
-    } else {
-        Readiness::foreground()
-    };
-    service::init_logging(settings.log_level.as_deref().unwrap_or("info"));
     let listen = settings
         .listen
         .unwrap_or_else(|| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    match serve(config, listen, &mut readiness) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            readiness.fail(&e);
-            fail(e)
-        }
-    }
+    let result = settings
+        .to_config()
+        .and_then(|config| serve(config, listen, &mut readiness));
+    service::finish("p2pd", result, &mut readiness)
 }
 
 fn serve(
@@ -111,20 +78,6 @@ fn serve(
         .await
         .map_err(|e| e.to_string())
     })
-}
-
-fn create_private_dir(dir: &std::path::Path) -> Result<(), String> {
-    if dir.exists() {
-        return Ok(());
-    }
-    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("restricting {}: {e}", dir.display()))?;
-    }
-    Ok(())
 }
 
 /// Installs the SIGINT/SIGTERM handlers now; the future resolves when one arrives.

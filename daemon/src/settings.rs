@@ -192,6 +192,31 @@ impl Settings {
     }
 }
 
+impl p2p_schema::service::ServiceSettings for Settings {
+    const PROGRAM: &'static str = "p2pd";
+
+    fn resolve(flags: Self, file: Self) -> Result<Self, String> {
+        Settings::resolve(flags, file)
+    }
+
+    fn to_toml(&self) -> String {
+        Settings::to_toml(self)
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_default()
+    }
+
+    fn pid_and_log_files(&self) -> (PathBuf, PathBuf) {
+        let get = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
+        (get(&self.pid_file), get(&self.log_file))
+    }
+
+    fn log_level(&self) -> &str {
+        self.log_level.as_deref().unwrap_or("info")
+    }
+}
+
 fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
 }

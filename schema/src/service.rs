@@ -184,3 +184,90 @@ pub fn load_config<T: serde::de::DeserializeOwned + Default>(
     })?;
     Ok((settings, Some(path)))
 }
+
+/// What the two daemons' settings give the shared start-up ([`start`]).
+pub trait ServiceSettings: Sized + serde::de::DeserializeOwned + Default {
+    /// The program's name, for messages and default paths.
+    const PROGRAM: &'static str;
+    /// Merges flags (with environment) over the configuration file over defaults.
+    fn resolve(flags: Self, file: Self) -> Result<Self, String>;
+    /// The effective settings as a configuration file (secrets hidden).
+    fn to_toml(&self) -> String;
+    /// The data directory (created, private, before anything else).
+    fn data_dir(&self) -> std::path::PathBuf;
+    /// With `--daemon`: the pid file and the log file.
+    fn pid_and_log_files(&self) -> (std::path::PathBuf, std::path::PathBuf);
+    /// The log level or filter.
+    fn log_level(&self) -> &str;
+}
+
+/// The start-up both daemons share: read the configuration file, merge settings, answer
+/// `--print-config`, create the data directory (mode 0700), detach for `--daemon`, set up
+/// logging. Returns the settings and how to report readiness, or the exit code to exit with
+/// now (after `--print-config`, in a `--daemon` parent, or on an error, already printed).
+pub fn start<S: ServiceSettings>(
+    flags: S,
+    config: Option<&Path>,
+    print_config: bool,
+    daemon: bool,
+) -> Result<(S, Readiness), std::process::ExitCode> {
+    use std::process::ExitCode;
+    let fail = |e: String| {
+        eprintln!("{}: error: {e}", S::PROGRAM);
+        ExitCode::FAILURE
+    };
+    let (file, source) = load_config::<S>(config, S::PROGRAM).map_err(fail)?;
+    let settings = S::resolve(flags, file).map_err(fail)?;
+    if print_config {
+        if let Some(p) = source {
+            println!("# read from {}", p.display());
+        }
+        print!("{}", settings.to_toml());
+        return Err(ExitCode::SUCCESS);
+    }
+    create_private_dir(&settings.data_dir()).map_err(fail)?;
+    let readiness = if daemon {
+        let (pid, log) = settings.pid_and_log_files();
+        match detach(S::PROGRAM, &pid, &log).map_err(fail)? {
+            Detached::Parent(code) => return Err(ExitCode::from(code)),
+            Detached::Daemon(r) => r,
+        }
+    } else {
+        Readiness::foreground()
+    };
+    init_logging(settings.log_level());
+    Ok((settings, readiness))
+}
+
+/// Turns the outcome of serving into an exit code, telling a waiting parent and the log why
+/// it failed.
+pub fn finish(
+    program: &str,
+    result: Result<(), String>,
+    readiness: &mut Readiness,
+) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            readiness.fail(&e);
+            eprintln!("{program}: error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Creates `dir` (and parents) if missing, private to its owner.
+fn create_private_dir(dir: &Path) -> Result<(), String> {
+    if dir.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("restricting {}: {e}", dir.display()))?;
+    }
+    Ok(())
+}

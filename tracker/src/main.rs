@@ -9,11 +9,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use p2p_schema::service::{self, Detached, Readiness};
+use p2p_schema::service::{self, Readiness};
 use p2p_schema::{FrameReader, FrameWriter, TrackerRequest, TrackerResponse, MAX_FRAME};
 use p2p_tracker::settings::Settings;
 use p2p_tracker::Registry;
-use tracing::{error, info};
+use tracing::info;
 
 /// The tracker of a p2p swarm: records which peers hold which chunks of which files.
 ///
@@ -69,53 +69,23 @@ fn main() -> ExitCode {
             Err(e) => fail(e),
         };
     }
-    let (file, source) =
-        match service::load_config::<Settings>(args.config.as_deref(), "p2p-tracker") {
-            Ok(x) => x,
-            Err(e) => return fail(e),
-        };
-    let settings = match Settings::resolve(args.settings, file) {
-        Ok(s) => s,
-        Err(e) => return fail(e),
+    let (settings, mut readiness) = match service::start(
+        args.settings,
+        args.config.as_deref(),
+        args.print_config,
+        args.daemon,
+    ) {
+        Ok(started) => started,
+        Err(code) => return code,
     };
-    if args.print_config {
-        if let Some(p) = source {
-            println!("# read from {}", p.display());
-        }
-        print!("{}", settings.to_toml());
-        return ExitCode::SUCCESS;
-    }
-    let config = match settings.to_config() {
-        Ok(c) => c,
-        Err(e) => return fail(e),
-    };
-    let data_dir = settings.data_dir.clone().unwrap_or_default();
-    if let Err(e) = std::fs::create_dir_all(&data_dir) {
-        return fail(format!("creating {}: {e}", data_dir.display()));
-    }
-    let mut readiness = if args.daemon {
-        let pid = settings.pid_file.clone().unwrap_or_default();
-        let log = settings.log_file.clone().unwrap_or_default();
-        match service::detach("p2p-tracker", &pid, &log) {
-            Ok(Detached::Parent(code)) => return ExitCode::from(code),
-            Ok(Detached::Daemon(r)) => r,
-            Err(e) => return fail(e),
-        }
-    } else {
-        Readiness::foreground()
-    };
-    service::init_logging(settings.log_level.as_deref().unwrap_or("info"));
     let listen = settings
         .listen
         .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
-    match serve(config, listen, data_dir, &mut readiness) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            error!("{e}");
-            readiness.fail(&e);
-            fail(e)
-        }
-    }
+    let data_dir = settings.data_dir.clone().unwrap_or_default();
+    let result = settings
+        .to_config()
+        .and_then(|config| serve(config, listen, data_dir, &mut readiness));
+    service::finish("p2p-tracker", result, &mut readiness)
 }
 
 fn serve(
