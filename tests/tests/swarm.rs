@@ -441,3 +441,28 @@ fn every_command_speaks_json() {
     let doc = swarm.daemons[1].ctl_json(&["quit"]);
     assert_eq!(doc["ok"], true);
 }
+
+#[test]
+fn a_small_in_flight_window_with_several_peers_still_ends_bit_identical() {
+    // The fast path (direct I/O, overlapped verification) with one request in flight per
+    // peer, against three seeders and one that lies: every chunk is still verified.
+    let mut swarm = Swarm::new(3, "30s", &[]);
+    let leecher = swarm.add_daemon(&["--max-in-flight", "1"]);
+    let file = swarm.path("window.bin");
+    write_random(&file, 6 << 20, 7);
+    for d in &swarm.daemons[..3] {
+        d.ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    }
+    let liar = p2p_tests::fake::start(
+        swarm.tracker.addr,
+        &file,
+        65536,
+        p2p_tests::fake::Behaviour::Corrupt,
+    );
+    let out = swarm.path("window-copy.bin");
+    let doc = swarm.daemons[leecher].ctl_json(&["download", "window.bin", "-o", out.to_str().unwrap()]);
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    assert!(sources(&doc).len() >= 2, "{doc}");
+    assert!(!sources(&doc).contains(&liar.addr.to_string()));
+    assert!(liar.requests.load(std::sync::atomic::Ordering::SeqCst) > 0, "the liar was asked");
+}
