@@ -262,3 +262,71 @@ fn a_tracker_with_a_secret_admits_only_daemons_that_know_it() {
         assert!(!log.contains("s3cret-value"), "the secret was logged");
     }
 }
+
+#[test]
+fn a_file_that_changes_while_it_is_hashed_is_refused() {
+    let swarm = Swarm::new(1, "30s", &[]);
+    let path = swarm.path("growing.log");
+    write_random(&path, 64 << 20, 70);
+    // Keep appending while the daemon hashes it.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, path) = (stop.clone(), path.clone());
+        std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                f.write_all(b"another line\n").unwrap();
+                f.flush().unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    let err = swarm.daemons[0].ctl(&["register", path.to_str().unwrap()]).fails();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    assert!(err.contains("changed while it was being hashed"), "{err}");
+    assert!(swarm.daemons[0].status()["shares"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn a_file_the_daemon_cannot_read_is_a_clear_error() {
+    let Some(uid) = throwaway_uid() else {
+        eprintln!("SKIPPED: needs root and useradd to run a daemon as another user");
+        return;
+    };
+    // A daemon running as the throwaway user, and a file only root may read.
+    let base = tempfile::Builder::new().prefix("p2p-uid-").tempdir_in("/tmp").unwrap();
+    std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tracker = Tracker::start(&base.path().join("tracker"), "30s");
+    let data = base.path().join("peer");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    unsafe {
+        let c = std::ffi::CString::new(data.to_str().unwrap()).unwrap();
+        libc::chown(c.as_ptr(), uid, uid);
+    }
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(bin("p2pd"));
+    cmd.args(["--listen", "127.0.0.1:0", "--tracker", &tracker.addr.to_string()])
+        .arg("--data-dir")
+        .arg(&data)
+        .uid(uid)
+        .gid(uid);
+    let daemon = p2p_tests::Proc::spawn("p2pd (other user)", cmd);
+    daemon.wait_for("connected to the tracker", Duration::from_secs(20));
+    let secret = base.path().join("root-only.bin");
+    std::fs::write(&secret, b"not for you").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(bin("p2pctl"))
+        .arg("--socket")
+        .arg(data.join("p2pd.sock"))
+        .arg("register")
+        .arg(&secret)
+        .uid(uid)
+        .gid(uid)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read") && err.contains("ermission denied"), "{err}");
+}
