@@ -271,3 +271,45 @@ fn create_private_dir(dir: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// The effective settings `s` as a configuration file; a set secret is mentioned, never shown
+/// (its field must be `#[serde(skip_serializing)]`).
+pub fn settings_toml<T: serde::Serialize>(s: &T, secret_set: bool) -> String {
+    let mut text = toml::to_string(s).unwrap_or_else(|e| format!("# cannot show: {e}\n"));
+    if secret_set {
+        text.push_str("# secret = (set, not shown)\n");
+    }
+    text
+}
+
+/// Implements [`ServiceSettings`] for a settings struct with the usual fields (`data_dir`,
+/// `pid_file`, `log_file`, `log_level`, `secret`) and an inherent `resolve`.
+#[macro_export]
+macro_rules! service_settings {
+    ($ty:ty, $program:expr) => {
+        impl $crate::service::ServiceSettings for $ty {
+            const PROGRAM: &'static str = $program;
+
+            fn resolve(flags: Self, file: Self) -> Result<Self, String> {
+                <$ty>::resolve(flags, file)
+            }
+
+            fn to_toml(&self) -> String {
+                $crate::service::settings_toml(self, self.secret.is_some())
+            }
+
+            fn data_dir(&self) -> std::path::PathBuf {
+                self.data_dir.clone().unwrap_or_default()
+            }
+
+            fn pid_and_log_files(&self) -> (std::path::PathBuf, std::path::PathBuf) {
+                let get = |p: &Option<std::path::PathBuf>| p.clone().unwrap_or_default();
+                (get(&self.pid_file), get(&self.log_file))
+            }
+
+            fn log_level(&self) -> &str {
+                self.log_level.as_deref().unwrap_or("info")
+            }
+        }
+    };
+}

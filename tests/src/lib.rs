@@ -391,6 +391,28 @@ impl Daemon {
     pub fn status(&self) -> serde_json::Value {
         self.ctl_json(&["status"])
     }
+
+    /// The status of this daemon's first download (`null` if none).
+    pub fn download_status(&self) -> serde_json::Value {
+        self.status()["downloads"][0].clone()
+    }
+
+    /// Waits until the first download holds at least `chunks` chunks; returns what it saw.
+    pub fn wait_have(&self, chunks: u64) -> u64 {
+        eventually(Duration::from_secs(60), || {
+            let h = self.download_status()["have"].as_u64()?;
+            (h >= chunks).then_some(h)
+        })
+        .unwrap_or_else(|| panic!("download never reached {chunks} chunks: {}", self.status()))
+    }
+
+    /// Waits until the first download is complete.
+    pub fn wait_complete(&self, timeout: Duration) {
+        eventually(timeout, || {
+            (self.download_status()["state"]["state"] == "complete").then_some(())
+        })
+        .unwrap_or_else(|| panic!("download never completed: {}", self.status()));
+    }
 }
 
 /// A tracker and daemons in one temporary directory.

@@ -6,17 +6,6 @@ use std::time::Duration;
 use p2p_tests::fake::{self, Behaviour};
 use p2p_tests::{eventually, file_sha256, write_random, Daemon, Swarm};
 
-fn first_download(d: &Daemon) -> serde_json::Value {
-    d.status()["downloads"][0].clone()
-}
-
-fn wait_complete(d: &Daemon, timeout: Duration) {
-    eventually(timeout, || {
-        (first_download(d)["state"]["state"] == "complete").then_some(())
-    })
-    .unwrap_or_else(|| panic!("download never completed: {}", d.status()));
-}
-
 #[test]
 fn a_peer_sending_wrong_bytes_is_caught_banned_and_the_file_is_still_right() {
     // The honest seeder is slow, so the liar gets asked for plenty of chunks.
@@ -51,7 +40,7 @@ fn a_peer_sending_wrong_bytes_is_caught_banned_and_the_file_is_still_right() {
         1,
         "{log}"
     );
-    assert!(first_download(leecher)["wasted"].as_u64().unwrap() >= 2 * 65536);
+    assert!(leecher.download_status()["wasted"].as_u64().unwrap() >= 2 * 65536);
     // Banned: after two strikes it is asked for nothing more. Before the second strike is
     // known, the worker may have asked for a window (16) more, and have 3 chunks in hand.
     let asked = liar.requests.load(std::sync::atomic::Ordering::SeqCst);
@@ -90,13 +79,13 @@ fn silent_and_dripping_peers_are_timed_out_and_their_chunks_go_elsewhere() {
         asked(&silent) > 0 && asked(&drip) > 0,
         "both bad peers were tried"
     );
-    assert_eq!(first_download(&swarm.daemons[leecher])["have"], 0);
+    assert_eq!(swarm.daemons[leecher].download_status()["have"], 0);
     assert!(!out.exists());
 
     // An honest seeder appears: the requests go to it and the download finishes.
     let honest = swarm.add_daemon(&[]);
     swarm.daemons[honest].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
-    wait_complete(&swarm.daemons[leecher], Duration::from_secs(60));
+    swarm.daemons[leecher].wait_complete(Duration::from_secs(60));
     assert_eq!(file_sha256(&out), file_sha256(&file));
 }
 
@@ -112,11 +101,11 @@ fn a_seeder_killed_mid_transfer_leaves_the_rest_to_the_others() {
     let out = swarm.path("got.bin");
     swarm.daemons[2].ctl_json(&["download", "f.bin", "-o", out.to_str().unwrap(), "--detach"]);
     eventually(Duration::from_secs(30), || {
-        (first_download(&swarm.daemons[2])["have"].as_u64()? >= 20).then_some(())
+        (swarm.daemons[2].download_status()["have"].as_u64()? >= 20).then_some(())
     })
     .expect("no progress");
     swarm.daemons[0].proc.kill();
-    wait_complete(&swarm.daemons[2], Duration::from_secs(60));
+    swarm.daemons[2].wait_complete(Duration::from_secs(60));
     assert_eq!(file_sha256(&out), file_sha256(&file));
 }
 
@@ -137,14 +126,14 @@ fn with_no_live_holder_a_download_stalls_says_so_and_continues_when_one_appears(
         "--detach",
     ]);
     eventually(Duration::from_secs(30), || {
-        (first_download(&swarm.daemons[leecher_i])["have"].as_u64()? >= 8).then_some(())
+        (swarm.daemons[leecher_i].download_status()["have"].as_u64()? >= 8).then_some(())
     })
     .expect("no progress");
     swarm.daemons[0].proc.kill();
 
     // Once the tracker drops the dead seeder, the missing chunks have no live holder.
     let stalled = eventually(Duration::from_secs(15), || {
-        let d = first_download(&swarm.daemons[leecher_i]);
+        let d = swarm.daemons[leecher_i].download_status();
         (d["stalled"].as_u64()? > 0).then_some(d)
     })
     .expect("the download never reported being stalled");
@@ -156,7 +145,7 @@ fn with_no_live_holder_a_download_stalls_says_so_and_continues_when_one_appears(
     // A new holder appears: the download carries on and finishes.
     let i = swarm.add_daemon(&[]);
     swarm.daemons[i].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
-    wait_complete(&swarm.daemons[leecher_i], Duration::from_secs(60));
+    swarm.daemons[leecher_i].wait_complete(Duration::from_secs(60));
     assert_eq!(file_sha256(&out), file_sha256(&file));
 }
 

@@ -273,7 +273,10 @@ fn a_file_that_changes_while_it_is_hashed_is_refused() {
     let writer = {
         let (stop, path) = (stop.clone(), path.clone());
         std::thread::spawn(move || {
-            let mut f = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .unwrap();
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 f.write_all(b"another line\n").unwrap();
                 f.flush().unwrap();
@@ -281,11 +284,16 @@ fn a_file_that_changes_while_it_is_hashed_is_refused() {
             }
         })
     };
-    let err = swarm.daemons[0].ctl(&["register", path.to_str().unwrap()]).fails();
+    let err = swarm.daemons[0]
+        .ctl(&["register", path.to_str().unwrap()])
+        .fails();
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     writer.join().unwrap();
     assert!(err.contains("changed while it was being hashed"), "{err}");
-    assert!(swarm.daemons[0].status()["shares"].as_array().unwrap().is_empty());
+    assert!(swarm.daemons[0].status()["shares"]
+        .as_array()
+        .unwrap()
+        .is_empty());
 }
 
 #[test]
@@ -295,7 +303,10 @@ fn a_file_the_daemon_cannot_read_is_a_clear_error() {
         return;
     };
     // A daemon running as the throwaway user, and a file only root may read.
-    let base = tempfile::Builder::new().prefix("p2p-uid-").tempdir_in("/tmp").unwrap();
+    let base = tempfile::Builder::new()
+        .prefix("p2p-uid-")
+        .tempdir_in("/tmp")
+        .unwrap();
     std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let tracker = Tracker::start(&base.path().join("tracker"), "30s");
     let data = base.path().join("peer");
@@ -307,11 +318,16 @@ fn a_file_the_daemon_cannot_read_is_a_clear_error() {
     }
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(bin("p2pd"));
-    cmd.args(["--listen", "127.0.0.1:0", "--tracker", &tracker.addr.to_string()])
-        .arg("--data-dir")
-        .arg(&data)
-        .uid(uid)
-        .gid(uid);
+    cmd.args([
+        "--listen",
+        "127.0.0.1:0",
+        "--tracker",
+        &tracker.addr.to_string(),
+    ])
+    .arg("--data-dir")
+    .arg(&data)
+    .uid(uid)
+    .gid(uid);
     let daemon = p2p_tests::Proc::spawn("p2pd (other user)", cmd);
     daemon.wait_for("connected to the tracker", Duration::from_secs(20));
     let secret = base.path().join("root-only.bin");
@@ -328,5 +344,8 @@ fn a_file_the_daemon_cannot_read_is_a_clear_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cannot read") && err.contains("ermission denied"), "{err}");
+    assert!(
+        err.contains("cannot read") && err.contains("ermission denied"),
+        "{err}"
+    );
 }

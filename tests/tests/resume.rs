@@ -8,32 +8,6 @@ use p2p_tests::{eventually, file_sha256, sample, write_random, Daemon, Swarm, Tr
 const CHUNK: u64 = 64 << 10;
 const MIB64: usize = 64 << 20;
 
-/// The first download's status (panics if there is none).
-fn download_status(d: &Daemon) -> serde_json::Value {
-    let s = d.status();
-    s["downloads"][0].clone()
-}
-
-fn have(d: &Daemon) -> u64 {
-    download_status(d)["have"].as_u64().unwrap_or(0)
-}
-
-/// Waits until the daemon's download holds at least `chunks` chunks; returns what it saw.
-fn wait_have(d: &Daemon, chunks: u64) -> u64 {
-    eventually(Duration::from_secs(60), || {
-        let h = have(d);
-        (h >= chunks).then_some(h)
-    })
-    .unwrap_or_else(|| panic!("download never reached {chunks} chunks: {}", d.status()))
-}
-
-fn wait_complete(d: &Daemon) {
-    eventually(Duration::from_secs(90), || {
-        (download_status(d)["state"]["state"] == "complete").then_some(())
-    })
-    .unwrap_or_else(|| panic!("download never completed: {}", d.status()));
-}
-
 #[test]
 fn a_downloader_killed_early_midway_and_late_resumes_and_ends_bit_identical() {
     // One seeder at 24 MB/s: a 64 MiB download takes a few seconds, time to kill it thrice.
@@ -55,7 +29,7 @@ fn a_downloader_killed_early_midway_and_late_resumes_and_ends_bit_identical() {
 
     let total = MIB64 as u64 / CHUNK;
     for fraction in [0.15, 0.5, 0.9] {
-        let before = wait_have(leecher, (total as f64 * fraction) as u64);
+        let before = leecher.wait_have((total as f64 * fraction) as u64);
         leecher.proc.kill();
         assert!(
             part.exists() && !out.exists(),
@@ -63,7 +37,7 @@ fn a_downloader_killed_early_midway_and_late_resumes_and_ends_bit_identical() {
         );
         // No new `download` command: it resumes by itself.
         leecher.restart();
-        let st = download_status(leecher);
+        let st = leecher.download_status();
         let resumed = st["resumed_with"].as_u64().unwrap();
         assert!(
             resumed >= before,
@@ -83,9 +57,9 @@ fn a_downloader_killed_early_midway_and_late_resumes_and_ends_bit_identical() {
             .proc
             .wait_for("connected to the tracker", Duration::from_secs(10));
     }
-    wait_complete(leecher);
+    leecher.wait_complete(Duration::from_secs(90));
     // Persisted across restarts: the total over all three kills.
-    let refetched = download_status(leecher)["refetched"].as_u64().unwrap();
+    let refetched = leecher.download_status()["refetched"].as_u64().unwrap();
     eprintln!("refetched over three kills: {refetched} bytes");
     // At most the chunk being written at each kill is torn and fetched again.
     assert!(
@@ -106,21 +80,21 @@ fn a_clean_restart_resumes_the_same_way() {
     let out = swarm.path("f-copy.bin");
     let leecher = &mut swarm.daemons[1];
     leecher.ctl_json(&["download", "f.bin", "-o", out.to_str().unwrap(), "--detach"]);
-    let before = wait_have(leecher, 64);
+    let before = leecher.wait_have(64);
     leecher.ctl(&["quit"]).ok();
     assert!(leecher.proc.wait_exit(Duration::from_secs(10)).success());
     leecher.restart();
     assert!(!leecher.proc.log().contains("did not stop cleanly"));
-    let st = download_status(leecher);
+    let st = leecher.download_status();
     assert!(st["resumed_with"].as_u64().unwrap() >= before, "{st}");
     assert_eq!(st["refetched"], 0);
-    wait_complete(leecher);
+    leecher.wait_complete(Duration::from_secs(90));
     assert_eq!(file_sha256(&out), file_sha256(&file));
     // The finished state itself survives a restart.
     leecher.ctl(&["quit"]).ok();
     leecher.proc.wait_exit(Duration::from_secs(10));
     leecher.restart();
-    assert_eq!(download_status(leecher)["state"]["state"], "complete");
+    assert_eq!(leecher.download_status()["state"]["state"], "complete");
     assert_eq!(leecher.status()["shares"][0]["name"], "f.bin");
 }
 
@@ -133,7 +107,7 @@ fn the_tracker_killed_mid_download_comes_back_and_the_download_finishes() {
     swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
     let out = swarm.path("t-copy.bin");
     swarm.daemons[1].ctl_json(&["download", "t.bin", "-o", out.to_str().unwrap(), "--detach"]);
-    wait_have(&swarm.daemons[1], 64);
+    swarm.daemons[1].wait_have(64);
 
     let addr = swarm.tracker.addr;
     let data = swarm.tracker.data_dir.clone();
@@ -151,7 +125,7 @@ fn the_tracker_killed_mid_download_comes_back_and_the_download_finishes() {
         let line = format!("{} has reconnected", d.addr);
         swarm.tracker.proc.wait_for(&line, Duration::from_secs(15));
     }
-    wait_complete(&swarm.daemons[1]);
+    swarm.daemons[1].wait_complete(Duration::from_secs(90));
     assert_eq!(file_sha256(&out), file_sha256(&file));
     let list = swarm.daemons[1].ctl(&["list"]).ok();
     assert!(list.contains("Name: t.bin"), "{list}");
@@ -250,7 +224,7 @@ fn a_changed_source_is_never_served_stale() {
     assert!(gone.is_some(), "the tracker still lists the stale file");
     assert!(!out.exists(), "nothing stale was assembled");
     assert_eq!(
-        download_status(&swarm.daemons[1])["state"]["state"],
+        swarm.daemons[1].download_status()["state"]["state"],
         "running"
     );
 
@@ -316,7 +290,7 @@ fn paused_running_complete_and_failed_states_survive_restarts() {
         out_a.to_str().unwrap(),
         "--detach",
     ]);
-    wait_have(leecher, 8);
+    leecher.wait_have(8);
     let out = leecher.ctl(&["pause", "a.bin"]).ok();
     assert!(out.starts_with("Paused a.bin"), "{out}");
 
@@ -371,7 +345,7 @@ fn paused_running_complete_and_failed_states_survive_restarts() {
         .proc
         .wait_for("connected to the tracker", Duration::from_secs(10));
     leecher.ctl(&["resume", "a.bin"]).ok();
-    wait_complete(leecher);
+    leecher.wait_complete(Duration::from_secs(90));
     assert_eq!(file_sha256(&out_a), file_sha256(&a));
     // Resuming after a failure works once the obstacle is gone.
     std::fs::remove_file(&out_b).unwrap();
@@ -399,7 +373,7 @@ fn cancel_removes_the_partial_file_and_unregister_stops_sharing() {
     let part = swarm.path("c-copy.bin.part");
     let leecher = &swarm.daemons[1];
     leecher.ctl_json(&["download", "c.bin", "-o", out.to_str().unwrap(), "--detach"]);
-    wait_have(leecher, 4);
+    leecher.wait_have(4);
     let msg = leecher.ctl(&["cancel", "c.bin"]).ok();
     assert!(msg.starts_with("Cancelled c.bin"), "{msg}");
     assert!(!part.exists() && !out.exists());

@@ -460,9 +460,13 @@ fn a_small_in_flight_window_with_several_peers_still_ends_bit_identical() {
         p2p_tests::fake::Behaviour::Corrupt,
     );
     let out = swarm.path("window-copy.bin");
-    let doc = swarm.daemons[leecher].ctl_json(&["download", "window.bin", "-o", out.to_str().unwrap()]);
+    let doc =
+        swarm.daemons[leecher].ctl_json(&["download", "window.bin", "-o", out.to_str().unwrap()]);
     assert_eq!(file_sha256(&out), file_sha256(&file));
     assert!(sources(&doc).len() >= 2, "{doc}");
     assert!(!sources(&doc).contains(&liar.addr.to_string()));
-    assert!(liar.requests.load(std::sync::atomic::Ordering::SeqCst) > 0, "the liar was asked");
+    assert!(
+        liar.requests.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the liar was asked"
+    );
 }

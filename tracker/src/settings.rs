@@ -106,41 +106,9 @@ impl Settings {
             ..Config::default()
         })
     }
-
-    /// The effective settings as a configuration file (the secret itself is never shown).
-    pub fn to_toml(&self) -> String {
-        let mut text = toml::to_string(self).unwrap_or_else(|e| format!("# cannot show: {e}\n"));
-        if self.secret.is_some() {
-            text.push_str("# secret = (set, not shown)\n");
-        }
-        text
-    }
 }
 
-impl p2p_schema::service::ServiceSettings for Settings {
-    const PROGRAM: &'static str = "p2p-tracker";
-
-    fn resolve(flags: Self, file: Self) -> Result<Self, String> {
-        Settings::resolve(flags, file)
-    }
-
-    fn to_toml(&self) -> String {
-        Settings::to_toml(self)
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_default()
-    }
-
-    fn pid_and_log_files(&self) -> (PathBuf, PathBuf) {
-        let get = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
-        (get(&self.pid_file), get(&self.log_file))
-    }
-
-    fn log_level(&self) -> &str {
-        self.log_level.as_deref().unwrap_or("info")
-    }
-}
+p2p_schema::service_settings!(Settings, "p2p-tracker");
 
 fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
