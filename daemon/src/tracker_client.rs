@@ -124,12 +124,21 @@ impl TrackerClient {
     }
 
     /// Sends `request` without waiting for the answer (errors are logged). Dropped if the
-    /// session is down: holdings are re-announced in full on reconnect anyway.
+    /// session is down: holdings are re-announced in full on reconnect anyway. Call it from
+    /// within the runtime.
     pub fn notify(&self, request: TrackerRequest) {
-        if self.is_connected() {
-            let _ = self.calls.try_send(Call {
-                request,
-                reply: None,
+        if !self.is_connected() {
+            return;
+        }
+        let call = Call {
+            request,
+            reply: None,
+        };
+        if let Err(mpsc::error::TrySendError::Full(call)) = self.calls.try_send(call) {
+            // A burst: queue it behind the others rather than lose an announcement.
+            let calls = self.calls.clone();
+            tokio::spawn(async move {
+                let _ = calls.send(call).await;
             });
         }
     }
