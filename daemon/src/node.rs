@@ -798,8 +798,15 @@ pub async fn run(
         listen,
         secret: config.secret.clone(),
     };
-    let (tracker, tracker_task) =
-        TrackerClient::start(config.tracker.clone(), identity, announce, stop_rx.clone());
+    // The session waits until what we hold is loaded: its first announcement must be whole.
+    let (loaded, gate) = tokio::sync::oneshot::channel();
+    let (tracker, tracker_task) = TrackerClient::start(
+        config.tracker.clone(),
+        identity,
+        announce,
+        gate,
+        stop_rx.clone(),
+    );
     let node = Arc::new(Node {
         upload_slots: Semaphore::new(config.max_uploads.max(1)),
         upload_limit: RateLimit::new(config.upload_rate),
@@ -814,6 +821,7 @@ pub async fn run(
         stop,
     });
     node.load(clean).await;
+    let _ = loaded.send(());
     let server = tokio::spawn(crate::serve::serve(node.clone(), peers, stop_rx.clone()));
     let socket = node.config.socket.clone();
     let controller = tokio::spawn(crate::control::serve(

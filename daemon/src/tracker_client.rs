@@ -57,23 +57,35 @@ fn unavailable(address: &str, why: impl std::fmt::Display) -> WireError {
 }
 
 impl TrackerClient {
-    /// Starts the session task. It runs until `stop` becomes true, then says `Bye`.
+    /// Starts the session task. It first waits for `gate` (the daemon has loaded what it
+    /// holds, so the first announcement is complete), then runs until `stop` becomes true,
+    /// and says `Bye`.
     pub fn start(
         address: String,
         identity: Identity,
         announce: Announce,
+        gate: oneshot::Receiver<()>,
         stop: watch::Receiver<bool>,
     ) -> (TrackerClient, tokio::task::JoinHandle<()>) {
         let (calls_tx, calls_rx) = mpsc::channel(1024);
+        let address_for_task = address.clone();
         let (connected_tx, connected_rx) = watch::channel(false);
-        let task = tokio::spawn(session_loop(
-            address.clone(),
-            identity,
-            announce,
-            calls_rx,
-            connected_tx,
-            stop,
-        ));
+        let task = tokio::spawn(async move {
+            let mut early_stop = stop.clone();
+            tokio::select! {
+                _ = gate => {}
+                _ = early_stop.wait_for(|s| *s) => return,
+            }
+            session_loop(
+                address_for_task,
+                identity,
+                announce,
+                calls_rx,
+                connected_tx,
+                stop,
+            )
+            .await
+        });
         (
             TrackerClient {
                 calls: calls_tx,
