@@ -213,8 +213,68 @@ fn main() {
     drop(seeders);
 
     print_table(&rows);
+    leechers_feed_each_other(dir, &tracker, if opts.quick { 16 * MIB } else { 64 * MIB });
     tracker_load(dir, if opts.quick { 2 } else { 5 });
     comparisons();
+}
+
+/// Every daemon's uplink limited to 100 Mbit/s (12.5 MB/s, with `--upload-rate`): one
+/// leecher alone from one seeder, then 10 leechers started together. With the seeder's uplink
+/// the only source, 10 would take 10 times as long; they finish sooner only by feeding each
+/// other.
+fn leechers_feed_each_other(dir: &Path, tracker: &Tracker, size: u64) {
+    let rate = "12500000";
+    let base = dir.join("uplinks");
+    let seeder = Daemon::start(&base.join("seed"), tracker.addr, &["--upload-rate", rate]);
+    let file = base.join("shared-uplinks.bin");
+    std::fs::create_dir_all(&base).expect("bench directory");
+    write_random(&file, size as usize, 99);
+    seeder.ctl_json(&["register", file.to_str().unwrap()]);
+    let fetch = |d: &Daemon, i: usize| {
+        let out = base.join(format!("out{i}.bin"));
+        let start = Instant::now();
+        let r = d.ctl(&[
+            "-q",
+            "download",
+            "shared-uplinks.bin",
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+        assert!(r.status.success(), "{r:?}");
+        start.elapsed().as_secs_f64()
+    };
+    let alone = {
+        let d = Daemon::start(&base.join("alone"), tracker.addr, &["--upload-rate", rate]);
+        fetch(&d, 0)
+    };
+    let leechers: Vec<Daemon> = (1..=10)
+        .map(|i| {
+            Daemon::start(
+                &base.join(format!("l{i}")),
+                tracker.addr,
+                &["--upload-rate", rate],
+            )
+        })
+        .collect();
+    let times: Vec<f64> = std::thread::scope(|s| {
+        let jobs: Vec<_> = leechers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| s.spawn(move || fetch(d, i + 1)))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("leecher"))
+            .collect()
+    });
+    let slowest = times.iter().cloned().fold(0.0, f64::max);
+    println!();
+    println!(
+        "uplinks limited to 100 Mbit/s each, {} MiB: one leecher alone {alone:.2} s; 10 leechers \
+         together: slowest {slowest:.2} s ({:.2}x alone; without peers feeding each other it \
+         would be about 10x)",
+        size / MIB,
+        slowest / alone
+    );
 }
 
 fn tempfile_dir(opts: &Options) -> PathBuf {

@@ -39,6 +39,10 @@ const WINDOW_BYTES: u64 = 8 << 20;
 const MAX_STRIKES: u32 = 2;
 /// Most peers one download fetches from at once.
 const MAX_WORKERS: usize = 32;
+/// How often a running download asks the tracker for holders.
+const RELOCATE_INTERVAL: Duration = Duration::from_millis(500);
+/// How often a worker whose peer has nothing we need asks it again what it holds.
+const HAVE_POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the committer makes written chunks durable, at most.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -394,7 +398,9 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
         if committer.is_finished() {
             return Err(commit_failure(&dl));
         }
-        let mut wait = Duration::from_secs(2);
+        // Ask again soon: other downloaders become holders within a commit interval, and the
+        // sooner we know them the sooner they share the load.
+        let mut wait = RELOCATE_INTERVAL;
         match node
             .tracker
             .call(TrackerRequest::Locate {
@@ -619,7 +625,7 @@ impl Worker {
                     () = stop.wait() => return Ok(()),
                     _ = finished.wait_for(|f| *f) => return Ok(()),
                     () = self.swarm.changed.notified() => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = tokio::time::sleep(HAVE_POLL_INTERVAL) => {}
                 }
                 writer
                     .send(&PeerRequest::GetHave { file_id })
