@@ -39,6 +39,8 @@ const WINDOW_BYTES: u64 = 8 << 20;
 const MAX_STRIKES: u32 = 2;
 /// Most peers one download fetches from at once.
 const MAX_WORKERS: usize = 32;
+/// The request window holds about this much of a peer's measured rate.
+const WINDOW_LATENCY: Duration = Duration::from_millis(50);
 /// How often a running download asks the tracker for holders.
 const RELOCATE_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a worker whose peer has nothing we need asks it again what it holds.
@@ -494,6 +496,8 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
                 asked: VecDeque::new(),
                 verifying: VecDeque::new(),
                 pool: Vec::new(),
+                received: 0,
+                since: Instant::now(),
             };
             let result = worker.run(chunks).await;
             // Chunks still being verified are taken in before the worker lets go of them.
@@ -524,6 +528,9 @@ struct Worker {
     verifying: VecDeque<Verifying>,
     /// Spare chunk buffers.
     pool: Vec<AlignedBuf>,
+    /// Bytes received from this peer since `since`: its rate sizes the request window.
+    received: u64,
+    since: Instant,
 }
 
 /// A chunk being verified and written: its index, buffer, and whether it matched.
@@ -595,7 +602,8 @@ impl Worker {
             }
             // Keep the window full.
             let mut fed = false;
-            while self.asked.len() < self.swarm.window {
+            let window = self.window();
+            while self.asked.len() < window {
                 let Some(i) = self.swarm.picker().pick(&self.has, &self.asked) else {
                     break;
                 };
@@ -662,6 +670,7 @@ impl Worker {
                     self.swarm.changed.notify_waiters();
                 }
                 Ok(Ok(Received::Chunk(index))) => {
+                    self.received += buf.len() as u64;
                     // Verify and write on a blocking thread while the next chunk arrives.
                     let data = std::mem::replace(&mut buf, self.pool.pop().unwrap_or_default());
                     self.verifying.push_back(self.start_verify(index, data)?);
@@ -675,6 +684,20 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Requests to keep in flight: enough for about [`WINDOW_LATENCY`] of this peer's rate
+    /// (a slow or busy peer gets a shallow queue, so every asker gets its first chunks soon),
+    /// at least 2 and at most the download's window; 4 until the rate is known.
+    fn window(&self) -> usize {
+        let elapsed = self.since.elapsed().as_secs_f64();
+        if self.received == 0 || elapsed < 0.05 {
+            return self.swarm.window.min(4);
+        }
+        let rate = self.received as f64 / elapsed;
+        let chunk = f64::from(self.swarm.dl.manifest.chunk_size.max(1));
+        let wanted = (rate * WINDOW_LATENCY.as_secs_f64() / chunk).ceil() as usize;
+        wanted.clamp(2, self.swarm.window.max(2))
     }
 
     /// Waits for every chunk still being verified and takes in the outcomes.
