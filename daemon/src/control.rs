@@ -82,16 +82,7 @@ pub fn bind(path: &Path) -> Result<ControlListener, Error> {
 
 /// Makes sure `dir` exists and only its owner can write to it.
 fn private_dir(dir: &Path) -> Result<(), Error> {
-    if !dir.exists() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| Error::io(format!("restricting {}", dir.display()), e))?;
-        }
-    }
+    p2p_schema::service::create_private_dir(dir).map_err(Error::Other)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;

@@ -413,11 +413,8 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
         {
             Ok(TrackerResponse::Holders { holders, .. }) => {
                 backoff = Duration::from_millis(200);
-                let stalled = count_stalled(&swarm, &holders);
-                dl.stalled.store(stalled, Ordering::Relaxed);
-                if stalled > 0 {
-                    wait = Duration::from_millis(500);
-                }
+                dl.stalled
+                    .store(count_stalled(&swarm, &holders), Ordering::Relaxed);
                 for holder in holders {
                     start_worker(&swarm, holder);
                 }

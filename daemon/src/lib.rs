@@ -71,7 +71,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Chunk requests kept in flight per peer, at most.
     pub max_in_flight: usize,
-    /// Uploads served at the same time, at most (bounds memory).
+    /// Chunk reads into memory for uploads at the same time, at most (bounds memory). Only
+    /// where `sendfile` is unavailable: on Linux chunks go from the page cache to the socket.
     pub max_uploads: usize,
     /// Bytes per second this daemon uploads at most (0: unlimited). For tests and slow links.
     pub upload_rate: u64,

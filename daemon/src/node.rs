@@ -197,15 +197,15 @@ impl Node {
             }
             Err(e) => return Err(Resolve::Error(e)),
         };
-        match files.len() {
-            0 => Err(Resolve::Error(err(
+        match <[FileSummary; 1]>::try_from(files) {
+            Ok([file]) => Ok(file),
+            Err(files) if files.is_empty() => Err(Resolve::Error(err(
                 ErrorCode::NotFound,
                 format!(
                     "no file named {query:?} (nor with that ID) on the network; see 'p2pctl list'"
                 ),
             ))),
-            1 => Ok(files.into_iter().next().unwrap_or_else(|| unreachable!())),
-            _ => Err(Resolve::Ambiguous(files)),
+            Err(files) => Err(Resolve::Ambiguous(files)),
         }
     }
 

@@ -257,8 +257,8 @@ pub fn finish(
     }
 }
 
-/// Creates `dir` (and parents) if missing, private to its owner.
-fn create_private_dir(dir: &Path) -> Result<(), String> {
+/// Creates `dir` (and parents) if missing, private to its owner (mode 0700).
+pub fn create_private_dir(dir: &Path) -> Result<(), String> {
     if dir.exists() {
         return Ok(());
     }

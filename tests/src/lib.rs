@@ -85,8 +85,6 @@ pub struct Proc {
     pub name: String,
     child: Child,
     log: Arc<Log>,
-    /// Print the log when dropped (set by tests that fail, via `Drop` during a panic).
-    echo_on_panic: bool,
 }
 
 impl Proc {
@@ -114,7 +112,6 @@ impl Proc {
             name: name.to_string(),
             child,
             log,
-            echo_on_panic: true,
         }
     }
 
@@ -201,18 +198,14 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-
-    /// Has the process exited?
-    pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
-    }
 }
 
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if self.echo_on_panic && std::thread::panicking() {
+        // A failing test shows what each of its processes said.
+        if std::thread::panicking() {
             eprintln!("----- log of {} -----\n{}\n-----", self.name, self.log());
         }
     }
