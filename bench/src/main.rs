@@ -1,30 +1,48 @@
-//! The benchmark: real release binaries on loopback, timed from the leecher's `p2pctl
-//! download` until the file is complete and verified, repeated, medians printed as a table.
+//! The benchmark: real release binaries, timed from the leecher's start until the data is
+//! complete and verified, repeated, medians printed as a table beside the tools people would
+//! otherwise use (aria2c over BitTorrent and HTTP, curl), run on the same files in the same
+//! run where they are installed.
 //!
-//! Run it with `bench/run` (builds release first). Flags: `--quick` (fewer, smaller runs),
-//! `--reps N`, `--dir DIR` (where the test files go; default a temporary directory).
-//! Comparisons with aria2c (BitTorrent over opentracker, HTTP from nginx) run where those
-//! programs are installed, and are skipped with a message where they are not.
+//! Run it with `bench/run` (builds release first). Flags: `--quick` (smaller files, one
+//! repetition), `--reps N` (loopback repetitions, default 5), `--ns-reps N` (namespace
+//! repetitions, default 3), `--dir DIR` (where the test files go; default the temporary
+//! directory), `--skip-others`, `--skip-namespaces`, `--skip-tracker`.
+
+mod lab;
+mod measure;
+mod others;
+mod ours;
+mod tracker_load;
 
 use std::io::Write;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
-use p2p_schema::frame::encode_frame;
-use p2p_schema::{PeerId, TrackerRequest, TrackerResponse, PROTOCOL_VERSION};
-use p2p_tests::fake::{manifest_of, read_frame};
-use p2p_tests::{write_random, Daemon, Tracker};
+use lab::Net;
 
 const MIB: u64 = 1 << 20;
 
+/// What one scenario measured for one tool: medians over the repetitions.
+#[derive(Clone, Copy)]
+pub struct Sample {
+    pub seconds: f64,
+    pub leecher_rss: f64,
+    pub seeder_rss: f64,
+}
+
+/// Progress on stderr: one dot per timed run.
+pub fn tick() {
+    eprint!(".");
+    let _ = std::io::stderr().flush();
+}
+
 struct Options {
     reps: usize,
+    ns_reps: usize,
     quick: bool,
     dir: Option<PathBuf>,
+    others: bool,
+    namespaces: bool,
+    tracker: bool,
 }
 
 fn options() -> Options {
@@ -34,392 +52,410 @@ fn options() -> Options {
             .position(|a| a == flag)
             .and_then(|i| args.get(i + 1).cloned())
     };
-    let quick = args.iter().any(|a| a == "--quick");
+    let has = |flag: &str| args.iter().any(|a| a == flag);
+    let quick = has("--quick");
     Options {
         reps: value("--reps")
             .and_then(|v| v.parse().ok())
             .unwrap_or(if quick { 1 } else { 5 }),
+        ns_reps: value("--ns-reps")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(if quick { 1 } else { 3 }),
         quick,
         dir: value("--dir").map(PathBuf::from),
+        others: !has("--skip-others"),
+        namespaces: !has("--skip-namespaces"),
+        tracker: !has("--skip-tracker"),
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
-
-/// Peak resident memory (VmHWM) of a live process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
+/// One line of the table.
 struct Row {
     scenario: String,
-    seconds: f64,
+    tool: String,
+    /// Whether the tool checks what it received (curl does not).
+    verified: bool,
+    ours: bool,
     bytes: u64,
+    sample: Sample,
     marginal: Option<f64>,
     overhead: Option<f64>,
-    leecher_rss: f64,
-    seeder_rss: f64,
+    /// For our rows: the best other verifying tool's time over ours.
+    ratio: Option<f64>,
+}
+
+const OURS: &str = "p2p (this project)";
+
+/// Fills in marginal throughput and fixed overhead (from each tool's two sizes in a scenario)
+/// and, for our rows, the ratio to the best other verifying tool at the same size.
+fn derive(rows: &mut [Row]) {
+    for i in 0..rows.len() {
+        let small = (0..rows.len()).find(|&j| {
+            rows[j].scenario == rows[i].scenario
+                && rows[j].tool == rows[i].tool
+                && rows[j].bytes < rows[i].bytes
+        });
+        if let Some(j) = small {
+            let (s1, t1) = (rows[j].bytes as f64, rows[j].sample.seconds);
+            let (s2, t2) = (rows[i].bytes as f64, rows[i].sample.seconds);
+            if t2 > t1 {
+                let marginal = (s2 - s1) / (t2 - t1);
+                rows[i].marginal = Some(marginal / 1e6);
+                rows[i].overhead = Some(t1 - s1 / marginal);
+            }
+        }
+        if rows[i].ours {
+            rows[i].ratio = rows
+                .iter()
+                .filter(|o| {
+                    !o.ours
+                        && o.verified
+                        && o.scenario == rows[i].scenario
+                        && o.bytes == rows[i].bytes
+                })
+                .map(|o| o.sample.seconds)
+                .min_by(|a, b| a.total_cmp(b))
+                .map(|best| best / rows[i].sample.seconds);
+        }
+    }
 }
 
 fn print_table(rows: &[Row]) {
     println!();
     println!(
-        "| scenario | median s | MB/s | marginal MB/s | fixed overhead s | leecher peak RSS MiB | seeder peak RSS MiB |"
+        "| scenario | tool | size MiB | median s | MB/s | marginal MB/s | fixed overhead s | best other / ours | leecher peak RSS MiB | seeder peak RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let opt = |v: Option<f64>, digits: usize| {
+        v.map(|x| format!("{x:.digits$}"))
+            .unwrap_or_else(|| "".into())
+    };
+    let mib = |v: f64| {
+        if v.is_nan() {
+            String::new()
+        } else {
+            format!("{v:.0}")
+        }
+    };
     for r in rows {
-        let opt = |v: Option<f64>, digits: usize| {
-            v.map(|x| format!("{x:.digits$}"))
-                .unwrap_or_else(|| "".into())
-        };
         println!(
-            "| {} | {:.2} | {:.0} | {} | {} | {:.0} | {:.0} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {} | {} | {} | {} | {} |",
             r.scenario,
-            r.seconds,
-            r.bytes as f64 / r.seconds / 1e6,
+            r.tool,
+            r.bytes / MIB,
+            r.sample.seconds,
+            r.bytes as f64 / r.sample.seconds / 1e6,
             opt(r.marginal, 0),
             opt(r.overhead, 2),
-            r.leecher_rss,
-            r.seeder_rss
+            r.ratio.map(|x| format!("{x:.2}x")).unwrap_or_default(),
+            mib(r.sample.leecher_rss),
+            mib(r.sample.seeder_rss),
         );
     }
 }
 
-/// Times `reps` downloads of `file` (registered on `seeders`) by fresh leechers.
-fn swarm_download(
-    dir: &Path,
-    tracker: &Tracker,
-    seeders: &[Daemon],
+/// A fresh directory for one scenario run, under the bench directory.
+fn scratch(base: &Path, name: &str) -> PathBuf {
+    let dir = base.join(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("bench scratch directory");
+    dir
+}
+
+/// Runs one external tool's scenario, turning a failure into a printed line.
+fn other(
+    rows: &mut Vec<Row>,
+    scenario: &str,
+    tool: &str,
+    verified: bool,
     file: &Path,
-    reps: usize,
-) -> (f64, f64) {
-    let name = file.file_name().unwrap().to_str().unwrap().to_string();
-    let mut times = Vec::new();
-    let mut rss: f64 = 0.0;
-    for rep in 0..reps {
-        let data = dir.join(format!("leech-{name}-{rep}"));
-        let leecher = Daemon::start(&data, tracker.addr, &[]);
-        let out = dir.join(format!("out-{name}-{rep}"));
-        let start = Instant::now();
-        let done = leecher.ctl(&["-q", "download", &name, "-o", out.to_str().unwrap()]);
-        let t = start.elapsed().as_secs_f64();
-        assert!(done.status.success(), "{done:?}");
-        rss = rss.max(peak_rss_mib(leecher.proc.pid()));
-        times.push(t);
-        let _ = std::fs::remove_file(&out);
-        drop(leecher);
-        let _ = std::fs::remove_dir_all(&data);
-        eprint!(".");
-        let _ = std::io::stderr().flush();
+    run: impl FnOnce() -> Result<Sample, String>,
+) {
+    let bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    eprint!("{scenario}: {tool}, {} MiB ", bytes / MIB);
+    match run() {
+        Ok(sample) => {
+            eprintln!(" {:.2} s", sample.seconds);
+            rows.push(Row {
+                scenario: scenario.into(),
+                tool: tool.into(),
+                verified,
+                ours: false,
+                bytes,
+                sample,
+                marginal: None,
+                overhead: None,
+                ratio: None,
+            });
+        }
+        Err(e) => eprintln!(" failed, left out of the table: {e}"),
     }
-    let _ = seeders;
-    (median(times), rss)
 }
 
 fn main() {
     let opts = options();
-    let tmp = tempfile_dir(&opts);
-    let dir = tmp.as_path();
-    let sizes: Vec<u64> = if opts.quick {
-        vec![64 * MIB, 256 * MIB]
+    let base = opts
+        .dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+        .join(format!("p2p-bench-{}", std::process::id()));
+    let files = scratch(&base, "files");
+    let sizes: [u64; 2] = if opts.quick {
+        [64 * MIB, 256 * MIB]
     } else {
-        vec![256 * MIB, 1024 * MIB]
+        [256 * MIB, 1024 * MIB]
     };
     eprintln!(
-        "p2p benchmark: release binaries in {}, files in {}, {} reps",
+        "p2p benchmark: release binaries in {}, files in {}, {} loopback and {} namespace repetitions",
         p2p_tests::bin_dir().display(),
-        dir.display(),
-        opts.reps
+        base.display(),
+        opts.reps,
+        opts.ns_reps
     );
+    let missing = others::missing();
+    let run_others = opts.others && missing.is_empty();
+    let mut notes = Vec::new();
+    if !opts.others {
+        notes.push("other tools skipped (--skip-others)".to_string());
+    } else if !missing.is_empty() {
+        notes.push(format!(
+            "other tools skipped: not installed: {} (apt-get install aria2 nginx opentracker mktorrent curl)",
+            missing.join(", ")
+        ));
+    }
+
     let mut rows = Vec::new();
-    let tracker = Tracker::start(&dir.join("tracker"), "30s");
-    let seeders: Vec<Daemon> = (0..3)
-        .map(|i| Daemon::start(&dir.join(format!("seed{i}")), tracker.addr, &[]))
-        .collect();
-
-    // Register (hashing), then N seeders -> 1 leecher for each size.
-    let mut three = Vec::new();
+    let mut big_file = PathBuf::new();
     for &size in &sizes {
-        let file = dir.join(format!("file-{}m.bin", size / MIB));
-        write_random(&file, size as usize, size);
-        let start = Instant::now();
-        seeders[0].ctl_json(&["register", file.to_str().unwrap()]);
-        let hashing = start.elapsed().as_secs_f64();
-        rows.push(Row {
-            scenario: format!("register (hash) {} MiB", size / MIB),
-            seconds: hashing,
-            bytes: size,
-            marginal: None,
-            overhead: None,
-            leecher_rss: f64::NAN,
-            seeder_rss: peak_rss_mib(seeders[0].proc.pid()),
-        });
-        for s in &seeders[1..] {
-            s.ctl_json(&["register", file.to_str().unwrap()]);
-        }
-        eprint!("3 seeders -> 1 leecher, {} MiB ", size / MIB);
-        let (t, rss) = swarm_download(dir, &tracker, &seeders, &file, opts.reps);
-        eprintln!(" {t:.2} s");
-        three.push((size, t, rss));
-    }
-    let seeder_rss = seeders
-        .iter()
-        .map(|s| peak_rss_mib(s.proc.pid()))
-        .fold(0.0, f64::max);
-    let ((s1, t1, _), (s2, t2, _)) = (three[0], three[1]);
-    let marginal = (s2 - s1) as f64 / (t2 - t1) / 1e6;
-    let overhead = t1 - s1 as f64 / (marginal * 1e6);
-    for (size, t, rss) in &three {
-        rows.push(Row {
-            scenario: format!("3 seeders -> 1 leecher, {} MiB", size / MIB),
-            seconds: *t,
-            bytes: *size,
-            marginal: Some(marginal),
-            overhead: Some(overhead),
-            leecher_rss: *rss,
-            seeder_rss,
-        });
-    }
-
-    // One seeder -> one leecher, largest size: the other two leave that file.
-    let big = dir.join(format!("file-{}m.bin", sizes[1] / MIB));
-    for s in &seeders[1..] {
-        s.ctl_json(&["unregister", big.file_name().unwrap().to_str().unwrap()]);
-    }
-    eprint!("1 seeder -> 1 leecher, {} MiB ", sizes[1] / MIB);
-    let (t, rss) = swarm_download(dir, &tracker, &seeders[..1], &big, opts.reps);
-    eprintln!(" {t:.2} s");
-    rows.push(Row {
-        scenario: format!("1 seeder -> 1 leecher, {} MiB", sizes[1] / MIB),
-        seconds: t,
-        bytes: sizes[1],
-        marginal: None,
-        overhead: None,
-        leecher_rss: rss,
-        seeder_rss: peak_rss_mib(seeders[0].proc.pid()),
-    });
-    drop(seeders);
-
-    print_table(&rows);
-    leechers_feed_each_other(dir, &tracker, if opts.quick { 16 * MIB } else { 64 * MIB });
-    tracker_load(dir, if opts.quick { 2 } else { 5 });
-    comparisons();
-}
-
-/// Every daemon's uplink limited to 100 Mbit/s (12.5 MB/s, with `--upload-rate`): one
-/// leecher alone from one seeder, then 10 leechers started together. With the seeder's uplink
-/// the only source, 10 would take 10 times as long; they finish sooner only by feeding each
-/// other.
-fn leechers_feed_each_other(dir: &Path, tracker: &Tracker, size: u64) {
-    let rate = "12500000";
-    let base = dir.join("uplinks");
-    let seeder = Daemon::start(&base.join("seed"), tracker.addr, &["--upload-rate", rate]);
-    let file = base.join("shared-uplinks.bin");
-    std::fs::create_dir_all(&base).expect("bench directory");
-    write_random(&file, size as usize, 99);
-    seeder.ctl_json(&["register", file.to_str().unwrap()]);
-    let fetch = |d: &Daemon, i: usize| {
-        let out = base.join(format!("out{i}.bin"));
-        let start = Instant::now();
-        let r = d.ctl(&[
-            "-q",
-            "download",
-            "shared-uplinks.bin",
-            "-o",
-            out.to_str().unwrap(),
-        ]);
-        assert!(r.status.success(), "{r:?}");
-        start.elapsed().as_secs_f64()
-    };
-    let alone = {
-        let d = Daemon::start(&base.join("alone"), tracker.addr, &["--upload-rate", rate]);
-        fetch(&d, 0)
-    };
-    let leechers: Vec<Daemon> = (1..=10)
-        .map(|i| {
-            Daemon::start(
-                &base.join(format!("l{i}")),
-                tracker.addr,
-                &["--upload-rate", rate],
-            )
-        })
-        .collect();
-    let times: Vec<f64> = std::thread::scope(|s| {
-        let jobs: Vec<_> = leechers
-            .iter()
-            .enumerate()
-            .map(|(i, d)| s.spawn(move || fetch(d, i + 1)))
-            .collect();
-        jobs.into_iter()
-            .map(|j| j.join().expect("leecher"))
-            .collect()
-    });
-    let slowest = times.iter().cloned().fold(0.0, f64::max);
-    println!();
-    println!(
-        "uplinks limited to 100 Mbit/s each, {} MiB: one leecher alone {alone:.2} s; 10 leechers \
-         together: slowest {slowest:.2} s ({:.2}x alone; without peers feeding each other it \
-         would be about 10x)",
-        size / MIB,
-        slowest / alone
-    );
-}
-
-fn tempfile_dir(opts: &Options) -> PathBuf {
-    let base = opts.dir.clone().unwrap_or_else(std::env::temp_dir);
-    let dir = base.join(format!("p2p-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("bench directory");
-    dir
-}
-
-fn send<T: serde::Serialize>(s: &mut std::net::TcpStream, msg: &T) {
-    let mut buf = Vec::new();
-    encode_frame(msg, &mut buf).expect("encode");
-    s.write_all(&buf).expect("send");
-}
-
-/// The tracker under 200 concurrent sessions, announce/locate mix, for `secs` seconds.
-fn tracker_load(dir: &Path, secs: u64) {
-    let tracker = Tracker::start(&dir.join("tracker-load"), "60s");
-    let addr = tracker.addr;
-    let sessions = 200usize;
-    let files = 50usize;
-    let manifests: Vec<_> = (0..files)
-        .map(|i| manifest_of(&format!("f{i}"), &vec![i as u8; 1 << 20], 1024))
-        .collect();
-    let before = peak_rss_mib(tracker.proc.pid());
-    let stop = Arc::new(AtomicBool::new(false));
-    let count = Arc::new(AtomicU64::new(0));
-    let ready = Arc::new(std::sync::Barrier::new(sessions + 1));
-    let handles: Vec<_> = (0..sessions)
-        .map(|i| {
-            let (stop, count, ready) = (stop.clone(), count.clone(), ready.clone());
-            let manifests = manifests.clone();
-            std::thread::spawn(move || load_session(addr, i, &manifests, &stop, &count, &ready))
-        })
-        .collect();
-    ready.wait();
-    let registered_rss = peak_rss_mib(tracker.proc.pid());
-    let start = Instant::now();
-    let begin = count.load(Ordering::SeqCst);
-    std::thread::sleep(Duration::from_secs(secs));
-    let done = count.load(Ordering::SeqCst) - begin;
-    let elapsed = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::SeqCst);
-    for h in handles {
-        let _ = h.join();
-    }
-    let pairs = (sessions * files) as f64;
-    println!();
-    println!(
-        "tracker: {:.0} requests/s (announce/locate mix, {sessions} concurrent sessions pipelining 8, {secs} s); \
-         {:.0} bytes of memory per registered peer-file pair ({} pairs, 1,024 chunks each)",
-        done as f64 / elapsed,
-        (registered_rss - before) * 1024.0 * 1024.0 / pairs,
-        pairs
-    );
-}
-
-fn load_session(
-    addr: SocketAddr,
-    i: usize,
-    manifests: &[p2p_schema::Manifest],
-    stop: &AtomicBool,
-    count: &AtomicU64,
-    ready: &std::sync::Barrier,
-) {
-    let mut s = std::net::TcpStream::connect(addr).expect("tracker");
-    s.set_nodelay(true).ok();
-    let listen: SocketAddr = format!("127.0.0.1:{}", 10000 + i).parse().unwrap();
-    send(
-        &mut s,
-        &TrackerRequest::Hello {
-            version: PROTOCOL_VERSION,
-            peer_id: PeerId::random(),
-            listen,
-            agent: "bench".into(),
-            secret: None,
-        },
-    );
-    let _ = read_frame::<TrackerResponse>(&mut s);
-    for m in manifests {
-        send(
-            &mut s,
-            &TrackerRequest::Register {
-                manifest: m.clone(),
-            },
-        );
-        let _ = read_frame::<TrackerResponse>(&mut s);
-    }
-    ready.wait();
-    let ids: Vec<_> = manifests.iter().map(|m| m.file_id()).collect();
-    // Like a daemon's session, requests are pipelined (a window of 8), answered in order.
-    let window = 8u64;
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    while !stop.load(Ordering::Relaxed) {
-        buf.clear();
-        for k in 0..window {
-            let file_id = ids[((n + k) as usize + i) % ids.len()];
-            let request = if (n + k).is_multiple_of(2) {
-                TrackerRequest::Gained {
-                    file_id,
-                    indices: vec![((n + k) % 1024) as u32],
-                }
+        let file = files.join(format!("file-{}m.bin", size / MIB));
+        p2p_tests::write_random(&file, size as usize, size);
+        big_file = file.clone();
+        for seeders in [3, 1] {
+            let scenario = if seeders == 3 {
+                "loopback, 3 sources"
             } else {
-                TrackerRequest::Locate { file_id, max: 50 }
+                "loopback, 1 source"
             };
-            encode_frame(&request, &mut buf).expect("encode");
-        }
-        if s.write_all(&buf).is_err() {
-            return;
-        }
-        for _ in 0..window {
-            if read_frame::<TrackerResponse>(&mut s)
-                .ok()
-                .flatten()
-                .is_none()
-            {
-                return;
+            let net = Net::loopback(seeders + 1);
+            eprint!("{scenario}: {OURS}, {} MiB ", size / MIB);
+            let dir = scratch(&base, "ours");
+            let (sample, register) = ours::download(&net, seeders, &dir, &file, opts.reps, &[]);
+            eprintln!(" {:.2} s", sample.seconds);
+            if seeders == 3 {
+                rows.push(Row {
+                    scenario: "register (hash), loopback".into(),
+                    tool: OURS.into(),
+                    verified: true,
+                    ours: false,
+                    bytes: size,
+                    sample: Sample {
+                        seconds: register,
+                        leecher_rss: f64::NAN,
+                        seeder_rss: sample.seeder_rss,
+                    },
+                    marginal: None,
+                    overhead: None,
+                    ratio: None,
+                });
+            }
+            rows.push(Row {
+                scenario: scenario.into(),
+                tool: OURS.into(),
+                verified: true,
+                ours: true,
+                bytes: size,
+                sample,
+                marginal: None,
+                overhead: None,
+                ratio: None,
+            });
+            if !run_others {
+                continue;
+            }
+            let tool = format!(
+                "aria2c BitTorrent, {seeders} seeder{}, opentracker",
+                if seeders > 1 { "s" } else { "" }
+            );
+            other(&mut rows, scenario, &tool, true, &file, || {
+                others::bittorrent(&net, seeders, &scratch(&base, "bt"), &file, opts.reps)
+            });
+            if seeders == 3 {
+                let tool = "aria2c HTTP from 3 nginx, sha-256 checked";
+                other(&mut rows, scenario, tool, true, &file, || {
+                    others::http(&net, 3, true, &scratch(&base, "http"), &file, opts.reps)
+                });
+            } else {
+                let tool = "curl from 1 nginx, nothing verified";
+                other(&mut rows, scenario, tool, false, &file, || {
+                    others::http(&net, 1, false, &scratch(&base, "http"), &file, opts.reps)
+                });
             }
         }
-        count.fetch_add(window, Ordering::Relaxed);
-        n += window;
+        if run_others && measure::installed("openssl") {
+            let tool = "SHA-256 of the file alone (openssl, one core)";
+            other(&mut rows, "reference", tool, false, &file, || {
+                others::sha256_alone(&base, &file, opts.reps)
+            });
+        }
     }
-}
 
-/// aria2c / nginx / opentracker, for the same file in the same run, where installed.
-fn comparisons() {
-    let have = |p: &str| {
-        Command::new("sh")
-            .args(["-c", &format!("command -v {p}")])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    let missing: Vec<&str> = ["aria2c", "nginx", "opentracker", "mktorrent"]
-        .into_iter()
-        .filter(|p| !have(p))
-        .collect();
+    let mut lines = Vec::new();
+    match (opts.namespaces, lab::unavailable()) {
+        (false, _) => notes.push("namespace scenarios skipped (--skip-namespaces)".into()),
+        (true, Some(why)) => {
+            notes.push(format!("namespace scenarios skipped: {why}"));
+            lines.push(emulated_crowd(&base, &files, opts.quick));
+        }
+        (true, None) => {
+            lines.extend(namespaces(
+                &mut rows, &base, &big_file, &files, &opts, run_others,
+            ));
+        }
+    }
+
+    derive(&mut rows);
+    print_table(&rows);
     println!();
-    if missing.is_empty() {
-        println!("comparisons: aria2c, nginx, opentracker and mktorrent are installed, but the comparison runner is not written yet; see docs/performance.md for figures measured by hand");
-    } else {
+    for line in lines {
+        println!("{line}");
+    }
+    if opts.tracker {
         println!(
-            "comparisons skipped: not installed: {} (apt-get install aria2 nginx opentracker mktorrent)",
-            missing.join(", ")
+            "{}",
+            tracker_load::tracker_load(&base, if opts.quick { 2 } else { 5 })
         );
     }
-    println!("namespace (rate-limited uplink) scenarios skipped: not written yet");
+    for note in notes {
+        println!("{note}");
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Uplink rate of every namespace host, in Mbit/s.
+const UPLINK_MBIT: u32 = 100;
+
+/// The namespace scenarios: 3 seeders behind limited uplinks (ours and the other tools),
+/// then one seeder and 10 leechers. Returns the summary lines.
+fn namespaces(
+    rows: &mut Vec<Row>,
+    base: &Path,
+    file: &Path,
+    files: &Path,
+    opts: &Options,
+    run_others: bool,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let scenario = format!("{UPLINK_MBIT} Mbit/s uplinks, 3 sources");
+    let uplinks = 3.0 * f64::from(UPLINK_MBIT) * 1e6 / 8.0;
+    let bytes = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let share = |t: f64| 100.0 * bytes as f64 / t / uplinks;
+    match Net::namespaces(4, UPLINK_MBIT) {
+        Err(e) => lines.push(format!("namespace scenarios failed: {e}")),
+        Ok(net) => {
+            eprint!("{scenario}: {OURS}, {} MiB ", bytes / MIB);
+            let (sample, _) =
+                ours::download(&net, 3, &scratch(base, "ns-ours"), file, opts.ns_reps, &[]);
+            eprintln!(" {:.2} s", sample.seconds);
+            lines.push(format!(
+                "{scenario}, {} MiB: {OURS} {:.1} s, {:.0}% of the {:.1} MB/s the uplinks allow",
+                bytes / MIB,
+                sample.seconds,
+                share(sample.seconds),
+                uplinks / 1e6
+            ));
+            rows.push(Row {
+                scenario: scenario.clone(),
+                tool: OURS.into(),
+                verified: true,
+                ours: true,
+                bytes,
+                sample,
+                marginal: None,
+                overhead: None,
+                ratio: None,
+            });
+            if run_others {
+                let before = rows.len();
+                other(
+                    rows,
+                    &scenario,
+                    "aria2c BitTorrent, 3 seeders",
+                    true,
+                    file,
+                    || others::bittorrent(&net, 3, &scratch(base, "ns-bt"), file, opts.ns_reps),
+                );
+                other(
+                    rows,
+                    &scenario,
+                    "aria2c HTTP from 3 nginx",
+                    true,
+                    file,
+                    || others::http(&net, 3, true, &scratch(base, "ns-http"), file, opts.ns_reps),
+                );
+                for r in &rows[before..] {
+                    lines.push(format!(
+                        "{scenario}, {} MiB: {} {:.1} s, {:.0}% of the uplinks",
+                        bytes / MIB,
+                        r.tool,
+                        r.sample.seconds,
+                        share(r.sample.seconds)
+                    ));
+                }
+            }
+        }
+    }
+    let size = if opts.quick { 32 * MIB } else { 128 * MIB };
+    let crowd_file = files.join(format!("crowd-{}m.bin", size / MIB));
+    p2p_tests::write_random(&crowd_file, size as usize, 7);
+    match Net::namespaces(12, UPLINK_MBIT) {
+        Err(e) => lines.push(format!("namespace crowd scenario failed: {e}")),
+        Ok(net) => {
+            eprint!(
+                "{UPLINK_MBIT} Mbit/s uplinks, 1 seeder -> 10 leechers, {} MiB ",
+                size / MIB
+            );
+            let c = ours::crowd(&net, &scratch(base, "ns-crowd"), &crowd_file, &[]);
+            eprintln!();
+            lines.push(crowd_line(&net.label, size, &c));
+        }
+    }
+    lines
+}
+
+fn crowd_line(label: &str, size: u64, c: &ours::Crowd) -> String {
+    format!(
+        "{label}, 1 seeder -> 10 leechers, {} MiB: one leecher alone {:.2} s; 10 started \
+         together: slowest {:.2} s = {:.2}x alone (without leechers feeding each other: about \
+         10x); seeder peak RSS {:.0} MiB",
+        size / MIB,
+        c.alone,
+        c.slowest,
+        c.slowest / c.alone,
+        c.seeder_rss
+    )
+}
+
+/// Without namespaces: every daemon's uplink limited with `--upload-rate` on loopback.
+fn emulated_crowd(base: &Path, files: &Path, quick: bool) -> String {
+    let size = if quick { 16 * MIB } else { 64 * MIB };
+    let file = files.join(format!("crowd-{}m.bin", size / MIB));
+    p2p_tests::write_random(&file, size as usize, 7);
+    let rate = (UPLINK_MBIT as u64 * 1_000_000 / 8).to_string();
+    eprint!(
+        "emulated uplinks, 1 seeder -> 10 leechers, {} MiB ",
+        size / MIB
+    );
+    let net = Net::loopback(12);
+    let c = ours::crowd(
+        &net,
+        &scratch(base, "crowd"),
+        &file,
+        &["--upload-rate", &rate],
+    );
+    eprintln!();
+    crowd_line(
+        &format!("{UPLINK_MBIT} Mbit/s uplinks emulated with --upload-rate on loopback"),
+        size,
+        &c,
+    )
 }

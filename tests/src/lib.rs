@@ -60,6 +60,18 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
+/// A command running `program` through `prefix` (nothing, or e.g. `ip netns exec NAME`).
+pub fn prefixed(prefix: &[&str], program: &Path) -> Command {
+    match prefix.split_first() {
+        None => Command::new(program),
+        Some((first, rest)) => {
+            let mut cmd = Command::new(first);
+            cmd.args(rest).arg(program);
+            cmd
+        }
+    }
+}
+
 /// Path of binary `name`.
 pub fn bin(name: &str) -> PathBuf {
     bin_dir().join(format!("{name}{}", std::env::consts::EXE_SUFFIX))
@@ -226,7 +238,19 @@ impl Tracker {
 
     /// Starts a tracker listening on `listen`, with extra flags.
     pub fn start_on(data_dir: &Path, ttl: &str, listen: &str, extra: &[&str]) -> Tracker {
-        let mut cmd = Command::new(bin("p2p-tracker"));
+        Self::start_in(&[], data_dir, ttl, listen, extra)
+    }
+
+    /// Like [`Tracker::start_on`], the command run through `prefix` (such as
+    /// `ip netns exec NAME`, which execs it: the PID stays the tracker's).
+    pub fn start_in(
+        prefix: &[&str],
+        data_dir: &Path,
+        ttl: &str,
+        listen: &str,
+        extra: &[&str],
+    ) -> Tracker {
+        let mut cmd = prefixed(prefix, &bin("p2p-tracker"));
         cmd.args(["--listen", listen, "--ttl", ttl, "--data-dir"])
             .arg(data_dir)
             .args(extra);
@@ -288,6 +312,8 @@ pub struct Daemon {
     pub addr: SocketAddr,
     tracker: SocketAddr,
     extra: Vec<String>,
+    listen: String,
+    prefix: Vec<String>,
 }
 
 impl Daemon {
@@ -311,9 +337,35 @@ impl Daemon {
         tracker: SocketAddr,
         extra: &[&str],
     ) -> Daemon {
+        Self::start_full(&[], "127.0.0.1:0", data_dir, socket, tracker, extra)
+    }
+
+    /// Starts a daemon serving peers on `listen`, run through `prefix` (such as
+    /// `ip netns exec NAME`), and waits until it is connected to the tracker.
+    pub fn start_in(
+        prefix: &[&str],
+        listen: &str,
+        data_dir: &Path,
+        tracker: SocketAddr,
+        extra: &[&str],
+    ) -> Daemon {
+        let socket = data_dir.join("p2pd.sock");
+        let d = Self::start_full(prefix, listen, data_dir, &socket, tracker, extra);
+        d.proc.wait_for("connected to the tracker", STARTUP);
+        d
+    }
+
+    fn start_full(
+        prefix: &[&str],
+        listen: &str,
+        data_dir: &Path,
+        socket: &Path,
+        tracker: SocketAddr,
+        extra: &[&str],
+    ) -> Daemon {
         let socket = socket.to_path_buf();
-        let mut cmd = Command::new(bin("p2pd"));
-        cmd.args(["--tracker", &tracker.to_string(), "--listen", "127.0.0.1:0"])
+        let mut cmd = prefixed(prefix, &bin("p2pd"));
+        cmd.args(["--tracker", &tracker.to_string(), "--listen", listen])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--socket")
@@ -338,13 +390,23 @@ impl Daemon {
             addr,
             tracker,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            listen: listen.to_string(),
+            prefix: prefix.iter().map(|s| s.to_string()).collect(),
         }
     }
 
     /// Starts the same daemon again (same data directory and flags) after it stopped.
     pub fn restart(&mut self) {
         let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
-        let fresh = Daemon::start_with_socket(&self.data_dir, &self.socket, self.tracker, &extra);
+        let prefix: Vec<&str> = self.prefix.iter().map(String::as_str).collect();
+        let fresh = Daemon::start_full(
+            &prefix,
+            &self.listen,
+            &self.data_dir,
+            &self.socket,
+            self.tracker,
+            &extra,
+        );
         *self = fresh;
     }
 

@@ -1,0 +1,143 @@
+//! Our system in each scenario: a real `p2p-tracker` on the hub, real `p2pd` daemons on the
+//! hosts, timed from the leecher's `p2pctl download` until it returns (every chunk SHA-256
+//! verified, synced, the file renamed into place).
+
+use std::path::Path;
+use std::time::Instant;
+
+use p2p_tests::{Daemon, Tracker};
+
+use crate::lab::Net;
+use crate::measure::{median, peak_rss_mib};
+use crate::Sample;
+
+fn start_daemon(net: &Net, host: usize, data: &Path, tracker: &Tracker, extra: &[&str]) -> Daemon {
+    let h = &net.hosts[host];
+    Daemon::start_in(
+        &h.prefix(),
+        &format!("{}:0", h.ip),
+        data,
+        tracker.addr,
+        extra,
+    )
+}
+
+fn start_tracker(net: &Net, dir: &Path) -> Tracker {
+    Tracker::start_in(
+        &net.hub.prefix(),
+        &dir.join("tracker"),
+        "30s",
+        &format!("{}:0", net.hub.ip),
+        &[],
+    )
+}
+
+/// One download of `name` by `leecher` into `out`; seconds until `p2pctl download` returned.
+fn fetch(leecher: &Daemon, name: &str, out: &Path) -> f64 {
+    let start = Instant::now();
+    let done = leecher.ctl(&["-q", "download", name, "-o", &out.to_string_lossy()]);
+    let t = start.elapsed().as_secs_f64();
+    assert!(done.status.success(), "download failed: {done:?}");
+    t
+}
+
+/// `seeders` daemons on the first hosts register `file` (the first one's registration is
+/// timed), then a fresh leecher on the next host downloads it, `reps` times.
+/// Returns the download sample and the seconds the first registration took.
+pub fn download(
+    net: &Net,
+    seeders: usize,
+    dir: &Path,
+    file: &Path,
+    reps: usize,
+    extra: &[&str],
+) -> (Sample, f64) {
+    let tracker = start_tracker(net, dir);
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("UTF-8 file name");
+    let seeds: Vec<Daemon> = (0..seeders)
+        .map(|i| start_daemon(net, i, &dir.join(format!("seed{i}")), &tracker, extra))
+        .collect();
+    let mut register_secs = 0.0;
+    for (i, s) in seeds.iter().enumerate() {
+        let start = Instant::now();
+        s.ctl_json(&["register", &file.to_string_lossy()]);
+        if i == 0 {
+            register_secs = start.elapsed().as_secs_f64();
+        }
+    }
+    let mut times = Vec::new();
+    let mut leecher_rss: f64 = 0.0;
+    for rep in 0..reps {
+        let data = dir.join(format!("leech{rep}"));
+        let leecher = start_daemon(net, seeders, &data, &tracker, extra);
+        let out = dir.join(format!("out{rep}"));
+        times.push(fetch(&leecher, name, &out));
+        leecher_rss = leecher_rss.max(peak_rss_mib(leecher.proc.pid()));
+        let _ = std::fs::remove_file(&out);
+        drop(leecher);
+        let _ = std::fs::remove_dir_all(&data);
+        crate::tick();
+    }
+    let seeder_rss = seeds
+        .iter()
+        .map(|s| peak_rss_mib(s.proc.pid()))
+        .fold(0.0, f64::max);
+    (
+        Sample {
+            seconds: median(times),
+            leecher_rss,
+            seeder_rss,
+        },
+        register_secs,
+    )
+}
+
+/// What one seeder and ten leechers started together measured.
+pub struct Crowd {
+    pub alone: f64,
+    pub slowest: f64,
+    pub seeder_rss: f64,
+}
+
+/// One seeder (host 0) and `file`: one leecher alone (host 1), then 10 leechers (hosts 2 to
+/// 11) started together. Every daemon gets `extra` (an `--upload-rate` where uplinks are
+/// emulated on loopback).
+pub fn crowd(net: &Net, dir: &Path, file: &Path, extra: &[&str]) -> Crowd {
+    let tracker = start_tracker(net, dir);
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("UTF-8 file name");
+    let seeder = start_daemon(net, 0, &dir.join("seed"), &tracker, extra);
+    seeder.ctl_json(&["register", &file.to_string_lossy()]);
+    let alone = {
+        let d = start_daemon(net, 1, &dir.join("alone"), &tracker, extra);
+        fetch(&d, name, &dir.join("out-alone"))
+    };
+    crate::tick();
+    let leechers: Vec<Daemon> = (0..10)
+        .map(|i| start_daemon(net, 2 + i, &dir.join(format!("l{i}")), &tracker, extra))
+        .collect();
+    let times: Vec<f64> = std::thread::scope(|s| {
+        let jobs: Vec<_> = leechers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| s.spawn(move || fetch(d, name, &dir.join(format!("out{i}")))))
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().expect("leecher thread"))
+            .collect()
+    });
+    crate::tick();
+    for i in 0..10 {
+        let _ = std::fs::remove_file(dir.join(format!("out{i}")));
+    }
+    Crowd {
+        alone,
+        slowest: times.iter().cloned().fold(0.0, f64::max),
+        seeder_rss: peak_rss_mib(seeder.proc.pid()),
+    }
+}

@@ -1,0 +1,132 @@
+//! The tracker under load: 200 concurrent sessions, an announce/locate mix, pipelined like a
+//! daemon's session.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use p2p_schema::frame::encode_frame;
+use p2p_schema::{PeerId, TrackerRequest, TrackerResponse, PROTOCOL_VERSION};
+use p2p_tests::fake::{manifest_of, read_frame};
+use p2p_tests::Tracker;
+
+use crate::measure::peak_rss_mib;
+
+fn send<T: serde::Serialize>(s: &mut std::net::TcpStream, msg: &T) {
+    let mut buf = Vec::new();
+    encode_frame(msg, &mut buf).expect("encode");
+    s.write_all(&buf).expect("send");
+}
+
+/// The tracker under 200 concurrent sessions, announce/locate mix, for `secs` seconds.
+/// Returns the summary line.
+pub fn tracker_load(dir: &Path, secs: u64) -> String {
+    let tracker = Tracker::start(&dir.join("tracker-load"), "60s");
+    let addr = tracker.addr;
+    let sessions = 200usize;
+    let files = 50usize;
+    let manifests: Vec<_> = (0..files)
+        .map(|i| manifest_of(&format!("f{i}"), &vec![i as u8; 1 << 20], 1024))
+        .collect();
+    let before = peak_rss_mib(tracker.proc.pid());
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(std::sync::Barrier::new(sessions + 1));
+    let handles: Vec<_> = (0..sessions)
+        .map(|i| {
+            let (stop, count, ready) = (stop.clone(), count.clone(), ready.clone());
+            let manifests = manifests.clone();
+            std::thread::spawn(move || load_session(addr, i, &manifests, &stop, &count, &ready))
+        })
+        .collect();
+    ready.wait();
+    let registered_rss = peak_rss_mib(tracker.proc.pid());
+    let start = Instant::now();
+    let begin = count.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_secs(secs));
+    let done = count.load(Ordering::SeqCst) - begin;
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::SeqCst);
+    for h in handles {
+        let _ = h.join();
+    }
+    let pairs = (sessions * files) as f64;
+    format!(
+        "tracker: {:.0} requests/s (announce/locate mix, {sessions} concurrent sessions pipelining 8, {secs} s); \
+         {:.0} bytes of memory per registered peer-file pair ({} pairs, 1,024 chunks each)",
+        done as f64 / elapsed,
+        (registered_rss - before) * 1024.0 * 1024.0 / pairs,
+        pairs
+    )
+}
+
+fn load_session(
+    addr: SocketAddr,
+    i: usize,
+    manifests: &[p2p_schema::Manifest],
+    stop: &AtomicBool,
+    count: &AtomicU64,
+    ready: &std::sync::Barrier,
+) {
+    let mut s = std::net::TcpStream::connect(addr).expect("tracker");
+    s.set_nodelay(true).ok();
+    let listen: SocketAddr = format!("127.0.0.1:{}", 10000 + i).parse().unwrap();
+    send(
+        &mut s,
+        &TrackerRequest::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: PeerId::random(),
+            listen,
+            agent: "bench".into(),
+            secret: None,
+        },
+    );
+    let _ = read_frame::<TrackerResponse>(&mut s);
+    for m in manifests {
+        send(
+            &mut s,
+            &TrackerRequest::Register {
+                manifest: m.clone(),
+            },
+        );
+        let _ = read_frame::<TrackerResponse>(&mut s);
+    }
+    ready.wait();
+    let ids: Vec<_> = manifests.iter().map(|m| m.file_id()).collect();
+    // Like a daemon's session, requests are pipelined (a window of 8), answered in order.
+    let window = 8u64;
+    let mut n = 0u64;
+    let mut buf = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        buf.clear();
+        for k in 0..window {
+            let file_id = ids[((n + k) as usize + i) % ids.len()];
+            let request = if (n + k).is_multiple_of(2) {
+                TrackerRequest::Gained {
+                    file_id,
+                    indices: vec![((n + k) % 1024) as u32],
+                }
+            } else {
+                TrackerRequest::Locate { file_id, max: 50 }
+            };
+            encode_frame(&request, &mut buf).expect("encode");
+        }
+        if s.write_all(&buf).is_err() {
+            return;
+        }
+        for _ in 0..window {
+            if read_frame::<TrackerResponse>(&mut s)
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                return;
+            }
+        }
+        count.fetch_add(window, Ordering::Relaxed);
+        n += window;
+    }
+}
