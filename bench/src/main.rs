@@ -6,7 +6,8 @@
 //! Run it with `bench/run` (builds release first). Flags: `--quick` (smaller files, one
 //! repetition), `--reps N` (loopback repetitions, default 5), `--ns-reps N` (namespace
 //! repetitions, default 3), `--dir DIR` (where the test files go; default the temporary
-//! directory), `--skip-others`, `--skip-namespaces`, `--skip-tracker`.
+//! directory), `--skip-S` for a section S (`loopback`, `others`, `namespaces`, `crowd`,
+//! `tracker`), or `--only S`.
 
 mod lab;
 mod measure;
@@ -42,7 +43,9 @@ struct Options {
     dir: Option<PathBuf>,
     others: bool,
     namespaces: bool,
+    crowd: bool,
     tracker: bool,
+    loopback: bool,
 }
 
 fn options() -> Options {
@@ -52,8 +55,14 @@ fn options() -> Options {
             .position(|a| a == flag)
             .and_then(|i| args.get(i + 1).cloned())
     };
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    let quick = has("--quick");
+    let only = value("--only");
+    let has = |flag: &str| {
+        args.iter().any(|a| a == flag)
+            || only
+                .as_deref()
+                .is_some_and(|o| flag.strip_prefix("--skip-") != Some(o))
+    };
+    let quick = args.iter().any(|a| a == "--quick");
     Options {
         reps: value("--reps")
             .and_then(|v| v.parse().ok())
@@ -65,7 +74,9 @@ fn options() -> Options {
         dir: value("--dir").map(PathBuf::from),
         others: !has("--skip-others"),
         namespaces: !has("--skip-namespaces"),
+        crowd: !has("--skip-crowd"),
         tracker: !has("--skip-tracker"),
+        loopback: !has("--skip-loopback"),
     }
 }
 
@@ -230,6 +241,9 @@ fn main() {
         let file = files.join(format!("file-{}m.bin", size / MIB));
         p2p_tests::write_random(&file, size as usize, size);
         big_file = file.clone();
+        if !opts.loopback {
+            continue;
+        }
         for seeders in [3, 1] {
             let scenario = if seeders == 3 {
                 "loopback, 3 sources"
@@ -291,7 +305,7 @@ fn main() {
                 });
             }
         }
-        if run_others && measure::installed("openssl") {
+        if opts.loopback && run_others && measure::installed("openssl") {
             let tool = "SHA-256 of the file alone (openssl, one core)";
             other(&mut rows, "reference", tool, false, &file, || {
                 others::sha256_alone(&base, &file, opts.reps)
@@ -300,11 +314,13 @@ fn main() {
     }
 
     let mut lines = Vec::new();
-    match (opts.namespaces, lab::unavailable()) {
-        (false, _) => notes.push("namespace scenarios skipped (--skip-namespaces)".into()),
+    match (opts.namespaces || opts.crowd, lab::unavailable()) {
+        (false, _) => notes.push("namespace scenarios skipped".into()),
         (true, Some(why)) => {
             notes.push(format!("namespace scenarios skipped: {why}"));
-            lines.push(emulated_crowd(&base, &files, opts.quick));
+            if opts.crowd {
+                lines.push(emulated_crowd(&base, &files, opts.quick));
+            }
         }
         (true, None) => {
             lines.extend(namespaces(
@@ -341,6 +357,39 @@ fn namespaces(
     base: &Path,
     file: &Path,
     files: &Path,
+    opts: &Options,
+    run_others: bool,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    if opts.namespaces {
+        lines.extend(three_sources(rows, base, file, opts, run_others));
+    }
+    if !opts.crowd {
+        return lines;
+    }
+    let size = if opts.quick { 32 * MIB } else { 128 * MIB };
+    let crowd_file = files.join(format!("crowd-{}m.bin", size / MIB));
+    p2p_tests::write_random(&crowd_file, size as usize, 7);
+    match Net::namespaces(12, UPLINK_MBIT) {
+        Err(e) => lines.push(format!("namespace crowd scenario failed: {e}")),
+        Ok(net) => {
+            eprint!(
+                "{UPLINK_MBIT} Mbit/s uplinks, 1 seeder -> 10 leechers, {} MiB ",
+                size / MIB
+            );
+            let c = ours::crowd(&net, &scratch(base, "ns-crowd"), &crowd_file, &[]);
+            eprintln!();
+            lines.push(crowd_line(&net.label, size, &c));
+        }
+    }
+    lines
+}
+
+/// 3 seeders behind limited uplinks, ours and the other tools; returns summary lines.
+fn three_sources(
+    rows: &mut Vec<Row>,
+    base: &Path,
+    file: &Path,
     opts: &Options,
     run_others: bool,
 ) -> Vec<String> {
@@ -404,33 +453,20 @@ fn namespaces(
             }
         }
     }
-    let size = if opts.quick { 32 * MIB } else { 128 * MIB };
-    let crowd_file = files.join(format!("crowd-{}m.bin", size / MIB));
-    p2p_tests::write_random(&crowd_file, size as usize, 7);
-    match Net::namespaces(12, UPLINK_MBIT) {
-        Err(e) => lines.push(format!("namespace crowd scenario failed: {e}")),
-        Ok(net) => {
-            eprint!(
-                "{UPLINK_MBIT} Mbit/s uplinks, 1 seeder -> 10 leechers, {} MiB ",
-                size / MIB
-            );
-            let c = ours::crowd(&net, &scratch(base, "ns-crowd"), &crowd_file, &[]);
-            eprintln!();
-            lines.push(crowd_line(&net.label, size, &c));
-        }
-    }
     lines
 }
 
 fn crowd_line(label: &str, size: u64, c: &ours::Crowd) -> String {
     format!(
         "{label}, 1 seeder -> 10 leechers, {} MiB: one leecher alone {:.2} s; 10 started \
-         together: slowest {:.2} s = {:.2}x alone (without leechers feeding each other: about \
-         10x); seeder peak RSS {:.0} MiB",
+         together: fastest {:.2} s, slowest {:.2} s = {:.2}x alone (without leechers feeding each other: about \
+         10x); the seeder sent the file {:.2} times to the 10; seeder peak RSS {:.0} MiB",
         size / MIB,
         c.alone,
+        c.fastest,
         c.slowest,
         c.slowest / c.alone,
+        c.seeder_sent,
         c.seeder_rss
     )
 }

@@ -99,7 +99,10 @@ pub fn download(
 pub struct Crowd {
     pub alone: f64,
     pub slowest: f64,
+    pub fastest: f64,
     pub seeder_rss: f64,
+    /// Bytes the seeder sent, over the file's size: 1.0 means every chunk left it once.
+    pub seeder_sent: f64,
 }
 
 /// One seeder (host 0) and `file`: one leecher alone (host 1), then 10 leechers (hosts 2 to
@@ -135,9 +138,16 @@ pub fn crowd(net: &Net, dir: &Path, file: &Path, extra: &[&str]) -> Crowd {
     for i in 0..10 {
         let _ = std::fs::remove_file(dir.join(format!("out{i}")));
     }
+    let sent = seeder.ctl_json(&["status"])["shares"][0]["uploaded"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(1) as f64;
     Crowd {
+        // The leecher that went alone took one copy.
+        seeder_sent: sent / size - 1.0,
         alone,
         slowest: times.iter().cloned().fold(0.0, f64::max),
+        fastest: times.iter().cloned().fold(f64::INFINITY, f64::min),
         seeder_rss: peak_rss_mib(seeder.proc.pid()),
     }
 }

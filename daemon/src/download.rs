@@ -44,7 +44,7 @@ const WINDOW_LATENCY: Duration = Duration::from_millis(50);
 /// How often a running download asks the tracker for holders.
 const RELOCATE_INTERVAL: Duration = Duration::from_millis(500);
 /// How often a worker whose peer has nothing we need asks it again what it holds.
-const HAVE_POLL_INTERVAL: Duration = Duration::from_millis(250);
+const HAVE_POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the committer makes written chunks durable, at most.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -327,6 +327,9 @@ struct Swarm {
     strikes: Mutex<HashMap<PeerId, u32>>,
     banned: Mutex<HashSet<PeerId>>,
     retry_after: Mutex<HashMap<PeerId, Instant>>,
+    /// What the tracker last said a connected peer holds, for its worker to take in (a busy
+    /// worker does not ask its peer, and a downloading peer gains chunks all the time).
+    fresh: Mutex<HashMap<PeerId, Bitfield>>,
     window: usize,
     /// Set when the file is complete: workers still waiting on slow peers give up.
     finished: watch::Sender<bool>,
@@ -380,6 +383,7 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
         strikes: Mutex::default(),
         banned: Mutex::default(),
         retry_after: Mutex::default(),
+        fresh: Mutex::default(),
         window: window as usize,
         finished: watch::channel(false).0,
     });
@@ -476,9 +480,14 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
     };
     {
         let mut workers = lock(&swarm.workers);
-        if workers.len() >= MAX_WORKERS || !workers.insert(holder.peer_id) {
+        if workers.contains(&holder.peer_id) {
+            lock(&swarm.fresh).insert(holder.peer_id, chunks);
             return;
         }
+        if workers.len() >= MAX_WORKERS {
+            return;
+        }
+        workers.insert(holder.peer_id);
     }
     let swarm = swarm.clone();
     let span = tracing::debug_span!("peer", addr = %holder.addr);
@@ -506,6 +515,7 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
                 lock(&swarm.retry_after).insert(peer, Instant::now() + Duration::from_secs(2));
             }
             lock(&swarm.workers).remove(&peer);
+            lock(&swarm.fresh).remove(&peer);
             swarm.progress.notify_one();
         }
         .instrument(span),
@@ -596,6 +606,15 @@ impl Worker {
         loop {
             if stop.is_set() {
                 return Ok(());
+            }
+            let fresh = lock(&self.swarm.fresh).remove(&self.peer);
+            if let Some(fresh) = fresh {
+                // Chunks only ever arrive at a peer: take in what we did not know of.
+                let mut has = self.has.clone();
+                for i in fresh.iter() {
+                    has.set(i);
+                }
+                self.set_has(has);
             }
             // Keep the window full.
             let mut fed = false;

@@ -1,10 +1,12 @@
 //! [`LocalFile`]: a file this daemon can serve chunks of, whole (a share) or in part (a
 //! download in progress). The peer server reads chunks through it; downloads add to it.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use p2p_schema::{Bitfield, FileId, Manifest};
 
@@ -18,6 +20,8 @@ pub struct LocalFile {
     inner: Mutex<Inner>,
     /// Bytes served to other peers.
     pub uploaded: AtomicU64,
+    /// Chunks served lately: when, and to which connection (see [`LocalFile::may_send`]).
+    sent: Mutex<HashMap<u32, (Instant, u64)>>,
 }
 
 struct Inner {
@@ -45,6 +49,7 @@ impl LocalFile {
                 source: None,
             }),
             uploaded: AtomicU64::new(0),
+            sent: Mutex::default(),
         }
     }
 
@@ -141,8 +146,59 @@ impl LocalFile {
         self.lock().problem.clone()
     }
 
+    /// Whether chunk `index` may go to connection `conn` now: not if it went to another
+    /// connection less than `spread` ago. That peer will soon serve it too; meanwhile our
+    /// uplink is better spent on chunks nobody else has (a download asks for another chunk
+    /// and comes back later). Records the send when allowed.
+    pub fn may_send(&self, index: u32, conn: u64, spread: Duration) -> bool {
+        let now = Instant::now();
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&(at, to)) = sent.get(&index) {
+            if to != conn && now.duration_since(at) < spread {
+                return false;
+            }
+        }
+        // Bounded: entries older than `spread` go once the map grows.
+        if sent.len() >= 4096 {
+            sent.retain(|_, (at, _)| now.duration_since(*at) < spread);
+        }
+        sent.insert(index, (now, conn));
+        true
+    }
+
     /// Counts bytes served.
     pub fn add_uploaded(&self, n: u64) {
         self.uploaded.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local() -> LocalFile {
+        let manifest = Manifest {
+            name: "x.bin".into(),
+            size: 4096,
+            chunk_size: 1024,
+            hashes: vec![0; 4 * 32],
+        };
+        let file = tempfile::tempfile().expect("temp file");
+        LocalFile::new(Arc::new(manifest), file, "x.bin".into(), Bitfield::full(4))
+    }
+
+    #[test]
+    fn a_chunk_just_sent_goes_to_nobody_else_until_the_spread_has_passed() {
+        let f = local();
+        let spread = Duration::from_millis(200);
+        assert!(f.may_send(1, 7, spread));
+        // The same connection may have it again (it asked twice); another may not, yet.
+        assert!(f.may_send(1, 7, spread));
+        assert!(!f.may_send(1, 8, spread));
+        // Other chunks are not affected.
+        assert!(f.may_send(2, 8, spread));
+        std::thread::sleep(spread + Duration::from_millis(20));
+        assert!(f.may_send(1, 8, spread));
+        assert!(!f.may_send(1, 7, spread));
     }
 }

@@ -27,11 +27,17 @@ const REQUESTS_PER_SEC: f64 = 4000.0;
 const REQUEST_BURST: f64 = 1000.0;
 /// How long a connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// A chunk sent to one peer is not sent to another within this time: the first passes it
+/// on, and this uplink carries chunks the swarm lacks (see [`LocalFile::may_send`]).
+///
+/// [`LocalFile::may_send`]: crate::local::LocalFile::may_send
+const SPREAD: Duration = Duration::from_secs(1);
 
 /// Accepts peer connections until `stop` becomes true.
 pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let mut conn: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
@@ -56,9 +62,10 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         let stop = stop.clone();
+        conn += 1;
         tokio::spawn(
             async move {
-                if let Err(e) = connection(node, stream, stop).await {
+                if let Err(e) = connection(node, stream, conn, stop).await {
                     debug!("peer connection ended: {e}");
                 }
                 drop(ip_slot);
@@ -72,6 +79,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
 async fn connection(
     node: Arc<Node>,
     stream: TcpStream,
+    conn: u64,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let (r, w) = stream.into_split();
@@ -138,6 +146,17 @@ async fn connection(
                         continue;
                     }
                 };
+                if !local.may_send(index, conn, SPREAD) {
+                    let busy = WireError::new(
+                        ErrorCode::Busy,
+                        format!("chunk {index} was just sent to another peer; ask it"),
+                    );
+                    writer
+                        .send(&PeerResponse::Error(busy))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    continue;
+                }
                 node.upload_limit.wait(len as usize).await;
                 let header = PeerResponse::Chunk { index, len };
                 #[cfg(target_os = "linux")]
