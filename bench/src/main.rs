@@ -165,6 +165,14 @@ fn print_table(rows: &[Row]) {
     }
 }
 
+/// Makes `file` durable, so that writing it back does not compete with what is measured
+/// (it stays in the page cache, where every tool finds it).
+fn settle(file: &Path) {
+    if let Err(e) = std::fs::File::open(file).and_then(|f| f.sync_all()) {
+        eprintln!("syncing {}: {e}", file.display());
+    }
+}
+
 /// A fresh directory for one scenario run, under the bench directory.
 fn scratch(base: &Path, name: &str) -> PathBuf {
     let dir = base.join(name);
@@ -240,6 +248,7 @@ fn main() {
     for &size in &sizes {
         let file = files.join(format!("file-{}m.bin", size / MIB));
         p2p_tests::write_random(&file, size as usize, size);
+        settle(&file);
         big_file = file.clone();
         if !opts.loopback {
             continue;
@@ -370,6 +379,7 @@ fn namespaces(
     let size = if opts.quick { 32 * MIB } else { 128 * MIB };
     let crowd_file = files.join(format!("crowd-{}m.bin", size / MIB));
     p2p_tests::write_random(&crowd_file, size as usize, 7);
+    settle(&crowd_file);
     match Net::namespaces(12, UPLINK_MBIT) {
         Err(e) => lines.push(format!("namespace crowd scenario failed: {e}")),
         Ok(net) => {
@@ -476,6 +486,7 @@ fn emulated_crowd(base: &Path, files: &Path, quick: bool) -> String {
     let size = if quick { 16 * MIB } else { 64 * MIB };
     let file = files.join(format!("crowd-{}m.bin", size / MIB));
     p2p_tests::write_random(&file, size as usize, 7);
+    settle(&file);
     let rate = (UPLINK_MBIT as u64 * 1_000_000 / 8).to_string();
     eprint!(
         "emulated uplinks, 1 seeder -> 10 leechers, {} MiB ",

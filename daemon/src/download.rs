@@ -23,6 +23,7 @@ use p2p_schema::{
     sha256, Bitfield, DownloadState, FileId, FrameReader, FrameWriter, Holder, Manifest, PeerId,
     PeerRequest, PeerResponse, TrackerRequest, TrackerResponse, MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
+use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
 use tracing::{debug, info, warn, Instrument};
@@ -404,6 +405,15 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
         if committer.is_finished() {
             return Err(commit_failure(&dl));
         }
+        if swarm.picker().remaining == 0 {
+            // Every chunk is in; the committer is making the last ones durable.
+            tokio::select! {
+                () = stop.wait() => {}
+                () = swarm.progress.notified() => {}
+                () = tokio::time::sleep(COMMIT_INTERVAL) => {}
+            }
+            continue;
+        }
         // Ask again soon: other downloaders become holders within a commit interval, and the
         // sooner we know them the sooner they share the load.
         let mut wait = RELOCATE_INTERVAL;
@@ -543,8 +553,13 @@ struct Worker {
 /// A chunk being verified and written: its index, buffer, and whether it matched.
 type Verifying = tokio::task::JoinHandle<(u32, AlignedBuf, std::io::Result<bool>)>;
 
-/// Chunks one worker may have in verification at once (besides the one being received).
-const MAX_VERIFYING: usize = 2;
+/// Chunks a download may have in verification and writing at once, across its workers
+/// (each worker may have at least [`MIN_VERIFYING`]): a lone peer's stream keeps going while
+/// several chunks wait on the disk.
+const VERIFYING_PER_DOWNLOAD: usize = 8;
+const MIN_VERIFYING: usize = 2;
+/// Bytes read (and hashed) at a time while a chunk arrives: small enough to stay in cache.
+const HASH_PIECE: usize = 256 << 10;
 
 impl Drop for Worker {
     fn drop(&mut self) {
@@ -669,10 +684,11 @@ impl Worker {
                 continue;
             }
 
+            let hash_inline = self.hash_inline();
             let received = tokio::select! {
                 () = stop.wait() => return Ok(()),
                 _ = finished.wait_for(|f| *f) => return Ok(()),
-                r = tokio::time::timeout(timeout, receive(&mut reader, &self.swarm.dl.manifest, &mut self.asked, &mut buf)) => r,
+                r = tokio::time::timeout(timeout, receive(&mut reader, &self.swarm.dl.manifest, &mut self.asked, &mut buf, hash_inline)) => r,
             };
             match received {
                 Err(_) => return Err(format!("no chunk in {timeout:?}")),
@@ -685,15 +701,17 @@ impl Worker {
                     self.set_has(has);
                     self.swarm.changed.notify_waiters();
                 }
-                Ok(Ok(Received::Chunk(index))) => {
+                Ok(Ok(Received::Chunk(index, matched))) => {
                     self.received += buf.len() as u64;
-                    // Verify and write on a blocking thread while the next chunk arrives.
+                    // Write on a blocking thread while the next chunk arrives.
                     let data = std::mem::replace(&mut buf, self.pool.pop().unwrap_or_default());
-                    self.verifying.push_back(self.start_verify(index, data)?);
+                    self.verifying
+                        .push_back(self.start_write(index, data, matched)?);
+                    let most = self.max_verifying();
                     while self
                         .verifying
                         .front()
-                        .is_some_and(|h| h.is_finished() || self.verifying.len() > MAX_VERIFYING)
+                        .is_some_and(|h| h.is_finished() || self.verifying.len() > most)
                     {
                         self.finish_one().await?;
                     }
@@ -730,15 +748,34 @@ impl Worker {
         };
         let (index, data, outcome) = handle.await.map_err(|e| e.to_string())?;
         let data = self.accept(index, data, outcome)?;
-        if self.pool.len() <= MAX_VERIFYING {
+        if self.pool.len() <= self.max_verifying() {
             self.pool.push(data);
         }
         Ok(())
     }
 
-    /// Starts checking chunk `index` (in `data`) against its hash, and writing it in place
-    /// if it matches, on a blocking thread.
-    fn start_verify(&self, index: u32, data: AlignedBuf) -> Result<Verifying, String> {
+    /// Chunks this worker may have in verification and writing at once.
+    fn max_verifying(&self) -> usize {
+        let workers = lock(&self.swarm.workers).len().max(1);
+        (VERIFYING_PER_DOWNLOAD / workers).max(MIN_VERIFYING)
+    }
+
+    /// Whether to hash chunks from this peer as they arrive, on this task. With other peers
+    /// sending too, that saves a hand-off to another thread per chunk and a second pass over
+    /// the data; from a lone peer it would leave the receiving and the hashing of the only
+    /// stream on one core, so its chunks are hashed on blocking threads instead.
+    fn hash_inline(&self) -> bool {
+        lock(&self.swarm.workers).len() > 1
+    }
+
+    /// Starts checking chunk `index` (in `data`) against its hash, unless that was done as it
+    /// arrived (`matched`), and writing it in place if it matches, on a blocking thread.
+    fn start_write(
+        &self,
+        index: u32,
+        data: AlignedBuf,
+        matched: Option<bool>,
+    ) -> Result<Verifying, String> {
         let dl = &self.swarm.dl;
         let (offset, len) = dl.manifest.chunk_range(index).ok_or("index out of range")?;
         let expected = *dl.manifest.hash(index).ok_or("index out of range")?;
@@ -746,7 +783,7 @@ impl Worker {
         let aligned = offset.is_multiple_of(ALIGN as u64) && (len as usize).is_multiple_of(ALIGN);
         let direct = dl.direct.clone().filter(|_| aligned);
         Ok(tokio::task::spawn_blocking(move || {
-            if sha256(&data) != expected {
+            if !matched.unwrap_or_else(|| sha256(&data) == expected) {
                 return (index, data, Ok(false));
             }
             let written = match direct.map(|d| write_all_at(&d, &data, offset)) {
@@ -818,7 +855,9 @@ impl Worker {
 }
 
 enum Received {
-    Chunk(u32),
+    /// Chunk `index` is in the buffer; whether it matched its hash, if it was hashed as it
+    /// arrived.
+    Chunk(u32, Option<bool>),
     Refused(u32, p2p_schema::WireError),
 }
 
@@ -828,6 +867,7 @@ async fn receive(
     manifest: &Manifest,
     asked: &mut VecDeque<u32>,
     buf: &mut AlignedBuf,
+    hash_inline: bool,
 ) -> Result<Received, String> {
     let expected = *asked.front().ok_or("nothing asked")?;
     match reader
@@ -843,9 +883,22 @@ async fn receive(
                 ));
             }
             buf.resize(len as usize);
-            reader.recv_payload(buf).await.map_err(|e| e.to_string())?;
+            if !hash_inline {
+                reader.recv_payload(buf).await.map_err(|e| e.to_string())?;
+                asked.pop_front();
+                return Ok(Received::Chunk(index, None));
+            }
+            // Hashed as it arrives, each piece while still in cache.
+            let mut hasher = Sha256::new();
+            reader
+                .recv_payload_each(buf, HASH_PIECE, |piece| hasher.update(piece))
+                .await
+                .map_err(|e| e.to_string())?;
             asked.pop_front();
-            Ok(Received::Chunk(index))
+            let matched = manifest
+                .hash(index)
+                .is_some_and(|h| *h == <[u8; 32]>::from(hasher.finalize()));
+            Ok(Received::Chunk(index, Some(matched)))
         }
         PeerResponse::Error(e) => {
             asked.pop_front();
@@ -912,7 +965,12 @@ async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
             () = stop.wait() => true,
         };
         let deadline = tokio::time::Instant::now() + COMMIT_INTERVAL;
-        while !stopping && batch.len() < 4096 {
+        let chunks = swarm.dl.manifest.chunk_count() as usize;
+        // The last chunks are committed at once: the download is done when they are.
+        while !stopping
+            && batch.len() < 4096
+            && swarm.dl.local.have_count() as usize + batch.len() < chunks
+        {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
                 Ok(Some(i)) => batch.push(i),
                 Ok(None) | Err(_) => break,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use p2p_schema::{Bitfield, FileId, Manifest};
+use p2p_schema::{Bitfield, FileId, Manifest, PeerId};
 
 /// A file with chunks to serve.
 pub struct LocalFile {
@@ -20,8 +20,8 @@ pub struct LocalFile {
     inner: Mutex<Inner>,
     /// Bytes served to other peers.
     pub uploaded: AtomicU64,
-    /// Chunks served lately: when, and to which connection (see [`LocalFile::may_send`]).
-    sent: Mutex<HashMap<u32, (Instant, u64)>>,
+    /// Chunks served lately: when, and to which peer (see [`LocalFile::may_send`]).
+    sent: Mutex<HashMap<u32, (Instant, PeerId)>>,
 }
 
 struct Inner {
@@ -146,15 +146,15 @@ impl LocalFile {
         self.lock().problem.clone()
     }
 
-    /// Whether chunk `index` may go to connection `conn` now: not if it went to another
-    /// connection less than `spread` ago. That peer will soon serve it too; meanwhile our
+    /// Whether chunk `index` may go to peer `to` now: not if it went to another peer less
+    /// than `spread` ago. That peer will soon serve it too; meanwhile our
     /// uplink is better spent on chunks nobody else has (a download asks for another chunk
     /// and comes back later). Records the send when allowed.
-    pub fn may_send(&self, index: u32, conn: u64, spread: Duration) -> bool {
+    pub fn may_send(&self, index: u32, to: PeerId, spread: Duration) -> bool {
         let now = Instant::now();
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&(at, to)) = sent.get(&index) {
-            if to != conn && now.duration_since(at) < spread {
+        if let Some(&(at, last)) = sent.get(&index) {
+            if last != to && now.duration_since(at) < spread {
                 return false;
             }
         }
@@ -162,7 +162,7 @@ impl LocalFile {
         if sent.len() >= 4096 {
             sent.retain(|_, (at, _)| now.duration_since(*at) < spread);
         }
-        sent.insert(index, (now, conn));
+        sent.insert(index, (now, to));
         true
     }
 
@@ -190,15 +190,16 @@ mod tests {
     #[test]
     fn a_chunk_just_sent_goes_to_nobody_else_until_the_spread_has_passed() {
         let f = local();
+        let (a, b) = (PeerId::random(), PeerId::random());
         let spread = Duration::from_millis(200);
-        assert!(f.may_send(1, 7, spread));
-        // The same connection may have it again (it asked twice); another may not, yet.
-        assert!(f.may_send(1, 7, spread));
-        assert!(!f.may_send(1, 8, spread));
+        assert!(f.may_send(1, a, spread));
+        // The same peer may have it again (it asked twice, or lost it); another not yet.
+        assert!(f.may_send(1, a, spread));
+        assert!(!f.may_send(1, b, spread));
         // Other chunks are not affected.
-        assert!(f.may_send(2, 8, spread));
+        assert!(f.may_send(2, b, spread));
         std::thread::sleep(spread + Duration::from_millis(20));
-        assert!(f.may_send(1, 8, spread));
-        assert!(!f.may_send(1, 7, spread));
+        assert!(f.may_send(1, b, spread));
+        assert!(!f.may_send(1, a, spread));
     }
 }

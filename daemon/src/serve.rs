@@ -37,7 +37,6 @@ const SPREAD: Duration = Duration::from_secs(1);
 pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
-    let mut conn: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => return,
@@ -62,10 +61,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
         let _ = stream.set_nodelay(true);
         let node = node.clone();
         let stop = stop.clone();
-        conn += 1;
         tokio::spawn(
             async move {
-                if let Err(e) = connection(node, stream, conn, stop).await {
+                if let Err(e) = connection(node, stream, stop).await {
                     debug!("peer connection ended: {e}");
                 }
                 drop(ip_slot);
@@ -79,7 +77,6 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
 async fn connection(
     node: Arc<Node>,
     stream: TcpStream,
-    conn: u64,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let (r, w) = stream.into_split();
@@ -89,13 +86,16 @@ async fn connection(
         .await
         .map_err(|_| "no hello in time".to_string())?
         .map_err(|e| e.to_string())?;
-    match hello {
-        Some(PeerRequest::Hello { version, .. }) if version == PROTOCOL_VERSION => {
+    let peer = match hello {
+        Some(PeerRequest::Hello {
+            version, peer_id, ..
+        }) if version == PROTOCOL_VERSION => {
             let welcome = PeerResponse::Welcome {
                 version: PROTOCOL_VERSION,
                 peer_id: node.peer_id,
             };
             writer.send(&welcome).await.map_err(|e| e.to_string())?;
+            peer_id
         }
         Some(PeerRequest::Hello { version, .. }) => {
             let e = WireError::new(
@@ -111,7 +111,7 @@ async fn connection(
             return Err("no hello".into());
         }
         None => return Ok(()),
-    }
+    };
 
     #[cfg(not(target_os = "linux"))]
     let mut buf = Vec::new();
@@ -146,7 +146,7 @@ async fn connection(
                         continue;
                     }
                 };
-                if !local.may_send(index, conn, SPREAD) {
+                if !local.may_send(index, peer, SPREAD) {
                     let busy = WireError::new(
                         ErrorCode::Busy,
                         format!("chunk {index} was just sent to another peer; ask it"),

@@ -158,6 +158,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.read_exact_or_truncated(out).await
     }
 
+    /// Reads exactly `out.len()` raw payload bytes, handing each piece to `each` as soon as
+    /// it is in (at most `piece` bytes at a time), while it is still in the CPU's cache: the
+    /// caller can hash the payload as it arrives instead of in a second pass.
+    pub async fn recv_payload_each(
+        &mut self,
+        out: &mut [u8],
+        piece: usize,
+        mut each: impl FnMut(&[u8]),
+    ) -> Result<(), FrameError> {
+        let mut filled = 0;
+        while filled < out.len() {
+            let end = (filled + piece.max(1)).min(out.len());
+            let n = self.inner.read(&mut out[filled..end]).await?;
+            if n == 0 {
+                return Err(FrameError::Truncated);
+            }
+            each(&out[filled..filled + n]);
+            filled += n;
+        }
+        Ok(())
+    }
+
     async fn read_exact_or_truncated(&mut self, out: &mut [u8]) -> Result<(), FrameError> {
         match self.inner.read_exact(out).await {
             Ok(_) => Ok(()),

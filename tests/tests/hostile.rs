@@ -47,6 +47,40 @@ fn a_peer_sending_wrong_bytes_is_caught_banned_and_the_file_is_still_right() {
     assert!(asked <= 2 + 16 + 3, "the liar was asked for {asked} chunks");
 }
 
+/// From a lone peer, chunks are hashed on other threads rather than as they arrive (see
+/// `Worker::hash_inline`): that path must catch bad data just the same.
+#[test]
+fn a_lone_lying_peer_is_banned_and_nothing_it_sent_is_kept() {
+    let mut swarm = Swarm::new(1, "30s", &[]);
+    let file = swarm.path("lone.bin");
+    write_random(&file, 1 << 20, 44);
+    let liar = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Corrupt);
+    let out = swarm.path("got.bin");
+    let leecher = &swarm.daemons[0];
+    leecher.ctl_json(&[
+        "download",
+        "lone.bin",
+        "-o",
+        out.to_str().unwrap(),
+        "--detach",
+    ]);
+    leecher
+        .proc
+        .wait_for("peer banned from this download", Duration::from_secs(20));
+    let d = leecher.download_status();
+    assert_eq!(d["have"], 0, "nothing from the liar is kept: {d}");
+    assert_eq!(d["state"]["state"], "running", "{d}");
+    assert!(d["wasted"].as_u64().unwrap() >= 2 * 65536, "{d}");
+    assert!(!out.exists(), "never complete early");
+    assert!(liar.requests.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+
+    // An honest holder appears: the file completes, and right.
+    let i = swarm.add_daemon(&[]);
+    swarm.daemons[i].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    swarm.daemons[0].wait_complete(Duration::from_secs(60));
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+}
+
 #[test]
 fn silent_and_dripping_peers_are_timed_out_and_their_chunks_go_elsewhere() {
     // At first only a silent peer and a dripping one hold the file.
