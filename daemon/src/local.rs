@@ -146,15 +146,22 @@ impl LocalFile {
         self.lock().problem.clone()
     }
 
-    /// Whether chunk `index` may go to peer `to` now: not if it went to another peer less
-    /// than `spread` ago. That peer will soon serve it too; meanwhile our
-    /// uplink is better spent on chunks nobody else has (a download asks for another chunk
-    /// and comes back later). Records the send when allowed.
-    pub fn may_send(&self, index: u32, to: PeerId, spread: Duration) -> bool {
+    /// Whether chunk `index` may go to peer `to` now: not if it went less than `spread` ago
+    /// to another peer that is still fetching from us (`fetching`), so still downloading.
+    /// That peer will soon serve it too; meanwhile our uplink is better spent on chunks
+    /// nobody else has (a download asks for another chunk and comes back later). Records the
+    /// send when allowed.
+    pub fn may_send(
+        &self,
+        index: u32,
+        to: PeerId,
+        spread: Duration,
+        fetching: impl Fn(&PeerId) -> bool,
+    ) -> bool {
         let now = Instant::now();
         let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(&(at, last)) = sent.get(&index) {
-            if last != to && now.duration_since(at) < spread {
+            if last != to && now.duration_since(at) < spread && fetching(&last) {
                 return false;
             }
         }
@@ -192,14 +199,17 @@ mod tests {
         let f = local();
         let (a, b) = (PeerId::random(), PeerId::random());
         let spread = Duration::from_millis(200);
-        assert!(f.may_send(1, a, spread));
+        let all = |_: &PeerId| true;
+        assert!(f.may_send(1, a, spread, all));
         // The same peer may have it again (it asked twice, or lost it); another not yet.
-        assert!(f.may_send(1, a, spread));
-        assert!(!f.may_send(1, b, spread));
+        assert!(f.may_send(1, a, spread, all));
+        assert!(!f.may_send(1, b, spread, all));
+        // Unless the first is gone (finished, or died): then nobody else would pass it on.
+        assert!(f.may_send(1, b, spread, |p| *p != a));
+        assert!(!f.may_send(1, a, spread, all));
         // Other chunks are not affected.
-        assert!(f.may_send(2, b, spread));
+        assert!(f.may_send(2, a, spread, all));
         std::thread::sleep(spread + Duration::from_millis(20));
-        assert!(f.may_send(1, b, spread));
-        assert!(!f.may_send(1, a, spread));
+        assert!(f.may_send(1, a, spread, all));
     }
 }

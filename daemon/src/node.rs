@@ -44,6 +44,8 @@ pub struct Node {
     pub upload_slots: Semaphore,
     /// Bounds upload bandwidth, if configured.
     pub upload_limit: RateLimit,
+    /// Peers connected to our peer server now, with their connection counts.
+    pub fetching: Mutex<HashMap<PeerId, u32>>,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> WireError {
@@ -810,6 +812,7 @@ pub async fn run(
     let node = Arc::new(Node {
         upload_slots: Semaphore::new(config.max_uploads.max(1)),
         upload_limit: RateLimit::new(config.upload_rate),
+        fetching: Mutex::default(),
         config,
         peer_id,
         listen,

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use p2p_schema::{
-    ErrorCode, FrameReader, FrameWriter, PeerRequest, PeerResponse, WireError, MAX_PEER_FRAME,
-    PROTOCOL_VERSION,
+    ErrorCode, FrameReader, FrameWriter, PeerId, PeerRequest, PeerResponse, WireError,
+    MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -112,6 +112,7 @@ async fn connection(
         }
         None => return Ok(()),
     };
+    let _fetching = Fetching::new(&node, peer);
 
     #[cfg(not(target_os = "linux"))]
     let mut buf = Vec::new();
@@ -146,7 +147,8 @@ async fn connection(
                         continue;
                     }
                 };
-                if !local.may_send(index, peer, SPREAD) {
+                let fetching = |p: &PeerId| lock(&node.fetching).contains_key(p);
+                if !local.may_send(index, peer, SPREAD, fetching) {
                     let busy = WireError::new(
                         ErrorCode::Busy,
                         format!("chunk {index} was just sent to another peer; ask it"),
@@ -193,6 +195,35 @@ async fn connection(
                     .send(&PeerResponse::Error(e))
                     .await
                     .map_err(|e| e.to_string())?;
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts a peer in [`Node::fetching`] while one of its connections lasts.
+struct Fetching<'a> {
+    node: &'a Node,
+    peer: PeerId,
+}
+
+impl<'a> Fetching<'a> {
+    fn new(node: &'a Node, peer: PeerId) -> Self {
+        *lock(&node.fetching).entry(peer).or_insert(0) += 1;
+        Fetching { node, peer }
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        let mut fetching = lock(&self.node.fetching);
+        if let Some(n) = fetching.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                fetching.remove(&self.peer);
             }
         }
     }
