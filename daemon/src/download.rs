@@ -553,10 +553,10 @@ struct Worker {
 /// A chunk being verified and written: its index, buffer, and whether it matched.
 type Verifying = tokio::task::JoinHandle<(u32, AlignedBuf, std::io::Result<bool>)>;
 
-/// Chunks a download may have in verification and writing at once, across its workers
-/// (each worker may have at least [`MIN_VERIFYING`]): a lone peer's stream keeps going while
+/// Bytes a download may have in verification and writing at once, across its workers (each
+/// worker may have at least [`MIN_VERIFYING`] chunks): a lone peer's stream keeps going while
 /// several chunks wait on the disk.
-const VERIFYING_PER_DOWNLOAD: usize = 8;
+const VERIFYING_PER_DOWNLOAD: usize = 8 << 20;
 const MIN_VERIFYING: usize = 2;
 /// Bytes read (and hashed) at a time while a chunk arrives: small enough to stay in cache.
 const HASH_PIECE: usize = 256 << 10;
@@ -757,7 +757,8 @@ impl Worker {
     /// Chunks this worker may have in verification and writing at once.
     fn max_verifying(&self) -> usize {
         let workers = lock(&self.swarm.workers).len().max(1);
-        (VERIFYING_PER_DOWNLOAD / workers).max(MIN_VERIFYING)
+        let chunk = self.swarm.dl.manifest.chunk_size.max(1) as usize;
+        (VERIFYING_PER_DOWNLOAD / chunk / workers).max(MIN_VERIFYING)
     }
 
     /// Whether to hash chunks from this peer as they arrive, on this task. With other peers

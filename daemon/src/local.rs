@@ -146,8 +146,9 @@ impl LocalFile {
         self.lock().problem.clone()
     }
 
-    /// Whether chunk `index` may go to peer `to` now: not if it went less than `spread` ago
-    /// to another peer that is still fetching from us (`fetching`), so still downloading.
+    /// Whether chunk `index` may go to peer `to` now: not if it is going, or went less than
+    /// `spread` ago (see [`LocalFile::sent`]), to another peer that is still fetching from us
+    /// (`fetching`), so still downloading.
     /// That peer will soon serve it too; meanwhile our uplink is better spent on chunks
     /// nobody else has (a download asks for another chunk and comes back later). Records the
     /// send when allowed.
@@ -171,6 +172,14 @@ impl LocalFile {
         }
         sent.insert(index, (now, to));
         true
+    }
+
+    /// Chunk `index` has reached peer `to`: the spread starts now.
+    pub fn sent(&self, index: u32, to: PeerId) {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = sent.get_mut(&index).filter(|(_, last)| *last == to) {
+            entry.0 = Instant::now();
+        }
     }
 
     /// Counts bytes served.

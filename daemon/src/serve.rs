@@ -27,8 +27,8 @@ const REQUESTS_PER_SEC: f64 = 4000.0;
 const REQUEST_BURST: f64 = 1000.0;
 /// How long a connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
-/// A chunk sent to one peer is not sent to another within this time: the first passes it
-/// on, and this uplink carries chunks the swarm lacks (see [`LocalFile::may_send`]).
+/// A chunk sent to one peer is not sent to another while that is under way, nor for this
+/// long after: the first passes it on, and this uplink carries chunks the swarm lacks (see [`LocalFile::may_send`]).
 ///
 /// [`LocalFile::may_send`]: crate::local::LocalFile::may_send
 const SPREAD: Duration = Duration::from_secs(1);
@@ -179,6 +179,8 @@ async fn connection(
                         .map_err(|e| e.to_string())?;
                 }
                 local.add_uploaded(u64::from(len));
+                // The spread counts from when the peer has the whole chunk.
+                local.sent(index, peer);
             }
             PeerRequest::GetHave { file_id } => {
                 let reply = match node.local_file(&file_id) {

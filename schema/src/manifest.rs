@@ -31,13 +31,21 @@ pub fn sha256(data: &[u8]) -> ChunkHash {
 /// The chunk size chosen for a file of `size` bytes when the user does not choose one.
 ///
 /// Small files still split into several chunks (about 8: `doug.png`, 107,330 bytes, gets
-/// 16 KiB chunks, so 7 of them), large files get at most about 1,024 chunks of at least
-/// 64 KiB, and no chunk is larger than [`MAX_AUTO_CHUNK_SIZE`] (so files above 4 GiB get more
-/// chunks rather than chunks that are slow to fetch and verify).
+/// 16 KiB chunks, so 7 of them); larger ones into about 512 or more chunks of 64 KiB to
+/// 1 MiB (1 MiB from 512 MiB on: smaller chunks spread faster through a swarm, larger ones
+/// cost less per byte at loopback speeds; a download's buffers are a few chunks, so its
+/// memory is the same for any size from 512 MiB to 16 GiB);
+/// above 16 GiB chunks grow to keep their number at 16,384, up to [`MAX_AUTO_CHUNK_SIZE`]
+/// (beyond 64 GiB the count grows instead).
 pub fn auto_chunk_size(size: u64) -> u32 {
-    let for_large = size.div_ceil(1024).next_power_of_two().max(64 << 10);
     let for_small = size.div_ceil(8).next_power_of_two();
+    let for_large = size
+        .div_ceil(512)
+        .next_power_of_two()
+        .clamp(64 << 10, 1 << 20);
+    let for_huge = size.div_ceil(16_384).next_power_of_two();
     let chosen = for_large
+        .max(for_huge)
         .min(for_small)
         .clamp(u64::from(MIN_CHUNK_SIZE), u64::from(MAX_AUTO_CHUNK_SIZE));
     // The clamp bounds it by a u32 constant.
@@ -293,7 +301,13 @@ mod tests {
         ] {
             let c = auto_chunk_size(size);
             let n = chunk_count(size, c);
-            assert!(n <= 4096 || c == MAX_AUTO_CHUNK_SIZE, "{size}: {n} chunks");
+            assert!(
+                n <= 16_384 || c == MAX_AUTO_CHUNK_SIZE,
+                "{size}: {n} chunks"
+            );
+            if size >= 512 << 20 && size <= 16 << 30 {
+                assert_eq!(c, 1 << 20, "{size}: chunks of 1 MiB");
+            }
             assert!(n <= MAX_CHUNKS);
             if size >= 8 * u64::from(MIN_CHUNK_SIZE) {
                 assert!(n >= 4, "{size} splits into {n} chunks only");
