@@ -86,6 +86,20 @@ pub fn open_regular(path: &Path) -> Result<(File, Metadata), WireError> {
     Ok((file, meta))
 }
 
+/// Reads into `block` until it is full or the file ends; the number of bytes read.
+fn read_full(file: &mut File, block: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < block.len() {
+        match file.read(&mut block[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 /// Hashes the file at `path` (blocking). `progress(done, total)` is called after each block.
 pub fn hash_file(
     path: &Path,
@@ -99,20 +113,45 @@ pub fn hash_file(
     validate_chunk_size(chunk_size)
         .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
     let mut builder = ManifestBuilder::new(chunk_size);
-    let mut block = vec![0u8; BLOCK];
-    loop {
-        let n = match file.read(&mut block) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_error(format!("reading {}", path.display()))(e)),
-        };
-        builder.update(&block[..n]);
-        progress(builder.size(), size);
-        if builder.size() > size {
-            break;
-        }
+    // One thread reads the next block while this one hashes the last: reading (a copy out of
+    // the page cache, or the disk) overlaps hashing, the bound.
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(2);
+    let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..3 {
+        let _ = empty_tx.send(vec![0u8; BLOCK]);
     }
+    let reader = &mut file;
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            // Ends when the file does, on an error, or when the hasher stops taking blocks.
+            while let Ok(mut block) = empty_rx.recv() {
+                block.resize(BLOCK, 0);
+                let read = read_full(reader, &mut block).map(|n| {
+                    block.truncate(n);
+                    block
+                });
+                let end = matches!(&read, Ok(b) if b.is_empty()) || read.is_err();
+                if full_tx.send(read).is_err() || end {
+                    return;
+                }
+            }
+        });
+        // Owned here, so that however this ends they are dropped, which ends the reader.
+        let (full_rx, empty_tx) = (full_rx, empty_tx);
+        for read in full_rx.iter() {
+            let block = read.map_err(io_error(format!("reading {}", path.display())))?;
+            if block.is_empty() {
+                break;
+            }
+            builder.update(&block);
+            progress(builder.size(), size);
+            if builder.size() > size {
+                break;
+            }
+            let _ = empty_tx.send(block);
+        }
+        Ok::<(), WireError>(())
+    })?;
     let after = file
         .metadata()
         .map_err(io_error(format!("reading {}", path.display())))?;
