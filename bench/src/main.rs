@@ -7,7 +7,7 @@
 //! repetition), `--reps N` (loopback repetitions, default 5), `--ns-reps N` (namespace
 //! repetitions, default 3), `--dir DIR` (where the test files go; default the temporary
 //! directory), `--skip-S` for a section S (`loopback`, `others`, `namespaces`, `crowd`,
-//! `tracker`), or `--only S`.
+//! `memory`, `tracker`), or `--only S`.
 
 mod lab;
 mod measure;
@@ -44,6 +44,7 @@ struct Options {
     others: bool,
     namespaces: bool,
     crowd: bool,
+    memory: bool,
     tracker: bool,
     loopback: bool,
 }
@@ -75,6 +76,7 @@ fn options() -> Options {
         others: !has("--skip-others"),
         namespaces: !has("--skip-namespaces"),
         crowd: !has("--skip-crowd"),
+        memory: !has("--skip-memory"),
         tracker: !has("--skip-tracker"),
         loopback: !has("--skip-loopback"),
     }
@@ -247,9 +249,12 @@ fn main() {
     let mut big_file = PathBuf::new();
     for &size in &sizes {
         let file = files.join(format!("file-{}m.bin", size / MIB));
+        big_file = file.clone();
+        if !opts.loopback && !opts.namespaces {
+            continue;
+        }
         p2p_tests::write_random(&file, size as usize, size);
         settle(&file);
-        big_file = file.clone();
         if !opts.loopback {
             continue;
         }
@@ -338,6 +343,10 @@ fn main() {
         }
     }
 
+    if opts.memory {
+        lines.push(memory(&base, &files, &rows, opts.quick));
+    }
+
     derive(&mut rows);
     print_table(&rows);
     println!();
@@ -354,6 +363,70 @@ fn main() {
         println!("{note}");
     }
     let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The leecher's peak RSS for a large file (4 GiB; 1 GiB with `--quick`) beside the smallest
+/// file of the loopback rows: a download's memory must not grow with the file.
+fn memory(base: &Path, files: &Path, rows: &[Row], quick: bool) -> String {
+    let size = if quick { 1024 * MIB } else { 4096 * MIB };
+    let file = files.join(format!("big-{}m.bin", size / MIB));
+    if let Err(e) = write_stream(&file, size) {
+        return format!("memory scenario failed: writing {}: {e}", file.display());
+    }
+    settle(&file);
+    eprint!("memory: 3 seeders -> 1 leecher, {} MiB ", size / MIB);
+    let (sample, _) = ours::download(
+        &Net::loopback(4),
+        3,
+        &scratch(base, "memory"),
+        &file,
+        1,
+        &[],
+    );
+    eprintln!(" {:.2} s", sample.seconds);
+    let _ = std::fs::remove_file(&file);
+    let small = rows
+        .iter()
+        .filter(|r| r.ours && r.scenario.starts_with("loopback, 3"))
+        .min_by_key(|r| r.bytes);
+    let compare = small
+        .map(|r| {
+            format!(
+                " against {:.1} MiB for {} MiB ({:+.0}%)",
+                r.sample.leecher_rss,
+                r.bytes / MIB,
+                100.0 * (sample.leecher_rss / r.sample.leecher_rss - 1.0)
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "memory: downloading {} MiB from 3 seeders ({:.2} s), the leecher's peak RSS was {:.1} MiB{compare}; seeders {:.1} MiB",
+        size / MIB,
+        sample.seconds,
+        sample.leecher_rss,
+        sample.seeder_rss
+    )
+}
+
+/// Writes `size` pseudo-random bytes to `path` a block at a time (a whole file in memory
+/// would make this process, not the one measured, the big one).
+fn write_stream(path: &Path, size: u64) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut block = vec![0u8; 4 << 20];
+    let mut left = size;
+    while left > 0 {
+        for word in block.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(block.len() as u64) as usize;
+        out.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    out.flush()
 }
 
 /// Uplink rate of every namespace host, in Mbit/s.

@@ -73,11 +73,15 @@ fn db_err(what: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
 
 impl Store {
     /// Opens the database under `dir`. If it will not open (corrupted by an unclean stop), it
-    /// is moved aside and a new one started; shares must then be registered again.
+    /// is moved aside and a new one started; shares must then be registered again. One still
+    /// locked by another holder is waited for (2 s), then reported, never moved aside.
     pub fn open(dir: &Path) -> Result<Store, Error> {
         let path = dir.join("state.sled");
-        let db = match open_db(&path) {
+        let db = match open_unlocked(&path) {
             Ok(db) => db,
+            Err(e @ sled::Error::Unsupported(_)) => {
+                return Err(db_err("opening state database")(e));
+            }
             Err(e) => {
                 let aside = dir.join("state.sled.broken");
                 warn!(error = %e, moved_to = %aside.display(), "state database will not open; starting a fresh one");
@@ -229,6 +233,27 @@ impl Store {
     }
 }
 
+/// Opens the database, waiting (up to 2 s) for a previous holder of its lock to let go: a
+/// locked database is in use, never corrupt, and must not be moved aside.
+fn open_unlocked(path: &Path) -> sled::Result<sled::Db> {
+    let mut tries = 0;
+    loop {
+        match open_db(path) {
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                tries += 1;
+                if tries >= 20 {
+                    return Err(sled::Error::Unsupported(format!(
+                        "{} is in use by another process",
+                        path.display()
+                    )));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn open_db(path: &Path) -> sled::Result<sled::Db> {
     sled::Config::new()
         .path(path)
@@ -295,5 +320,27 @@ mod tests {
         assert_eq!(s.held_chunks(&id, 3).iter().collect::<Vec<_>>(), vec![0, 2]);
         s.clear_chunks(&id).unwrap();
         assert_eq!(s.held_chunks(&id, 3).count(), 0);
+    }
+
+    #[test]
+    fn a_locked_database_is_waited_for_and_never_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let peer = first.peer_id().unwrap();
+        first.db.flush().unwrap();
+        // Held throughout: reported as in use, and left where it is.
+        let e = Store::open(dir.path())
+            .err()
+            .expect("a locked database must not open");
+        assert!(e.to_string().contains("in use"), "{e}");
+        assert!(!dir.path().join("state.sled.broken").exists());
+        // Let go soon after: the second open waits for it, and finds the same state.
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(first);
+        });
+        let second = Store::open(dir.path()).unwrap();
+        assert_eq!(second.peer_id().unwrap(), peer);
+        t.join().unwrap();
     }
 }

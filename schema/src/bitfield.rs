@@ -91,12 +91,23 @@ impl Bitfield {
 
     /// How many chunks are in the set.
     pub fn count(&self) -> u32 {
-        self.bits.iter().map(|b| b.count_ones()).sum()
+        let words = self.bits.chunks_exact(8);
+        let tail: u32 = words.remainder().iter().map(|b| b.count_ones()).sum();
+        words
+            .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()).count_ones())
+            .sum::<u32>()
+            + tail
     }
 
-    /// Are all chunks in the set?
+    /// Are all chunks in the set? (Stops at the first missing one: the tracker asks this of
+    /// every holder of a file it is asked about.)
     pub fn is_full(&self) -> bool {
-        self.count() == self.len
+        let whole = (self.len / 8) as usize;
+        let rem = self.len % 8;
+        self.bits
+            .get(..whole)
+            .is_some_and(|full| full.iter().all(|&b| b == 0xff))
+            && (rem == 0 || self.bits.get(whole) == Some(&(0xffu8 << (8 - rem))))
     }
 
     /// The indices in the set, in order.
@@ -141,6 +152,22 @@ pub fn format_ranges(indices: impl IntoIterator<Item = u32>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn count_and_is_full_agree_with_the_bits() {
+        for len in 0..80u32 {
+            let mut b = Bitfield::full(len);
+            assert_eq!(b.count(), len);
+            assert!(b.is_full(), "{len}");
+            for missing in 0..len {
+                b.unset(missing);
+                assert_eq!(b.count(), len - 1);
+                assert!(!b.is_full(), "{len} without {missing}");
+                b.set(missing);
+            }
+            assert_eq!(Bitfield::new(len).is_full(), len == 0);
+        }
+    }
 
     #[test]
     fn set_get_count() {

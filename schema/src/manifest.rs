@@ -305,7 +305,7 @@ mod tests {
                 n <= 16_384 || c == MAX_AUTO_CHUNK_SIZE,
                 "{size}: {n} chunks"
             );
-            if size >= 512 << 20 && size <= 16 << 30 {
+            if (512 << 20..=16 << 30).contains(&size) {
                 assert_eq!(c, 1 << 20, "{size}: chunks of 1 MiB");
             }
             assert!(n <= MAX_CHUNKS);
