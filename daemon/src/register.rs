@@ -11,7 +11,7 @@ use p2p_schema::{
 };
 
 /// Bytes read per block while hashing.
-const BLOCK: usize = 4 << 20;
+const BLOCK: usize = 1 << 20;
 
 /// A hashed file, ready to share.
 pub struct Hashed {
@@ -113,11 +113,11 @@ pub fn hash_file(
     validate_chunk_size(chunk_size)
         .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
     let mut builder = ManifestBuilder::new(chunk_size);
-    // One thread reads the next block while this one hashes the last: reading (a copy out of
+    // One thread reads the next blocks while this one hashes the last: reading (a copy out of
     // the page cache, or the disk) overlaps hashing, the bound.
-    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(2);
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(3);
     let (empty_tx, empty_rx) = std::sync::mpsc::channel::<Vec<u8>>();
-    for _ in 0..3 {
+    for _ in 0..4 {
         let _ = empty_tx.send(vec![0u8; BLOCK]);
     }
     let reader = &mut file;

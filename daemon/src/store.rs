@@ -60,13 +60,6 @@ fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
     out
 }
 
-fn chunk_key(id: &FileId, index: u32) -> [u8; 36] {
-    let mut k = [0u8; 36];
-    k[..32].copy_from_slice(&id.0);
-    k[32..].copy_from_slice(&index.to_be_bytes());
-    k
-}
-
 fn db_err(what: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
     move |e| Error::Db(what.to_string(), e)
 }
@@ -186,13 +179,27 @@ impl Store {
     }
 
     /// The chunks recorded as held for download `id`, over `chunks` chunks.
+    ///
+    /// A download's inventory is one value under its ID: a bitfield (bit `i` is `0x80 >> i % 8`
+    /// of byte `i / 8`), rewritten by each commit, so the database does not grow with the
+    /// number of chunks. Inventories written by earlier versions, one key per chunk
+    /// (`<id><index>`), are still read.
     pub fn held_chunks(&self, id: &FileId, chunks: u32) -> Bitfield {
         let mut bits = Bitfield::new(chunks);
-        for item in self.chunks.scan_prefix(id.0).keys() {
+        for item in self.chunks.scan_prefix(id.0) {
             match item {
-                Ok(k) if k.len() == 36 => {
-                    let i = u32::from_be_bytes([k[32], k[33], k[34], k[35]]);
-                    bits.set(i);
+                Ok((k, v)) if k.len() == 32 => {
+                    for (byte, b) in v.iter().enumerate().filter(|(_, b)| **b != 0) {
+                        for bit in 0..8 {
+                            let i = byte as u64 * 8 + bit;
+                            if b & (0x80 >> bit) != 0 && i < u64::from(chunks) {
+                                bits.set(i as u32);
+                            }
+                        }
+                    }
+                }
+                Ok((k, _)) if k.len() == 36 => {
+                    bits.set(u32::from_be_bytes([k[32], k[33], k[34], k[35]]));
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %e, "reading chunk inventory"),
@@ -203,12 +210,19 @@ impl Store {
 
     /// Records chunks as held. Call only once their bytes are synced to disk.
     pub fn record_chunks(&self, id: &FileId, indices: &[u32]) -> Result<(), Error> {
-        let mut batch = sled::Batch::default();
-        for &i in indices {
-            batch.insert(&chunk_key(id, i)[..], &[][..]);
-        }
         self.chunks
-            .apply_batch(batch)
+            .fetch_and_update(id.0, |old| {
+                let mut bits = old.map(|o| o.to_vec()).unwrap_or_default();
+                for &i in indices {
+                    let byte = (i / 8) as usize;
+                    if bits.len() <= byte {
+                        bits.resize(byte + 1, 0);
+                    }
+                    bits[byte] |= 0x80 >> (i % 8);
+                }
+                Some(bits)
+            })
+            .map(|_| ())
             .map_err(db_err("recording chunks"))
     }
 
@@ -320,6 +334,30 @@ mod tests {
         assert_eq!(s.held_chunks(&id, 3).iter().collect::<Vec<_>>(), vec![0, 2]);
         s.clear_chunks(&id).unwrap();
         assert_eq!(s.held_chunks(&id, 3).count(), 0);
+    }
+
+    #[test]
+    fn chunk_inventories_of_earlier_versions_are_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let id = FileId([9; 32]);
+        // The old form: one key per chunk.
+        for i in [1u32, 17] {
+            let mut k = id.0.to_vec();
+            k.extend_from_slice(&i.to_be_bytes());
+            s.chunks.insert(k, &[][..]).unwrap();
+        }
+        s.record_chunks(&id, &[0, 17, 20]).unwrap();
+        s.record_chunks(&id, &[3]).unwrap();
+        let held: Vec<u32> = s.held_chunks(&id, 21).iter().collect();
+        assert_eq!(held, vec![0, 1, 3, 17, 20]);
+        // Bits past the file's end (a corrupt value) are ignored, not a panic.
+        assert_eq!(
+            s.held_chunks(&id, 4).iter().collect::<Vec<_>>(),
+            vec![0, 1, 3]
+        );
+        s.clear_chunks(&id).unwrap();
+        assert_eq!(s.held_chunks(&id, 21).count(), 0);
     }
 
     #[test]
