@@ -20,8 +20,8 @@ pub struct LocalFile {
     inner: Mutex<Inner>,
     /// Bytes served to other peers.
     pub uploaded: AtomicU64,
-    /// Chunks served lately: when, and to which peer (see [`LocalFile::may_send`]).
-    sent: Mutex<HashMap<u32, (Instant, PeerId)>>,
+    /// What was sent to whom (see [`LocalFile::may_send`]).
+    sent: Mutex<Sends>,
 }
 
 struct Inner {
@@ -34,6 +34,21 @@ struct Inner {
     /// so a file changed behind our back is never served stale.
     source: Option<(u64, i128)>,
 }
+
+/// Chunk sends, for [`LocalFile::may_send`].
+#[derive(Default)]
+struct Sends {
+    /// The last send of each chunk sent lately: when it was delivered, and to whom.
+    last: HashMap<u32, (Instant, PeerId)>,
+    /// Chunks sent at least once since peers began fetching from an idle server (`epoch`),
+    /// and how many.
+    ever: Option<Bitfield>,
+    ever_count: u32,
+    epoch: u64,
+}
+
+/// Most entries kept in [`Sends::last`] (old ones go first).
+const MAX_SENDS: usize = 65_536;
 
 impl LocalFile {
     /// A file over `file`, holding the chunks in `have`.
@@ -148,36 +163,56 @@ impl LocalFile {
 
     /// Whether chunk `index` may go to peer `to` now: not if it is going, or went less than
     /// `spread` ago (see [`LocalFile::sent`]), to another peer that is still fetching from us
-    /// (`fetching`), so still downloading.
-    /// That peer will soon serve it too; meanwhile our uplink is better spent on chunks
-    /// nobody else has (a download asks for another chunk and comes back later). Records the
-    /// send when allowed.
+    /// (`fetching`), so still downloading. That peer will soon serve it too; meanwhile our
+    /// uplink is better spent on chunks nobody else has (a download asks for another chunk
+    /// and comes back later). A peer holding the whole file also holds a chunk back, whatever
+    /// the spread, until every chunk has gone out once: its first pass over the file is all
+    /// new data for the swarm (a pass starts when peers begin fetching from an idle server:
+    /// `epoch` changes then). Records the send when allowed.
     pub fn may_send(
         &self,
         index: u32,
         to: PeerId,
         spread: Duration,
+        epoch: u64,
         fetching: impl Fn(&PeerId) -> bool,
     ) -> bool {
         let now = Instant::now();
-        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&(at, last)) = sent.get(&index) {
-            if last != to && now.duration_since(at) < spread && fetching(&last) {
+        let chunks = self.manifest.chunk_count();
+        let whole = self.is_complete();
+        let mut sends = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if sends.epoch != epoch {
+            sends.epoch = epoch;
+            sends.ever = None;
+            sends.ever_count = 0;
+        }
+        let first_pass = whole && sends.ever_count < chunks;
+        if let Some(&(at, last)) = sends.last.get(&index) {
+            let recent = first_pass || now.duration_since(at) < spread;
+            if last != to && recent && fetching(&last) {
                 return false;
             }
         }
-        // Bounded: entries older than `spread` go once the map grows.
-        if sent.len() >= 4096 {
-            sent.retain(|_, (at, _)| now.duration_since(*at) < spread);
+        if sends.last.len() >= MAX_SENDS {
+            sends
+                .last
+                .retain(|_, (at, _)| now.duration_since(*at) < spread);
         }
-        sent.insert(index, (now, to));
+        sends.last.insert(index, (now, to));
+        if sends
+            .ever
+            .get_or_insert_with(|| Bitfield::new(chunks))
+            .set(index)
+        {
+            sends.ever_count += 1;
+        }
         true
     }
 
     /// Chunk `index` has reached peer `to`: the spread starts now.
     pub fn sent(&self, index: u32, to: PeerId) {
-        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(entry) = sent.get_mut(&index).filter(|(_, last)| *last == to) {
+        let mut sends = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(entry) = sends.last.get_mut(&index).filter(|(_, last)| *last == to) {
             entry.0 = Instant::now();
         }
     }
@@ -204,21 +239,52 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_just_sent_goes_to_nobody_else_until_the_spread_has_passed() {
+    fn a_whole_file_goes_out_once_before_any_chunk_goes_out_twice() {
         let f = local();
         let (a, b) = (PeerId::random(), PeerId::random());
-        let spread = Duration::from_millis(200);
+        let spread = Duration::from_millis(1);
         let all = |_: &PeerId| true;
-        assert!(f.may_send(1, a, spread, all));
+        for i in 0..3 {
+            assert!(f.may_send(i, a, spread, 0, all));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        // Past the spread, but chunk 3 has not gone out yet: the others wait.
+        assert!(!f.may_send(0, b, spread, 0, all));
+        assert!(
+            f.may_send(0, b, spread, 0, |p| *p != a),
+            "unless their recipient is gone"
+        );
+        assert!(f.may_send(3, b, spread, 0, all));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(f.may_send(1, b, spread, 0, all));
+        // Peers begin fetching anew from an idle server: a new first pass, in which chunk 1
+        // (last sent to b) waits for every other chunk, past its spread.
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!f.may_send(1, a, spread, 1, all));
+        assert!(f.may_send(1, b, spread, 1, all));
+    }
+
+    #[test]
+    fn a_chunk_just_sent_goes_to_nobody_else_until_the_spread_has_passed() {
+        let f = local();
+        // Every chunk out once (to a peer since gone): only the spread applies from here.
+        let c = PeerId::random();
+        for i in 0..4 {
+            assert!(f.may_send(i, c, Duration::ZERO, 0, |_| false));
+        }
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let spread = Duration::from_millis(200);
+        let all = |p: &PeerId| *p != c;
+        assert!(f.may_send(1, a, spread, 0, all));
         // The same peer may have it again (it asked twice, or lost it); another not yet.
-        assert!(f.may_send(1, a, spread, all));
-        assert!(!f.may_send(1, b, spread, all));
+        assert!(f.may_send(1, a, spread, 0, all));
+        assert!(!f.may_send(1, b, spread, 0, all));
         // Unless the first is gone (finished, or died): then nobody else would pass it on.
-        assert!(f.may_send(1, b, spread, |p| *p != a));
-        assert!(!f.may_send(1, a, spread, all));
+        assert!(f.may_send(1, b, spread, 0, |p| *p != a));
+        assert!(!f.may_send(1, a, spread, 0, all));
         // Other chunks are not affected.
-        assert!(f.may_send(2, a, spread, all));
+        assert!(f.may_send(2, a, spread, 0, all));
         std::thread::sleep(spread + Duration::from_millis(20));
-        assert!(f.may_send(1, a, spread, all));
+        assert!(f.may_send(1, a, spread, 0, all));
     }
 }

@@ -46,6 +46,8 @@ pub struct Node {
     pub upload_limit: RateLimit,
     /// Peers connected to our peer server now, with their connection counts.
     pub fetching: Mutex<HashMap<PeerId, u32>>,
+    /// Bumped each time the last of them goes (see `LocalFile::may_send`).
+    pub fetch_epoch: std::sync::atomic::AtomicU64,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> WireError {
@@ -813,6 +815,7 @@ pub async fn run(
         upload_slots: Semaphore::new(config.max_uploads.max(1)),
         upload_limit: RateLimit::new(config.upload_rate),
         fetching: Mutex::default(),
+        fetch_epoch: std::sync::atomic::AtomicU64::new(0),
         config,
         peer_id,
         listen,

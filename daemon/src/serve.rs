@@ -148,7 +148,8 @@ async fn connection(
                     }
                 };
                 let fetching = |p: &PeerId| lock(&node.fetching).contains_key(p);
-                if !local.may_send(index, peer, SPREAD, fetching) {
+                let epoch = node.fetch_epoch.load(std::sync::atomic::Ordering::Relaxed);
+                if !local.may_send(index, peer, SPREAD, epoch, fetching) {
                     let busy = WireError::new(
                         ErrorCode::Busy,
                         format!("chunk {index} was just sent to another peer; ask it"),
@@ -226,6 +227,12 @@ impl Drop for Fetching<'_> {
             *n -= 1;
             if *n == 0 {
                 fetching.remove(&self.peer);
+                if fetching.is_empty() {
+                    // Idle: whoever fetches next starts a new pass over our files.
+                    self.node
+                        .fetch_epoch
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
     }
