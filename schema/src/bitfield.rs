@@ -104,10 +104,13 @@ impl Bitfield {
     pub fn is_full(&self) -> bool {
         let whole = (self.len / 8) as usize;
         let rem = self.len % 8;
-        self.bits
-            .get(..whole)
-            .is_some_and(|full| full.iter().all(|&b| b == 0xff))
-            && (rem == 0 || self.bits.get(whole) == Some(&(0xffu8 << (8 - rem))))
+        self.bits.get(..whole).is_some_and(|full| {
+            let words = full.chunks_exact(8);
+            words.remainder().iter().all(|&b| b == 0xff)
+                && words
+                    .map(|w| u64::from_ne_bytes(w.try_into().unwrap_or_default()))
+                    .all(|w| w == u64::MAX)
+        }) && (rem == 0 || self.bits.get(whole) == Some(&(0xffu8 << (8 - rem))))
     }
 
     /// The indices in the set, in order.
