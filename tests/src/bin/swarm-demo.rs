@@ -9,6 +9,14 @@ use std::time::Duration;
 
 use p2p_tests::{file_sha256, sample, Daemon, Swarm};
 
+/// `println!` that ignores a closed stdout (`swarm-demo | head`): the demo carries on and
+/// still stops every process it started, instead of panicking half-way.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 struct Demo {
     swarm: Swarm,
     tracker_seen: usize,
@@ -17,7 +25,7 @@ struct Demo {
 impl Demo {
     fn step(&mut self, title: &str) {
         self.tracker_news();
-        println!("\n=== {title}");
+        say!("\n=== {title}");
     }
 
     /// Prints what the tracker said about peers since last time, in the prototype's words.
@@ -31,19 +39,19 @@ impl Demo {
             {
                 let msg = l.rsplit(": ").next().unwrap_or(&l);
                 let msg = msg.split(" ttl=").next().unwrap_or(msg);
-                println!("[tracker] {msg}");
+                say!("[tracker] {msg}");
             }
         }
     }
 
     fn ctl(&self, peer: usize, args: &[&str]) {
-        println!("[peer{}] $ p2pctl {}", peer + 1, args.join(" "));
+        say!("[peer{}] $ p2pctl {}", peer + 1, args.join(" "));
         let out = self.swarm.daemons[peer].ctl(args);
         for line in out.stdout.lines() {
-            println!("[peer{}] {line}", peer + 1);
+            say!("[peer{}] {line}", peer + 1);
         }
         for line in out.stderr.lines() {
-            println!("[peer{}] {line}", peer + 1);
+            say!("[peer{}] {line}", peer + 1);
         }
         let _ = std::io::stdout().flush();
     }
@@ -51,14 +59,14 @@ impl Demo {
 
 fn main() {
     let keep = std::env::args().any(|a| a == "--keep");
-    println!("P2P File Sharing Service: a local swarm demo");
-    println!("Building and starting a tracker and three peer daemons on 127.0.0.1 ...");
+    say!("P2P File Sharing Service: a local swarm demo");
+    say!("Building and starting a tracker and three peer daemons on 127.0.0.1 ...");
     let swarm = Swarm::new(3, "5s", &[]);
     let mut demo = Demo {
         swarm,
         tracker_seen: 0,
     };
-    println!("(everything lives in {})", demo.swarm.dir.path().display());
+    say!("(everything lives in {})", demo.swarm.dir.path().display());
     let doug = sample("doug.png");
     let text = sample("sample.txt");
     let (doug, text) = (
@@ -83,7 +91,7 @@ fn main() {
     demo.ctl(2, &["-v", "d", "doug.png", "--output", &out_str]);
     if out.exists() {
         let same = file_sha256(&out) == file_sha256(std::path::Path::new(doug));
-        println!(
+        say!(
             "(sha256 of the copy {} the original)",
             if same { "matches" } else { "DOES NOT match" }
         );
@@ -118,20 +126,20 @@ fn main() {
     demo.tracker_news();
 
     if keep {
-        println!("\nThe swarm keeps running. In another terminal, try:");
+        say!("\nThe swarm keeps running. In another terminal, try:");
         for (i, d) in demo.swarm.daemons.iter().enumerate().skip(1) {
-            println!(
+            say!(
                 "  p2pctl --socket {} list    # peer{}",
                 d.socket.display(),
                 i + 1
             );
         }
-        println!("(p2pctl is in {})", p2p_tests::bin_dir().display());
-        println!("Press Ctrl-C to stop it.");
+        say!("(p2pctl is in {})", p2p_tests::bin_dir().display());
+        say!("Press Ctrl-C to stop it.");
         loop {
             std::thread::sleep(Duration::from_millis(500));
             demo.tracker_news();
         }
     }
-    println!("\nDone: every process stopped and the temporary directory was removed.");
+    say!("\nDone: every process stopped and the temporary directory was removed.");
 }
