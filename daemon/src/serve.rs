@@ -2,6 +2,10 @@
 //! only if this daemon holds it verified and durable; anything else gets an error reply.
 //! A peer can never read any file that was not registered: requests name a file ID and a
 //! chunk index, never a path.
+//!
+//! To spread a file through a swarm, a chunk just sent to one downloader is held back
+//! (`Busy`) from the others while that one is still fetching from us: it will pass the chunk
+//! on, and our uplink carries chunks nobody else has yet (see `LocalFile::may_send`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,7 +32,8 @@ const REQUEST_BURST: f64 = 1000.0;
 /// How long a connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A chunk sent to one peer is not sent to another while that is under way, nor for this
-/// long after: the first passes it on, and this uplink carries chunks the swarm lacks (see [`LocalFile::may_send`]).
+/// long after: the first passes it on, and this uplink carries chunks the swarm lacks (see
+/// [`LocalFile::may_send`]).
 ///
 /// [`LocalFile::may_send`]: crate::local::LocalFile::may_send
 const SPREAD: Duration = Duration::from_secs(1);
