@@ -30,6 +30,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::aligned::{AlignedBuf, ALIGN};
 use crate::local::LocalFile;
+use crate::lock;
 use crate::node::Node;
 use crate::serve::write_all_at;
 use crate::store::{DownloadRecord, ShareRecord};
@@ -340,10 +341,6 @@ impl Swarm {
     fn picker(&self) -> std::sync::MutexGuard<'_, Picker> {
         self.picker.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Drives `dl` until it is complete, fails, or the daemon stops.

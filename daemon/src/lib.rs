@@ -34,6 +34,12 @@ use std::time::Duration;
 
 pub use node::{run, Node};
 
+/// Locks `m`. A panic while it was held does not make its data unusable here (every
+/// critical section leaves it consistent), so poisoning is ignored.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Errors of the daemon's own operations (as opposed to errors reported to `p2pctl`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

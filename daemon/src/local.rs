@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use p2p_schema::{Bitfield, FileId, Manifest, PeerId};
 
+use crate::lock;
+
 /// A file with chunks to serve.
 pub struct LocalFile {
     pub id: FileId,
@@ -36,14 +38,11 @@ struct Inner {
 }
 
 /// Chunk sends, for [`LocalFile::may_send`].
-#[derive(Default)]
 struct Sends {
     /// The last send of each chunk sent lately: when it was delivered, and to whom.
     last: HashMap<u32, (Instant, PeerId)>,
-    /// Chunks sent at least once since peers began fetching from an idle server (`epoch`),
-    /// and how many.
-    ever: Option<Bitfield>,
-    ever_count: u32,
+    /// Chunks sent at least once since peers began fetching from an idle server (`epoch`).
+    ever: Bitfield,
     epoch: u64,
 }
 
@@ -53,6 +52,7 @@ const MAX_SENDS: usize = 65_536;
 impl LocalFile {
     /// A file over `file`, holding the chunks in `have`.
     pub fn new(manifest: Arc<Manifest>, file: File, path: PathBuf, have: Bitfield) -> LocalFile {
+        let chunks = manifest.chunk_count();
         LocalFile {
             id: manifest.file_id(),
             manifest,
@@ -64,12 +64,16 @@ impl LocalFile {
                 source: None,
             }),
             uploaded: AtomicU64::new(0),
-            sent: Mutex::default(),
+            sent: Mutex::new(Sends {
+                last: HashMap::new(),
+                ever: Bitfield::new(chunks),
+                epoch: 0,
+            }),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner)
     }
 
     /// The handle to read from (or write to, for a download).
@@ -178,15 +182,13 @@ impl LocalFile {
         fetching: impl Fn(&PeerId) -> bool,
     ) -> bool {
         let now = Instant::now();
-        let chunks = self.manifest.chunk_count();
         let whole = self.is_complete();
-        let mut sends = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sends = lock(&self.sent);
         if sends.epoch != epoch {
             sends.epoch = epoch;
-            sends.ever = None;
-            sends.ever_count = 0;
+            sends.ever = Bitfield::new(self.manifest.chunk_count());
         }
-        let first_pass = whole && sends.ever_count < chunks;
+        let first_pass = whole && !sends.ever.is_full();
         if let Some(&(at, last)) = sends.last.get(&index) {
             let recent = first_pass || now.duration_since(at) < spread;
             if last != to && recent && fetching(&last) {
@@ -199,19 +201,13 @@ impl LocalFile {
                 .retain(|_, (at, _)| now.duration_since(*at) < spread);
         }
         sends.last.insert(index, (now, to));
-        if sends
-            .ever
-            .get_or_insert_with(|| Bitfield::new(chunks))
-            .set(index)
-        {
-            sends.ever_count += 1;
-        }
+        sends.ever.set(index);
         true
     }
 
     /// Chunk `index` has reached peer `to`: the spread starts now.
     pub fn sent(&self, index: u32, to: PeerId) {
-        let mut sends = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sends = lock(&self.sent);
         if let Some(entry) = sends.last.get_mut(&index).filter(|(_, last)| *last == to) {
             entry.0 = Instant::now();
         }

@@ -20,6 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn, Instrument};
 
+use crate::lock;
 use crate::node::Node;
 
 /// Most peer connections served at once.
@@ -206,10 +207,6 @@ async fn connection(
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Counts a peer in [`Node::fetching`] while one of its connections lasts.
