@@ -60,13 +60,9 @@ fn serve(
     listen: std::net::SocketAddr,
     readiness: &mut Readiness,
 ) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting runtime: {e}"))?;
-    runtime.block_on(async move {
+    service::runtime()?.block_on(async move {
         // Handlers first: a signal right after readiness must still stop us cleanly.
-        let shutdown = shutdown_signal();
+        let shutdown = service::shutdown_signal();
         let peers = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("binding peer address {listen}: {e}"))?;
@@ -78,13 +74,4 @@ fn serve(
         .await
         .map_err(|e| e.to_string())
     })
-}
-
-/// Installs the SIGINT/SIGTERM handlers now; the future resolves when one arrives.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    let signal = p2p_schema::shutdown_signal();
-    async move {
-        signal.await;
-        info!("signal received");
-    }
 }

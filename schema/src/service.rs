@@ -257,6 +257,25 @@ pub fn finish(
     }
 }
 
+/// The multi-threaded runtime a service runs on (built after any `--daemon` fork).
+pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting runtime: {e}"))
+}
+
+/// Installs the SIGINT/SIGTERM handlers now (call it first in the runtime, so that a signal
+/// right after readiness still stops the service cleanly); the future resolves, logging it,
+/// when one arrives.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let signal = crate::process::shutdown_signal();
+    async move {
+        signal.await;
+        tracing::info!("signal received");
+    }
+}
+
 /// Creates `dir` (and parents) if missing, private to its owner (mode 0700).
 pub fn create_private_dir(dir: &Path) -> Result<(), String> {
     if dir.exists() {

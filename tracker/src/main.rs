@@ -94,13 +94,9 @@ fn serve(
     data_dir: PathBuf,
     readiness: &mut Readiness,
 ) -> Result<(), String> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting runtime: {e}"))?;
-    runtime.block_on(async move {
+    service::runtime()?.block_on(async move {
         // Handlers first: a signal right after readiness must still stop us cleanly.
-        let shutdown = shutdown_signal();
+        let shutdown = service::shutdown_signal();
         let registry = Registry::open(&data_dir, config.ttl).map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -155,13 +151,4 @@ fn stats(tracker: &str, json: bool) -> Result<(), String> {
         );
     }
     Ok(())
-}
-
-/// Installs the SIGINT/SIGTERM handlers now; the future resolves when one arrives.
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    let signal = p2p_schema::shutdown_signal();
-    async move {
-        signal.await;
-        info!("signal received");
-    }
 }
