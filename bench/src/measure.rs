@@ -5,10 +5,37 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The median of a non-empty sample.
+/// The median of a sample (NaN for none).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Runs `once` `reps` times (it gets the repetition's number and returns the seconds taken
+/// and the leecher's peak RSS), one progress dot each; the median time, the largest leecher
+/// RSS, and the largest peak RSS among `servers` (PIDs, read after the last repetition).
+pub fn repeat(
+    reps: usize,
+    servers: &[u32],
+    mut once: impl FnMut(usize) -> Result<(f64, f64), String>,
+) -> Result<crate::Sample, String> {
+    let mut times = Vec::new();
+    let mut leecher_rss: f64 = 0.0;
+    for rep in 0..reps {
+        let (t, rss) = once(rep)?;
+        times.push(t);
+        leecher_rss = leecher_rss.max(rss);
+        crate::tick();
+    }
+    let seeder_rss = servers
+        .iter()
+        .map(|&pid| peak_rss_mib(pid))
+        .fold(f64::NAN, f64::max);
+    Ok(crate::Sample {
+        seconds: median(times),
+        leecher_rss,
+        seeder_rss,
+    })
 }
 
 /// Peak resident memory (VmHWM) of a live process, in MiB; NaN if it cannot be read.

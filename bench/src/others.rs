@@ -9,7 +9,7 @@ use std::time::Duration;
 use p2p_tests::Proc;
 
 use crate::lab::{Host, Net};
-use crate::measure::{free_port, installed, median, peak_rss_mib, poll, run_timed};
+use crate::measure::{free_port, installed, poll, repeat, run_timed};
 use crate::Sample;
 
 /// Longest any one external download may take before aria2c/curl give up.
@@ -173,9 +173,8 @@ pub fn bittorrent(
         ));
     }
     let leecher = &net.hosts[seeders];
-    let mut times = Vec::new();
-    let mut leecher_rss: f64 = 0.0;
-    for rep in 0..reps {
+    let pids: Vec<u32> = procs.iter().map(Proc::pid).collect();
+    repeat(reps, &pids, |rep| {
         let out_dir = dir.join(format!("bt-leech{rep}"));
         let _ = std::fs::remove_dir_all(&out_dir);
         let mut cmd = leecher.command("aria2c");
@@ -183,21 +182,10 @@ pub fn bittorrent(
             .args(["--seed-time=0", "--file-allocation=falloc"])
             .arg(format!("--dir={}", out_dir.display()))
             .arg(&tracker.torrent);
-        let (t, rss) = run_timed(cmd, &dir.join("aria2c-bt.log"), LIMIT)?;
+        let timed = run_timed(cmd, &dir.join("aria2c-bt.log"), LIMIT)?;
         check_size(&out_dir.join(name), file)?;
         let _ = std::fs::remove_dir_all(&out_dir);
-        times.push(t);
-        leecher_rss = leecher_rss.max(rss);
-        crate::tick();
-    }
-    let seeder_rss = procs
-        .iter()
-        .map(|p| peak_rss_mib(p.pid()))
-        .fold(0.0, f64::max);
-    Ok(Sample {
-        seconds: median(times),
-        leecher_rss,
-        seeder_rss,
+        Ok(timed)
     })
 }
 
@@ -277,9 +265,8 @@ pub fn http(
         String::new()
     };
     let leecher = &net.hosts[mirrors];
-    let mut times = Vec::new();
-    let mut leecher_rss: f64 = 0.0;
-    for rep in 0..reps {
+    let pids: Vec<u32> = servers.iter().map(Proc::pid).collect();
+    repeat(reps, &pids, |rep| {
         let out_dir = dir.join(format!("http-out{rep}"));
         let _ = std::fs::remove_dir_all(&out_dir);
         std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
@@ -308,39 +295,19 @@ pub fn http(
                 .arg(&urls[0]);
             cmd
         };
-        let (t, rss) = run_timed(cmd, &dir.join("http.log"), LIMIT)?;
+        let timed = run_timed(cmd, &dir.join("http.log"), LIMIT)?;
         check_size(&out, file)?;
         let _ = std::fs::remove_dir_all(&out_dir);
-        times.push(t);
-        leecher_rss = leecher_rss.max(rss);
-        crate::tick();
-    }
-    let seeder_rss = servers
-        .iter()
-        .map(|p| peak_rss_mib(p.pid()))
-        .fold(0.0, f64::max);
-    Ok(Sample {
-        seconds: median(times),
-        leecher_rss,
-        seeder_rss,
+        Ok(timed)
     })
 }
 
 /// `openssl dgst -sha256` of the file (in the page cache): the cost of verifying alone.
 pub fn sha256_alone(dir: &Path, file: &Path, reps: usize) -> Result<Sample, String> {
-    let mut times = Vec::new();
-    let mut rss: f64 = 0.0;
-    for _ in 0..reps {
+    repeat(reps, &[], |_| {
         let mut cmd = std::process::Command::new("openssl");
         cmd.args(["dgst", "-sha256"]).arg(file);
-        let (t, r) = run_timed(cmd, &dir.join("openssl.log"), LIMIT)?;
-        times.push(t);
-        rss = rss.max(r);
-    }
-    Ok(Sample {
-        seconds: median(times),
-        leecher_rss: rss,
-        seeder_rss: f64::NAN,
+        run_timed(cmd, &dir.join("openssl.log"), LIMIT)
     })
 }
 

@@ -8,7 +8,7 @@ use std::time::Instant;
 use p2p_tests::{Daemon, Tracker};
 
 use crate::lab::Net;
-use crate::measure::{median, peak_rss_mib};
+use crate::measure::{peak_rss_mib, repeat};
 use crate::Sample;
 
 fn start_daemon(net: &Net, host: usize, data: &Path, tracker: &Tracker, extra: &[&str]) -> Daemon {
@@ -68,31 +68,20 @@ pub fn download(
             register_secs = start.elapsed().as_secs_f64();
         }
     }
-    let mut times = Vec::new();
-    let mut leecher_rss: f64 = 0.0;
-    for rep in 0..reps {
+    let pids: Vec<u32> = seeds.iter().map(|s| s.proc.pid()).collect();
+    let sample = repeat(reps, &pids, |rep| {
         let data = dir.join(format!("leech{rep}"));
         let leecher = start_daemon(net, seeders, &data, &tracker, extra);
         let out = dir.join(format!("out{rep}"));
-        times.push(fetch(&leecher, name, &out));
-        leecher_rss = leecher_rss.max(peak_rss_mib(leecher.proc.pid()));
+        let t = fetch(&leecher, name, &out);
+        let rss = peak_rss_mib(leecher.proc.pid());
         let _ = std::fs::remove_file(&out);
         drop(leecher);
         let _ = std::fs::remove_dir_all(&data);
-        crate::tick();
-    }
-    let seeder_rss = seeds
-        .iter()
-        .map(|s| peak_rss_mib(s.proc.pid()))
-        .fold(0.0, f64::max);
-    (
-        Sample {
-            seconds: median(times),
-            leecher_rss,
-            seeder_rss,
-        },
-        register_secs,
-    )
+        Ok((t, rss))
+    });
+    // A failed download panics in `fetch`; the closure itself never returns an error.
+    (sample.expect("repetitions"), register_secs)
 }
 
 /// What one seeder and ten leechers started together measured.
