@@ -781,7 +781,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
-    let store = Store::open(&config.data_dir)?;
+    // Opening may wait for the database's lock: off the executor.
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| Error::Other(format!("opening the state database: {e}")))??;
     let clean = store.take_clean_flag().await?;
     let peer_id = store.peer_id()?;
     if !clean {

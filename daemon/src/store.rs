@@ -72,8 +72,12 @@ impl Store {
         let path = dir.join("state.sled");
         let db = match open_unlocked(&path) {
             Ok(db) => db,
-            Err(e @ sled::Error::Unsupported(_)) => {
-                return Err(db_err("opening state database")(e));
+            // Locked is in use, never corrupt: it must not be moved aside.
+            Err(e) if is_locked(&e) => {
+                return Err(Error::Other(format!(
+                    "{} is in use by another process",
+                    path.display()
+                )));
             }
             Err(e) => {
                 let aside = dir.join("state.sled.broken");
@@ -247,20 +251,19 @@ impl Store {
     }
 }
 
-/// Opens the database, waiting (up to 2 s) for a previous holder of its lock to let go: a
-/// locked database is in use, never corrupt, and must not be moved aside.
+/// Whether sled refused to open because another holder has the database's lock (it says
+/// so only in its message).
+fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// Opens the database, waiting (up to 2 s) for a previous holder of its lock to let go.
 fn open_unlocked(path: &Path) -> sled::Result<sled::Db> {
     let mut tries = 0;
     loop {
         match open_db(path) {
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+            Err(e) if is_locked(&e) && tries < 20 => {
                 tries += 1;
-                if tries >= 20 {
-                    return Err(sled::Error::Unsupported(format!(
-                        "{} is in use by another process",
-                        path.display()
-                    )));
-                }
                 std::thread::sleep(std::time::Duration::from_millis(100));
             }
             other => return other,
