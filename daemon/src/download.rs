@@ -8,9 +8,12 @@
 //! SHA-256 before it is written in place into the partial file; a bad chunk is discarded and
 //! fetched again, and a peer that sends bad data twice is banned for the rest of the download.
 //!
-//! Written chunks go to the [`Committer`], which makes them durable in batches: sync the
-//! partial file, *then* record the chunks in sled, *then* serve and announce them. On
-//! completion the partial file is renamed to its final name and the file becomes a share.
+//! Written chunks go to the committer task ([`commit_loop`]), which makes them durable in
+//! batches: sync the partial file, *then* record the chunks in sled, *then* serve and announce
+//! them. When the download ends, for whatever reason, every worker is stopped and joined, and
+//! every chunk write it started has returned, before the committer is closed; only then is a
+//! complete file synced, renamed to its final name, and its identity recorded as a share
+//! (so nothing of ours writes to a file after it is recorded: see `daemon/STATE.md`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -26,10 +29,12 @@ use p2p_schema::{
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::aligned::{AlignedBuf, ALIGN};
-use crate::local::LocalFile;
+use crate::local::{Identity, LocalFile};
 use crate::lock;
 use crate::node::Node;
 use crate::serve::write_all_at;
@@ -256,8 +261,9 @@ impl Picker {
     }
 
     /// The next chunk to ask a peer holding `has` for: the rarest free chunk (random
-    /// tie-break), or in the end game a chunk in flight elsewhere not yet asked of this peer.
-    fn pick(&mut self, has: &Bitfield, asked: &VecDeque<u32>) -> Option<u32> {
+    /// tie-break), or in the end game a chunk in flight elsewhere that the asker has not
+    /// asked for nor received (`mine`: asked, or received and still being verified).
+    fn pick(&mut self, has: &Bitfield, mine: impl Fn(u32) -> bool) -> Option<u32> {
         let n = self.done.len();
         if n == 0 || self.remaining == 0 {
             return None;
@@ -279,10 +285,7 @@ impl Picker {
         }
         let chosen = best.map(|(_, i)| i).or_else(|| {
             (0..n).map(|k| (start + k) % n).find(|&i| {
-                !self.done.get(i)
-                    && has.get(i)
-                    && self.in_flight[i as usize] < 2
-                    && !asked.contains(&i)
+                !self.done.get(i) && has.get(i) && self.in_flight[i as usize] < 2 && !mine(i)
             })
         })?;
         self.in_flight[chosen as usize] += 1;
@@ -333,8 +336,11 @@ struct Swarm {
     /// worker does not ask its peer, and a downloading peer gains chunks all the time).
     fresh: Mutex<HashMap<PeerId, Bitfield>>,
     window: usize,
-    /// Set when the file is complete: workers still waiting on slow peers give up.
+    /// Set when the download ends (complete, stopped or failed): workers still waiting on
+    /// slow peers give up.
     finished: watch::Sender<bool>,
+    /// The workers: joined before the committer is closed and before the file is finished.
+    tasks: TaskTracker,
 }
 
 impl Swarm {
@@ -384,23 +390,58 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
         fresh: Mutex::default(),
         window: window as usize,
         finished: watch::channel(false).0,
+        tasks: TaskTracker::new(),
     });
     info!(
         have = dl.local.have_count(),
         chunks = dl.manifest.chunk_count(),
         "download started"
     );
-    let committer = tokio::spawn(commit_loop(swarm.clone(), commit_rx));
+    let close = CancellationToken::new();
+    let mut committer = tokio::spawn(commit_loop(swarm.clone(), commit_rx, close.clone()));
+    let ended = coordinate(&node, &dl, &swarm, &mut stop, &committer).await;
+    // Whatever ended it, no worker and no chunk write of this download outlives it: stop and
+    // join them all, then let the committer make durable what they wrote, and end.
+    let _ = swarm.finished.send(true);
+    swarm.tasks.close();
+    swarm.tasks.wait().await;
+    close.cancel();
+    let committed = (&mut committer).await.unwrap_or(false);
+    match ended {
+        Ended::Complete => {}
+        Ended::Stopped => return Ok(false),
+        Ended::CommitFailed => return Err(commit_failure(&dl)),
+    }
+    if !committed || !dl.local.is_complete() {
+        return Err(commit_failure(&dl));
+    }
+    finish(&node, &dl).await?;
+    Ok(true)
+}
 
+/// How the coordinator's loop ended.
+enum Ended {
+    Complete,
+    Stopped,
+    CommitFailed,
+}
+
+/// Finds holders and starts workers until every chunk is durable, the download is stopped,
+/// or the committer fails.
+async fn coordinate(
+    node: &Arc<Node>,
+    dl: &Arc<Download>,
+    swarm: &Arc<Swarm>,
+    stop: &mut Halt,
+    committer: &tokio::task::JoinHandle<bool>,
+) -> Ended {
     let mut backoff = Duration::from_millis(200);
     while !dl.local.is_complete() {
         if stop.is_set() {
-            // The committer makes what was written durable before it ends.
-            let _ = committer.await;
-            return Ok(false);
+            return Ended::Stopped;
         }
         if committer.is_finished() {
-            return Err(commit_failure(&dl));
+            return Ended::CommitFailed;
         }
         if swarm.picker().remaining == 0 {
             // Every chunk is in; the committer is making the last ones durable.
@@ -425,9 +466,9 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
             Ok(TrackerResponse::Holders { holders, .. }) => {
                 backoff = Duration::from_millis(200);
                 dl.stalled
-                    .store(count_stalled(&swarm, &holders), Ordering::Relaxed);
+                    .store(count_stalled(swarm, &holders), Ordering::Relaxed);
                 for holder in holders {
-                    start_worker(&swarm, holder);
+                    start_worker(swarm, holder);
                 }
             }
             Ok(other) => debug!(?other, "unexpected answer to locate"),
@@ -443,11 +484,7 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
             () = tokio::time::sleep(wait) => {}
         }
     }
-    // Every chunk is durable; the committer has nothing left to do.
-    committer.abort();
-    let _ = swarm.finished.send(true);
-    finish(&node, &dl).await?;
-    Ok(true)
+    Ended::Complete
 }
 
 fn commit_failure(dl: &Download) -> String {
@@ -496,9 +533,10 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
         }
         workers.insert(holder.peer_id);
     }
+    let tasks = swarm.tasks.clone();
     let swarm = swarm.clone();
     let span = tracing::debug_span!("peer", addr = %holder.addr);
-    tokio::spawn(
+    tasks.spawn(
         async move {
             let peer = holder.peer_id;
             let mut worker = Worker {
@@ -512,7 +550,15 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
                 received: 0,
                 since: Instant::now(),
             };
-            let result = worker.run(chunks).await;
+            let mut stop = swarm.dl.halt(&swarm.node);
+            let mut finished = swarm.finished.subscribe();
+            // Cut short wherever it waits once the download ends: only the chunk writes it
+            // started must be waited for, and `drain` does that.
+            let result = tokio::select! {
+                r = worker.run(chunks) => r,
+                () = stop.wait() => Ok(()),
+                _ = finished.wait_for(|f| *f) => Ok(()),
+            };
             // Chunks still being verified are taken in before the worker lets go of them.
             let drained = worker.drain().await;
             let result = result.and(drained);
@@ -539,7 +585,7 @@ struct Worker {
     /// Chunks requested and not yet answered, oldest first.
     asked: VecDeque<u32>,
     /// Chunks received and being verified and written, oldest first.
-    verifying: VecDeque<Verifying>,
+    verifying: VecDeque<(u32, Verifying)>,
     /// Spare chunk buffers.
     pool: Vec<AlignedBuf>,
     /// Bytes received from this peer since `since`: its rate sizes the request window.
@@ -632,7 +678,8 @@ impl Worker {
             let mut fed = false;
             let window = self.window();
             while self.asked.len() < window {
-                let Some(i) = self.swarm.picker().pick(&self.has, &self.asked) else {
+                let mine = |i| self.asked.contains(&i) || self.verifying.iter().any(|v| v.0 == i);
+                let Some(i) = self.swarm.picker().pick(&self.has, mine) else {
                     break;
                 };
                 self.asked.push_back(i);
@@ -702,13 +749,13 @@ impl Worker {
                     self.received += buf.len() as u64;
                     // Write on a blocking thread while the next chunk arrives.
                     let data = std::mem::replace(&mut buf, self.pool.pop().unwrap_or_default());
-                    self.verifying
-                        .push_back(self.start_write(index, data, matched)?);
+                    let write = self.start_write(index, data, matched)?;
+                    self.verifying.push_back((index, write));
                     let most = self.max_verifying();
                     while self
                         .verifying
                         .front()
-                        .is_some_and(|h| h.is_finished() || self.verifying.len() > most)
+                        .is_some_and(|(_, h)| h.is_finished() || self.verifying.len() > most)
                     {
                         self.finish_one().await?;
                     }
@@ -731,19 +778,28 @@ impl Worker {
         wanted.clamp(2, self.swarm.window.max(2))
     }
 
-    /// Waits for every chunk still being verified and takes in the outcomes.
+    /// Waits for every chunk still being verified and takes in the outcomes: all of them,
+    /// even after one fails, so that no write of this worker is still running when it ends.
+    /// Returns the first failure.
     async fn drain(&mut self) -> Result<(), String> {
+        let mut result = Ok(());
         while !self.verifying.is_empty() {
-            self.finish_one().await?;
+            let one = self.finish_one().await;
+            result = result.and(one);
         }
-        Ok(())
+        result
     }
 
+    /// Waits for the oldest chunk being verified and takes in the outcome. Cancellation
+    /// safe: the write stays queued (and is waited for by [`Worker::drain`]) until it has
+    /// returned.
     async fn finish_one(&mut self) -> Result<(), String> {
-        let Some(handle) = self.verifying.pop_front() else {
+        let Some((_, handle)) = self.verifying.front_mut() else {
             return Ok(());
         };
-        let (index, data, outcome) = handle.await.map_err(|e| e.to_string())?;
+        let joined = handle.await;
+        self.verifying.pop_front();
+        let (index, data, outcome) = joined.map_err(|e| e.to_string())?;
         let data = self.accept(index, data, outcome)?;
         if self.pool.len() <= self.max_verifying() {
             self.pool.push(data);
@@ -780,9 +836,14 @@ impl Worker {
         let file = dl.local.handle();
         let aligned = offset.is_multiple_of(ALIGN as u64) && (len as usize).is_multiple_of(ALIGN);
         let direct = dl.direct.clone().filter(|_| aligned);
+        let swarm = self.swarm.clone();
         Ok(tokio::task::spawn_blocking(move || {
             if !matched.unwrap_or_else(|| sha256(&data) == expected) {
                 return (index, data, Ok(false));
+            }
+            if swarm.picker().done.get(index) {
+                // An end-game duplicate of a chunk already in: not written again.
+                return (index, data, Ok(true));
             }
             let written = match direct.map(|d| write_all_at(&d, &data, offset)) {
                 Some(Ok(())) => Ok(()),
@@ -946,10 +1007,14 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
 }
 
 /// Makes written chunks durable in batches: sync the file, then record in sled, then serve
-/// and announce. A chunk is never recorded before its bytes are on disk. When the daemon
-/// stops, what was written so far is committed before the task ends.
-async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
-    let mut stop = swarm.dl.halt(&swarm.node);
+/// and announce. A chunk is never recorded before its bytes are on disk. Closed (`close`)
+/// once every worker has ended: what was written so far is committed before the task ends.
+/// Returns false if a commit failed.
+async fn commit_loop(
+    swarm: Arc<Swarm>,
+    mut rx: mpsc::UnboundedReceiver<u32>,
+    close: CancellationToken,
+) -> bool {
     loop {
         let mut batch = Vec::new();
         let stopping = tokio::select! {
@@ -958,9 +1023,9 @@ async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
                     batch.push(i);
                     false
                 }
-                None => return,
+                None => return true,
             },
-            () = stop.wait() => true,
+            () = close.cancelled() => true,
         };
         let deadline = tokio::time::Instant::now() + COMMIT_INTERVAL;
         let chunks = swarm.dl.manifest.chunk_count() as usize;
@@ -978,10 +1043,10 @@ async fn commit_loop(swarm: Arc<Swarm>, mut rx: mpsc::UnboundedReceiver<u32>) {
             batch.push(i);
         }
         if !batch.is_empty() && commit(&swarm, batch).await.is_err() {
-            return;
+            return false;
         }
         if stopping {
-            return;
+            return true;
         }
     }
 }
@@ -1038,15 +1103,16 @@ async fn finish(node: &Arc<Node>, dl: &Arc<Download>) -> Result<(), String> {
     })
     .await
     .map_err(|e| e.to_string())??;
+    // Every worker and chunk write of this download has ended (see `drive`): nothing of ours
+    // touches the file from here, so this identity is the one it keeps.
+    let identity = Identity::of(&meta);
     dl.local.set_path(dl.output.clone());
-    dl.local
-        .set_source(meta.len(), crate::register::mtime_ns(&meta));
-    let share = ShareRecord {
-        manifest: (*dl.manifest).clone(),
-        path: dl.output.to_string_lossy().into_owned(),
-        size: meta.len(),
-        mtime_ns: crate::register::mtime_ns(&meta),
-    };
+    dl.local.set_source(identity);
+    let share = ShareRecord::new(
+        (*dl.manifest).clone(),
+        dl.output.to_string_lossy().into_owned(),
+        identity,
+    );
     node.store
         .put_share(&dl.id, &share)
         .map_err(|e| e.to_string())?;
@@ -1086,12 +1152,12 @@ mod tests {
         p.add_availability(&only1, 1);
         let rare = first_two;
         // Peer holds 0 and 1; 0 has availability 1, 1 has 2: 0 first.
-        assert_eq!(p.pick(&rare, &VecDeque::new()), Some(0));
-        assert_eq!(p.pick(&rare, &VecDeque::new()), Some(1));
+        assert_eq!(p.pick(&rare, |_| false), Some(0));
+        assert_eq!(p.pick(&rare, |_| false), Some(1));
         // Both in flight: end game hands out a second copy, but not to the same asker.
         let asked: VecDeque<u32> = [0, 1].into();
-        assert_eq!(p.pick(&rare, &asked), None);
-        let second = p.pick(&rare, &VecDeque::new()).unwrap();
+        assert_eq!(p.pick(&rare, |i| asked.contains(&i)), None);
+        let second = p.pick(&rare, |_| false).unwrap();
         assert!(second == 0 || second == 1);
         assert!(p.finish(0));
         assert!(!p.finish(0), "a duplicate is not new");
@@ -1107,10 +1173,9 @@ mod tests {
         peer.set(3);
         peer.set(5);
         p.add_availability(&peer, 1);
-        assert_eq!(p.pick(&peer, &VecDeque::new()), Some(5));
+        assert_eq!(p.pick(&peer, |_| false), Some(5));
         p.finish(5);
-        let asked: VecDeque<u32> = VecDeque::new();
-        assert_eq!(p.pick(&peer, &asked), None);
+        assert_eq!(p.pick(&peer, |_| false), None);
         assert_eq!(p.remaining, 6);
     }
 }

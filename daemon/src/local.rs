@@ -2,7 +2,7 @@
 //! download in progress). The peer server reads chunks through it; downloads add to it.
 
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +11,69 @@ use std::time::{Duration, Instant};
 use p2p_schema::{Bitfield, FileId, Manifest, PeerId};
 
 use crate::lock;
+
+/// What tells, without reading it, that a whole file still holds the bytes that were hashed:
+/// its size, modification time, the file itself (inode and device) and its change time (Unix).
+/// A file rewritten in place changes size or modification time; one replaced by another
+/// (an editor's or rsync's rename, `cp -p`, `touch -r`) changes inode or change time even
+/// where size and modification time are kept. Taken only once no writer of ours can still
+/// touch the file (see `daemon/STATE.md`, "Shares and the changed-source check").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub size: u64,
+    /// Nanoseconds since the epoch (0 where the platform has none).
+    pub mtime_ns: i128,
+    /// Inode and device, where the platform has them (and the record was written by a
+    /// version that kept them).
+    pub file: Option<(u64, u64)>,
+    /// Change time in nanoseconds since the epoch, where the platform has one.
+    pub ctime_ns: Option<i128>,
+}
+
+impl Identity {
+    /// The identity of the file `meta` describes.
+    pub fn of(meta: &Metadata) -> Identity {
+        let mtime_ns = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as i128)
+            .unwrap_or(0);
+        #[cfg(unix)]
+        let (file, ctime_ns) = {
+            use std::os::unix::fs::MetadataExt;
+            let ctime = i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec());
+            (Some((meta.ino(), meta.dev())), Some(ctime))
+        };
+        #[cfg(not(unix))]
+        let (file, ctime_ns) = (None, None);
+        Identity {
+            size: meta.len(),
+            mtime_ns,
+            file,
+            ctime_ns,
+        }
+    }
+
+    /// What differs between this (recorded) identity and `now`'s, if anything; a part
+    /// missing on either side (an older record, another platform) is not compared.
+    pub fn change(&self, now: &Identity) -> Option<&'static str> {
+        fn differ<T: PartialEq>(a: Option<T>, b: Option<T>) -> bool {
+            matches!((a, b), (Some(a), Some(b)) if a != b)
+        }
+        if self.size != now.size {
+            Some("its size changed")
+        } else if self.mtime_ns != now.mtime_ns {
+            Some("its modification time changed")
+        } else if differ(self.file, now.file) {
+            Some("another file took its place")
+        } else if differ(self.ctime_ns, now.ctime_ns) {
+            Some("its change time moved")
+        } else {
+            None
+        }
+    }
+}
 
 /// A file with chunks to serve.
 pub struct LocalFile {
@@ -32,9 +95,9 @@ struct Inner {
     path: PathBuf,
     /// Set when the data can no longer be trusted (source changed): nothing is served.
     problem: Option<String>,
-    /// For a whole file: its size and modification time as hashed. Checked before serving,
-    /// so a file changed behind our back is never served stale.
-    source: Option<(u64, i128)>,
+    /// For a whole file: its identity as hashed (or as completed). Checked before serving, so
+    /// a file changed behind our back is never served stale.
+    source: Option<Identity>,
 }
 
 /// Chunk sends, for [`LocalFile::may_send`].
@@ -124,9 +187,9 @@ impl LocalFile {
         self.lock().path = path;
     }
 
-    /// Records the size and modification time the whole file must keep to be served.
-    pub fn set_source(&self, size: u64, mtime_ns: i128) {
-        self.lock().source = Some((size, mtime_ns));
+    /// Records the identity the whole file must keep to be served.
+    pub fn set_source(&self, identity: Identity) {
+        self.lock().source = Some(identity);
     }
 
     /// Checks (blocking: a `stat`) that a whole file is unchanged since it was hashed. If it
@@ -139,13 +202,13 @@ impl LocalFile {
             }
             (inner.path.clone(), inner.source)
         };
-        let Some((size, mtime)) = source else {
+        let Some(recorded) = source else {
             return Ok(());
         };
-        let why = match std::fs::metadata(&path) {
-            Ok(m) if m.len() == size && crate::register::mtime_ns(&m) == mtime => return Ok(()),
-            Ok(_) => format!(
-                "{} changed since it was registered; register it again to share it",
+        let why = match std::fs::metadata(&path).map(|m| recorded.change(&Identity::of(&m))) {
+            Ok(None) => return Ok(()),
+            Ok(Some(what)) => format!(
+                "{} changed since it was registered ({what}); register it again to share it",
                 path.display()
             ),
             Err(e) => format!("{} cannot be read any more: {e}", path.display()),
@@ -232,6 +295,52 @@ mod tests {
         };
         let file = tempfile::tempfile().expect("temp file");
         LocalFile::new(Arc::new(manifest), file, "x.bin".into(), Bitfield::full(4))
+    }
+
+    #[test]
+    fn an_identity_tells_a_rewrite_or_a_replacement_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"one").expect("write");
+        let stat = |p: &std::path::Path| Identity::of(&std::fs::metadata(p).expect("stat"));
+        let recorded = stat(&path);
+        assert_eq!(recorded.change(&stat(&path)), None, "unchanged");
+        // Reading and opening change nothing.
+        let _ = std::fs::read(&path).expect("read");
+        assert_eq!(recorded.change(&stat(&path)), None);
+        let mut grown = recorded;
+        grown.size += 1;
+        assert_eq!(grown.change(&recorded), Some("its size changed"));
+        let mut touched = recorded;
+        touched.mtime_ns += 1;
+        assert_eq!(
+            touched.change(&recorded),
+            Some("its modification time changed")
+        );
+        // An older record without inode and change time compares size and time alone.
+        let old = Identity {
+            file: None,
+            ctime_ns: None,
+            ..recorded
+        };
+        let mut moved = recorded;
+        moved.file = moved.file.map(|(ino, dev)| (ino + 1, dev));
+        moved.ctime_ns = moved.ctime_ns.map(|c| c + 1);
+        assert_eq!(old.change(&moved), None);
+        #[cfg(unix)]
+        {
+            assert_eq!(recorded.change(&moved), Some("another file took its place"));
+            // Same size and times, another file: what rsync or `cp -p` then `mv` leave.
+            let other = dir.path().join("g");
+            std::fs::write(&other, b"two").expect("write");
+            std::fs::rename(&other, &path).expect("rename");
+            let now = stat(&path);
+            let faked = Identity {
+                mtime_ns: recorded.mtime_ns,
+                ..now
+            };
+            assert_eq!(recorded.change(&faked), Some("another file took its place"));
+        }
     }
 
     #[test]

@@ -131,12 +131,7 @@ impl Node {
             .to_str()
             .ok_or_else(|| err(ErrorCode::BadRequest, "the path is not valid UTF-8"))?
             .to_string();
-        let record = ShareRecord {
-            manifest: manifest.clone(),
-            path: path_str,
-            size: hashed.size,
-            mtime_ns: hashed.mtime_ns,
-        };
+        let record = ShareRecord::new(manifest.clone(), path_str, hashed.identity);
         self.store
             .put_share(&id, &record)
             .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
@@ -156,7 +151,7 @@ impl Node {
                 path.clone(),
                 Bitfield::full(chunks),
             );
-            local.set_source(hashed.size, hashed.mtime_ns);
+            local.set_source(hashed.identity);
             self.insert_file(Arc::new(local));
         }
         info!(file = %id.short(), path = %path.display(), size = manifest.size, "file shared");
@@ -581,13 +576,14 @@ impl Node {
     /// (`clean` false), chunks written but not yet recorded are re-verified from disk.
     async fn load(self: &Arc<Self>, clean: bool) {
         for (id, rec) in self.store.shares() {
+            let identity = rec.identity();
             let manifest = Arc::new(rec.manifest);
             let path = PathBuf::from(&rec.path);
             let chunks = manifest.chunk_count();
             match std::fs::File::open(&path) {
                 Ok(file) => {
                     let local = LocalFile::new(manifest, file, path, Bitfield::full(chunks));
-                    local.set_source(rec.size, rec.mtime_ns);
+                    local.set_source(identity);
                     // Unchanged size and modification time: served without re-hashing.
                     if local.check_source().is_ok() {
                         info!(file = %id.short(), path = %rec.path, "share restored without re-hashing");

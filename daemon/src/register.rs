@@ -5,6 +5,7 @@ use std::fs::{File, Metadata};
 use std::io::Read;
 use std::path::Path;
 
+use crate::local::Identity;
 use p2p_schema::{
     auto_chunk_size, validate_chunk_size, validate_name, ErrorCode, Manifest, ManifestBuilder,
     WireError,
@@ -18,18 +19,8 @@ pub struct Hashed {
     pub manifest: Manifest,
     /// The file, open for serving.
     pub file: File,
-    /// Size and modification time as hashed, to notice later changes.
-    pub size: u64,
-    pub mtime_ns: i128,
-}
-
-/// Modification time in nanoseconds since the epoch (0 where the platform has none).
-pub fn mtime_ns(meta: &Metadata) -> i128 {
-    meta.modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos() as i128)
-        .unwrap_or(0)
+    /// The file's identity as hashed, to notice later changes.
+    pub identity: Identity,
 }
 
 fn io_error(what: String) -> impl FnOnce(std::io::Error) -> WireError {
@@ -155,7 +146,8 @@ pub fn hash_file(
     let after = file
         .metadata()
         .map_err(io_error(format!("reading {}", path.display())))?;
-    if builder.size() != size || after.len() != size || mtime_ns(&after) != mtime_ns(&before) {
+    let identity = Identity::of(&before);
+    if builder.size() != size || identity.change(&Identity::of(&after)).is_some() {
         return Err(WireError::new(
             ErrorCode::Io,
             format!(
@@ -171,8 +163,7 @@ pub fn hash_file(
     Ok(Hashed {
         manifest,
         file,
-        size,
-        mtime_ns: mtime_ns(&before),
+        identity,
     })
 }
 
@@ -188,7 +179,7 @@ mod tests {
         let mut calls = 0;
         let h = hash_file(&p, "a.bin".into(), Some(1024), |_, _| calls += 1).unwrap();
         assert_eq!(h.manifest.chunk_count(), 10);
-        assert_eq!(h.size, 10_000);
+        assert_eq!(h.identity.size, 10_000);
         assert!(calls >= 1);
 
         let e = hash_file(dir.path(), "x".into(), None, |_, _| {})

@@ -17,6 +17,7 @@ use p2p_schema::{Bitfield, DownloadState, FileId, Manifest, PeerId};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
+use crate::local::Identity;
 use crate::Error;
 
 /// A file this daemon serves whole from where it lies.
@@ -24,9 +25,42 @@ use crate::Error;
 pub struct ShareRecord {
     pub manifest: Manifest,
     pub path: String,
-    /// Size and modification time when hashed: if either changes, the file is re-checked.
+    /// The file's [`Identity`] when hashed (or completed): if it changes, the file is no
+    /// longer served. Records written before inode, device and change time were kept lack
+    /// them (`None`); they are then not compared.
     pub size: u64,
     pub mtime_ns: i128,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime_ns: Option<i128>,
+}
+
+impl ShareRecord {
+    /// The record of `manifest`'s file at `path`, with the identity it must keep.
+    pub fn new(manifest: Manifest, path: String, identity: Identity) -> ShareRecord {
+        ShareRecord {
+            manifest,
+            path,
+            size: identity.size,
+            mtime_ns: identity.mtime_ns,
+            inode: identity.file.map(|(inode, _)| inode),
+            device: identity.file.map(|(_, device)| device),
+            ctime_ns: identity.ctime_ns,
+        }
+    }
+
+    /// The identity the file must keep to be served.
+    pub fn identity(&self) -> Identity {
+        Identity {
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            file: self.inode.zip(self.device),
+            ctime_ns: self.ctime_ns,
+        }
+    }
 }
 
 /// A download, finished or not.
@@ -337,6 +371,52 @@ mod tests {
         assert_eq!(s.held_chunks(&id, 3).iter().collect::<Vec<_>>(), vec![0, 2]);
         s.clear_chunks(&id).unwrap();
         assert_eq!(s.held_chunks(&id, 3).count(), 0);
+    }
+
+    #[test]
+    fn share_records_of_earlier_versions_are_still_read() {
+        // The form written before inode, device and change time were kept.
+        #[derive(Serialize)]
+        struct Earlier {
+            manifest: Manifest,
+            path: String,
+            size: u64,
+            mtime_ns: i128,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let manifest = Manifest {
+            name: "a".into(),
+            size: 10,
+            chunk_size: 1024,
+            hashes: vec![1; 32],
+        };
+        let id = manifest.file_id();
+        let earlier = Earlier {
+            manifest,
+            path: "/x/a".into(),
+            size: 10,
+            mtime_ns: 1_700_000_000_000_000_007,
+        };
+        s.shares.insert(id.0, cbor(&earlier)).unwrap();
+        let shares = s.shares();
+        assert_eq!(shares.len(), 1);
+        let identity = shares[0].1.identity();
+        assert_eq!((identity.size, identity.mtime_ns), (10, earlier.mtime_ns));
+        assert_eq!((identity.file, identity.ctime_ns), (None, None));
+        // And a record with all of it comes back whole.
+        let full = Identity {
+            size: 10,
+            mtime_ns: 5,
+            file: Some((7, 8)),
+            ctime_ns: Some(9),
+        };
+        s.put_share(
+            &id,
+            &ShareRecord::new(shares[0].1.manifest.clone(), "/x/a".into(), full),
+        )
+        .unwrap();
+        assert_eq!(s.shares()[0].1.identity(), full);
     }
 
     #[test]
