@@ -242,7 +242,7 @@ async fn connection(
         }
         CtlRequest::Status => send(writer, CtlResponse::Status(node.status())).await,
         CtlRequest::Pause { query } => updated(writer, node.pause(&query).await).await,
-        CtlRequest::Resume { query } => updated(writer, node.resume(&query)).await,
+        CtlRequest::Resume { query } => updated(writer, node.resume(&query).await).await,
         CtlRequest::Cancel { query } => updated(writer, node.cancel(&query).await).await,
         CtlRequest::Unregister { query } => updated(writer, node.unregister(&query).await).await,
         CtlRequest::Quit => {

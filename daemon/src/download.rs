@@ -93,9 +93,9 @@ pub struct Download {
     /// The partial file opened for direct I/O (`O_DIRECT`), where the file system allows:
     /// aligned chunks are written through it, bypassing the page cache.
     direct: Option<Arc<std::fs::File>>,
-    /// Set while its task runs; cleared (and `ended` notified) when it returns.
-    running: std::sync::atomic::AtomicBool,
-    ended: Notify,
+    /// The download's one task, while it has one. Held across starting and stopping, so a
+    /// download never has two tasks (a resume waits for a pause still stopping the old one).
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Fires when the daemon stops or the download is halted on its own.
@@ -147,8 +147,7 @@ impl Download {
             recent: Mutex::new(VecDeque::new()),
             sources: Mutex::new(HashSet::new()),
             halt: watch::channel(false).0,
-            running: std::sync::atomic::AtomicBool::new(false),
-            ended: Notify::new(),
+            task: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -160,21 +159,36 @@ impl Download {
         }
     }
 
-    /// Stops this download's tasks and waits (bounded) until they have ended; the state is
-    /// set to `state` first.
+    /// Starts the download's task, in state `running`, unless it has one running already.
+    /// Returns whether it started one.
+    pub async fn start(self: &Arc<Self>, node: &Arc<Node>) -> bool {
+        let mut task = self.task.lock().await;
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return false;
+        }
+        let _ = self.halt.send_replace(false);
+        self.set_state(node, DownloadState::Running);
+        *task = Some(tokio::spawn(run(node.clone(), self.clone())));
+        true
+    }
+
+    /// Sets the state to `state`, stops the download's task and waits until it has ended
+    /// (every worker joined, every chunk write returned, what was written committed).
     pub async fn stop(&self, node: &Node, state: DownloadState) {
+        let mut task = self.task.lock().await;
         self.set_state(node, state);
-        let ended = self.ended.notified();
-        let _ = self.halt.send(true);
-        if self.running.load(Ordering::Acquire) {
-            let _ = tokio::time::timeout(Duration::from_secs(5), ended).await;
+        let _ = self.halt.send_replace(true);
+        if let Some(t) = task.take() {
+            join_logged(t, &self.manifest.name).await;
         }
     }
 
-    /// Lets a stopped download run again (its task must be spawned anew).
-    pub fn rearm(&self, node: &Node) {
-        let _ = self.halt.send(false);
-        self.set_state(node, DownloadState::Running);
+    /// Waits until the download's task (if any) has ended; for shutdown, once the daemon's
+    /// stop signal has fired.
+    pub async fn join(&self) {
+        if let Some(t) = self.task.lock().await.take() {
+            join_logged(t, &self.manifest.name).await;
+        }
     }
 
     /// The current state.
@@ -349,10 +363,28 @@ impl Swarm {
     }
 }
 
+/// Waits for a download's task, saying so in the log while it takes long (a chunk write
+/// stuck on a slow disk).
+async fn join_logged(mut task: tokio::task::JoinHandle<()>, name: &str) {
+    let mut waited = Duration::ZERO;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), &mut task).await {
+            Ok(_) => return,
+            Err(_) => {
+                waited += Duration::from_secs(5);
+                warn!(
+                    name,
+                    ?waited,
+                    "waiting for a download's chunk writes to return"
+                );
+            }
+        }
+    }
+}
+
 /// Drives `dl` until it is complete, fails, or the daemon stops.
-pub async fn run(node: Arc<Node>, dl: Arc<Download>) {
+async fn run(node: Arc<Node>, dl: Arc<Download>) {
     let span = tracing::info_span!("download", file = %dl.id.short(), name = %dl.manifest.name);
-    dl.running.store(true, Ordering::Release);
     async move {
         match drive(node.clone(), dl.clone()).await {
             Ok(true) => {}
@@ -363,8 +395,6 @@ pub async fn run(node: Arc<Node>, dl: Arc<Download>) {
                 let _ = dl.events.send(Event::Failed(why));
             }
         }
-        dl.running.store(false, Ordering::Release);
-        dl.ended.notify_waiters();
     }
     .instrument(span)
     .await
@@ -402,7 +432,7 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
     let ended = coordinate(&node, &dl, &swarm, &mut stop, &committer).await;
     // Whatever ended it, no worker and no chunk write of this download outlives it: stop and
     // join them all, then let the committer make durable what they wrote, and end.
-    let _ = swarm.finished.send(true);
+    let _ = swarm.finished.send_replace(true);
     swarm.tasks.close();
     swarm.tasks.wait().await;
     close.cancel();
@@ -1084,15 +1114,17 @@ async fn finish(node: &Arc<Node>, dl: &Arc<Download>) -> Result<(), String> {
     let meta = tokio::task::spawn_blocking(move || -> Result<std::fs::Metadata, String> {
         file.sync_all()
             .map_err(|e| format!("syncing {}: {e}", part.display()))?;
-        if output.exists() {
-            return Err(format!(
-                "{} appeared while downloading; the data is kept at {}",
-                output.display(),
-                part.display()
-            ));
-        }
-        std::fs::rename(&part, &output)
-            .map_err(|e| format!("renaming {} to {}: {e}", part.display(), output.display()))?;
+        crate::part::rename_no_replace(&part, &output).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                format!(
+                    "{} appeared while downloading; the data is kept at {}",
+                    output.display(),
+                    part.display()
+                )
+            } else {
+                format!("renaming {} to {}: {e}", part.display(), output.display())
+            }
+        })?;
         if let Some(dir) = output.parent() {
             // Make the rename itself durable (best effort: not every platform can).
             if let Ok(d) = std::fs::File::open(dir) {

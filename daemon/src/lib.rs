@@ -21,6 +21,7 @@ pub mod control;
 pub mod download;
 pub mod local;
 pub mod node;
+pub mod part;
 pub mod recover;
 pub mod register;
 pub mod serve;

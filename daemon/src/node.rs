@@ -19,6 +19,8 @@ use tracing::{info, warn};
 use crate::control::ControlListener;
 use crate::download::{self, Download};
 use crate::local::LocalFile;
+use crate::lock;
+use crate::part::{create_part, open_part, part_error};
 use crate::register::{hash_file, share_name};
 use crate::serve::RateLimit;
 use crate::store::{DownloadRecord, ShareRecord, Store};
@@ -37,8 +39,9 @@ pub struct Node {
     pub tracker: TrackerClient,
     files: Files,
     downloads: Mutex<HashMap<FileId, Arc<Download>>>,
-    /// Download tasks, awaited on shutdown so their last chunks are committed.
-    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// One gate per file a `download` command is starting: a second command for the same
+    /// file waits for the first, then finds its download (check-and-insert is atomic).
+    starting: Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
     stop: watch::Sender<bool>,
     /// Bounds chunk reads in progress for uploads (memory).
     pub upload_slots: Semaphore,
@@ -215,12 +218,32 @@ impl Node {
         output: Option<&str>,
     ) -> Result<Arc<Download>, WireError> {
         let id = file.id;
+        let gate = lock(&self.starting).entry(id).or_default().clone();
+        let started = {
+            let _only = gate.lock().await;
+            self.start_download_alone(file, output).await
+        };
+        let mut starting = lock(&self.starting);
+        // Ours and the map's: nobody else is waiting at this gate.
+        if Arc::strong_count(&gate) <= 2 {
+            starting.remove(&id);
+        }
+        started
+    }
+
+    /// [`Node::start_download`], with no other start of the same file under way.
+    async fn start_download_alone(
+        self: &Arc<Self>,
+        file: &FileSummary,
+        output: Option<&str>,
+    ) -> Result<Arc<Download>, WireError> {
+        let id = file.id;
         if let Some(dl) = self.download(&id) {
             match dl.state() {
                 DownloadState::Running => return Ok(dl),
                 DownloadState::Paused | DownloadState::Failed(_) => {
-                    dl.rearm(self);
-                    return Ok(self.spawn_download(dl));
+                    dl.start(self).await;
+                    return Ok(dl);
                 }
                 DownloadState::Complete => {}
             }
@@ -263,24 +286,10 @@ impl Node {
         let file = {
             let path = part.clone();
             let size = manifest.size;
-            tokio::task::spawn_blocking(move || -> std::io::Result<std::fs::File> {
-                let f = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(path)?;
-                f.set_len(size)?;
-                Ok(f)
-            })
-            .await
-            .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
-            .map_err(|e| {
-                err(
-                    ErrorCode::Io,
-                    format!("cannot create {}: {e}", part.display()),
-                )
-            })?
+            tokio::task::spawn_blocking(move || create_part(&path, size))
+                .await
+                .map_err(|e| err(ErrorCode::Internal, e.to_string()))?
+                .map_err(|e| part_error(&part, &output, e))?
         };
         let manifest = Arc::new(manifest);
         // Chunk keys left by a cancelled earlier download of the same file mean nothing now.
@@ -297,6 +306,12 @@ impl Node {
         self.store
             .put_download(&id, &record)
             .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        // Durable before it starts: a crash from here on resumes it rather than orphaning its
+        // partial file.
+        self.store
+            .flush()
+            .await
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
         let local = Arc::new(LocalFile::new(
             manifest.clone(),
             file,
@@ -304,26 +319,22 @@ impl Node {
             Bitfield::new(chunks),
         ));
         self.insert_file(local.clone());
-        Ok(self.spawn_download(Arc::new(Download::new(
+        let dl = Arc::new(Download::new(
             manifest,
             local,
             output,
             part,
             DownloadState::Running,
             0,
-        ))))
+        ));
+        self.spawn_download(dl.clone()).await;
+        Ok(dl)
     }
 
-    fn spawn_download(self: &Arc<Self>, dl: Arc<Download>) -> Arc<Download> {
-        self.downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(dl.id, dl.clone());
-        let task = tokio::spawn(download::run(self.clone(), dl.clone()));
-        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
-        tasks.retain(|t| !t.is_finished());
-        tasks.push(task);
-        dl
+    /// Adds `dl` to the downloads and starts its task.
+    async fn spawn_download(self: &Arc<Self>, dl: Arc<Download>) {
+        lock(&self.downloads).insert(dl.id, dl.clone());
+        dl.start(self).await;
     }
 
     /// Where a download of `name` goes: `output` if it names a file, `output/name` if it names
@@ -369,7 +380,7 @@ impl Node {
                 format!("directory {} does not exist", parent.display()),
             ));
         }
-        if target.exists() {
+        if target.symlink_metadata().is_ok() {
             return Err(err(
                 ErrorCode::BadRequest,
                 format!(
@@ -453,7 +464,7 @@ impl Node {
     }
 
     /// Resumes a paused or failed download.
-    pub fn resume(self: &Arc<Self>, query: &str) -> Result<FileSummary, WireError> {
+    pub async fn resume(self: &Arc<Self>, query: &str) -> Result<FileSummary, WireError> {
         let dl = self.local_download(query)?;
         match dl.state() {
             DownloadState::Paused | DownloadState::Failed(_) => {}
@@ -464,9 +475,8 @@ impl Node {
                 ))
             }
         }
-        dl.rearm(self);
         info!(file = %dl.id.short(), "download resumed");
-        self.spawn_download(dl.clone());
+        dl.start(self).await;
         Ok(local_summary(&dl.manifest))
     }
 
@@ -608,22 +618,26 @@ impl Node {
                 }
                 continue;
             }
-            let file = match std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&part)
-            {
+            let file = match open_part(&part) {
                 Ok(f) => f,
-                Err(e) => {
-                    warn!(file = %id.short(), part = %rec.part, error = %e, "partial file is gone; the download starts over");
-                    let _ = self.store.clear_chunks(&id);
-                    match std::fs::File::create(&part).and_then(|f| {
-                        f.set_len(manifest.size)?;
-                        Ok(f)
-                    }) {
-                        Ok(f) => f,
-                        Err(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    // Stopped between the final rename and recording it complete?
+                    if self.adopt_finished(&manifest, &output, &part).await {
+                        continue;
                     }
+                    warn!(file = %id.short(), part = %rec.part, "partial file is gone; the download starts over");
+                    let _ = self.store.clear_chunks(&id);
+                    match create_part(&part, manifest.size) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            warn!(file = %id.short(), error = %part_error(&part, &output, e), "cannot restart a download");
+                            continue;
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(file = %id.short(), part = %rec.part, error = %e, "cannot reopen a partial file; not resuming it");
+                    continue;
                 }
             };
             let mut have = self.store.held_chunks(&id, manifest.chunk_count());
@@ -670,7 +684,7 @@ impl Node {
             ));
             if rec.state == DownloadState::Running {
                 info!(file = %id.short(), have = dl.local.have_count(), "resuming download");
-                self.spawn_download(dl);
+                self.spawn_download(dl).await;
             } else {
                 self.downloads
                     .lock()
@@ -678,6 +692,68 @@ impl Node {
                     .insert(id, dl);
             }
         }
+    }
+
+    /// Recognises a download that was renamed into place but not recorded complete (the daemon
+    /// stopped in between): its partial file is gone and its output holds exactly the bytes
+    /// its manifest names (every chunk re-verified). Then it is recorded complete and shared,
+    /// as the finished download would have been. Returns whether it was.
+    async fn adopt_finished(&self, manifest: &Arc<Manifest>, output: &Path, part: &Path) -> bool {
+        let id = manifest.file_id();
+        let opened = std::fs::File::open(output).and_then(|f| Ok((f.metadata()?, f)));
+        let Ok((meta, file)) = opened else {
+            return false;
+        };
+        if !meta.is_file() || meta.len() != manifest.size {
+            return false;
+        }
+        let verified = {
+            let (manifest, file) = (manifest.clone(), file.try_clone());
+            tokio::task::spawn_blocking(move || {
+                let none = Bitfield::new(manifest.chunk_count());
+                crate::recover::scan(&manifest, &file?, &none)
+            })
+            .await
+        };
+        let good = match verified {
+            Ok(Ok(found)) => found.good.len() as u32 == manifest.chunk_count(),
+            _ => false,
+        };
+        if !good {
+            return false;
+        }
+        let identity = crate::local::Identity::of(&meta);
+        let Some(path) = output.to_str() else {
+            return false;
+        };
+        let share = ShareRecord::new((**manifest).clone(), path.to_string(), identity);
+        if let Err(e) = self.store.put_share(&id, &share) {
+            warn!(error = %e, "recording a finished download");
+            return false;
+        }
+        let chunks = manifest.chunk_count();
+        let local = LocalFile::new(
+            manifest.clone(),
+            file,
+            output.to_path_buf(),
+            Bitfield::full(chunks),
+        );
+        local.set_source(identity);
+        let local = Arc::new(local);
+        self.insert_file(local.clone());
+        let dl = Download::new(
+            manifest.clone(),
+            local,
+            output.to_path_buf(),
+            part.to_path_buf(),
+            DownloadState::Complete,
+            0,
+        );
+        dl.set_state(self, DownloadState::Complete);
+        let _ = self.store.clear_chunks(&id);
+        lock(&self.downloads).insert(id, Arc::new(dl));
+        info!(file = %id.short(), output = %output.display(), "a download finished before the daemon stopped: its output re-verified and recorded complete");
+        true
     }
 
     /// Re-verifies the unrecorded chunks of a partial file; the good ones are synced and
@@ -823,7 +899,7 @@ pub async fn run(
         tracker,
         files,
         downloads: Mutex::default(),
-        tasks: Mutex::default(),
+        starting: Mutex::default(),
         stop,
     });
     node.load(clean).await;
@@ -855,9 +931,9 @@ pub async fn run(
     let _ = server.await;
     let _ = controller.await;
     // Downloads commit what they have written, then stop.
-    let tasks = std::mem::take(&mut *node.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-    for task in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    let downloads: Vec<_> = lock(&node.downloads).values().cloned().collect();
+    for dl in downloads {
+        let _ = tokio::time::timeout(Duration::from_secs(5), dl.join()).await;
     }
     node.store.flush().await?;
     node.store.mark_clean().await?;
