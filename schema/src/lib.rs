@@ -58,6 +58,8 @@ mod msg;
 pub mod process;
 #[cfg(feature = "service")]
 pub mod service;
+#[cfg(feature = "store")]
+pub mod store;
 
 pub use bitfield::{format_ranges, Bitfield, SPELLED_RUN};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_PEER_FRAME};

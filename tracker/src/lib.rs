@@ -32,6 +32,8 @@ pub enum Error {
     Io(String, #[source] std::io::Error),
     #[error("{0}: {1}")]
     Db(String, #[source] sled::Error),
+    #[error(transparent)]
+    Open(#[from] p2p_schema::store::OpenError),
 }
 
 /// Settings of a running tracker.
