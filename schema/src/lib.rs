@@ -61,7 +61,7 @@ pub mod service;
 #[cfg(feature = "store")]
 pub mod store;
 
-pub use bitfield::{format_ranges, Bitfield, SPELLED_RUN};
+pub use bitfield::{format_ranges, Bitfield, InvalidBitfield, SPELLED_RUN};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_PEER_FRAME};
 pub use ids::{is_hex_prefix, to_hex, FileId, PeerId};
 pub use manifest::{

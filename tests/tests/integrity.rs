@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use p2p_tests::{bin, sample, Daemon, Proc, Tracker, STARTUP};
+use p2p_tests::{bin, eventually, fake, sample, Daemon, Proc, Tracker, STARTUP};
 
 /// The tracker's `stats --json` document.
 fn tracker_stats(tracker: &Tracker) -> serde_json::Value {
@@ -54,4 +54,34 @@ fn a_second_tracker_on_a_live_data_dir_exits_and_the_registry_survives() {
         .proc
         .wait_for("registry loaded files=1", Duration::from_secs(5));
     assert_eq!(tracker_stats(&again)["files"], 1);
+}
+
+#[test]
+fn a_tracker_sending_malformed_holders_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+    let manifest = fake::manifest_of("honest.bin", &data, 4096);
+    let tracker = fake::start_tracker(manifest, fake::Lie::MalformedHolders);
+    let d = Daemon::start(&dir.path().join("peer"), tracker.addr, &[]);
+
+    // A download asks for holders again and again: each malformed answer is logged, and
+    // the coordinator neither panics nor loses the daemon.
+    d.ctl(&["download", "honest.bin", "--detach"]).ok();
+    eventually(Duration::from_secs(10), || {
+        (d.proc.count("the tracker sent a malformed answer") >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no malformed answer logged twice: {}", d.proc.log()));
+    assert_eq!(d.download_status()["state"]["state"], "running");
+    assert!(!d.proc.log().contains("panicked"), "{}", d.proc.log());
+
+    // `locate` is a one-line error, exit 1, not a panic.
+    let out = d.ctl(&["locate", "honest.bin"]);
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
+    let err = out.fails();
+    assert!(err.contains("sent a malformed answer"), "{err}");
+    assert!(
+        err.contains("bitfield of 1000000 chunks carries 1 bytes"),
+        "{err}"
+    );
+    assert!(!d.proc.log().contains("panicked"), "{}", d.proc.log());
 }
