@@ -269,6 +269,9 @@ fn the_control_socket_is_owner_only() {
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
 }
 
+/// How soon a refused connection must be closed: well under the 10 s hello timeout.
+const REFUSED_WITHIN: Duration = Duration::from_secs(2);
+
 #[test]
 fn one_address_cannot_hold_more_than_its_share_of_connections() {
     let swarm = Swarm::new(2, "30s", &[]);
@@ -279,11 +282,32 @@ fn one_address_cannot_hold_more_than_its_share_of_connections() {
     for _ in 0..64 {
         held.push(connect(seeder.addr));
     }
-    // Accepted in order: by the time this one is, the 64 before it hold their slots.
+    // Accepted in order: by the time this one is, the 64 before it hold their slots. A
+    // refused connection is closed at once; one that was served would be closed only by the
+    // 10 s hello timeout, so it must end well within that.
     let mut extra = connect(seeder.addr);
+    extra.set_read_timeout(Some(REFUSED_WITHIN)).unwrap();
+    let started = std::time::Instant::now();
     let mut byte = [0u8; 1];
-    let closed = matches!(extra.read(&mut byte), Ok(0) | Err(_));
-    assert!(closed, "the 65th connection from one address was served");
+    let read = extra.read(&mut byte);
+    let took = started.elapsed();
+    let refused = match &read {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(
+        refused && took < REFUSED_WITHIN,
+        "the 65th connection from one address was not refused at once: {read:?} after {took:?}"
+    );
+    // A connection within the cap is kept open (here, until the hello timeout).
+    let mut kept = connect(swarm.daemons[1].addr);
+    kept.set_read_timeout(Some(REFUSED_WITHIN)).unwrap();
+    let read = kept.read(&mut byte);
+    assert!(
+        matches!(&read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "a connection within the cap was closed: {read:?}"
+    );
     drop(held);
     // Once they are gone, the address is served again.
     let out = swarm.path("after.png");
