@@ -647,3 +647,35 @@ impl Drop for ThrowawayUser {
         }
     }
 }
+
+/// A memory figure of a running process from `/proc/PID/status`, in KiB: `VmRSS` (now) or
+/// `VmHWM` (peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A TCP connection to `to` from loopback address `from` (any of 127.0.0.0/8 works on
+/// Linux without setup): to test caps per address with several "hosts".
+pub fn connect_from(
+    from: std::net::Ipv4Addr,
+    to: SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((from, 0)))?;
+        socket.connect(to).await
+    })?;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
