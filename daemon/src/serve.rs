@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use p2p_schema::{
     ErrorCode, FrameReader, FrameWriter, PeerId, PeerRequest, PeerResponse, WireError,
-    MAX_PEER_FRAME, PROTOCOL_VERSION,
+    MAX_HELLO_FRAME, MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -86,7 +86,8 @@ async fn connection(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
     let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(r, MAX_PEER_FRAME);
+    // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
+    let mut reader = FrameReader::new(r, MAX_HELLO_FRAME);
     let mut writer = FrameWriter::new(w);
     let hello = tokio::time::timeout(Duration::from_secs(10), reader.recv::<PeerRequest>())
         .await
@@ -101,6 +102,7 @@ async fn connection(
                 peer_id: node.peer_id,
             };
             writer.send(&welcome).await.map_err(|e| e.to_string())?;
+            reader.set_max(MAX_PEER_FRAME);
             peer_id
         }
         Some(PeerRequest::Hello { version, .. }) => {

@@ -99,29 +99,15 @@ fn db_err(what: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
 }
 
 impl Store {
-    /// Opens the database under `dir`. If it will not open (corrupted by an unclean stop), it
-    /// is moved aside and a new one started; shares must then be registered again. One still
-    /// locked by another holder is waited for (2 s), then reported, never moved aside.
+    /// Opens the database under `dir` by the rule both programs share
+    /// ([`p2p_schema::store`]): one locked by another holder is waited for, then reported as
+    /// in use and never moved aside; only one that fails its checks on opening is moved aside
+    /// (shares must then be registered again). Blocks: call it off the executor.
     pub fn open(dir: &Path) -> Result<Store, Error> {
-        let path = dir.join("state.sled");
-        let db = match open_unlocked(&path) {
-            Ok(db) => db,
-            // Locked is in use, never corrupt: it must not be moved aside.
-            Err(e) if is_locked(&e) => {
-                return Err(Error::Other(format!(
-                    "{} is in use by another process",
-                    path.display()
-                )));
-            }
-            Err(e) => {
-                let aside = dir.join("state.sled.broken");
-                warn!(error = %e, moved_to = %aside.display(), "state database will not open; starting a fresh one");
-                let _ = std::fs::remove_dir_all(&aside);
-                std::fs::rename(&path, &aside)
-                    .map_err(|e| Error::io(format!("moving {} aside", path.display()), e))?;
-                open_db(&path).map_err(db_err("opening state database"))?
-            }
-        };
+        let config = |c: sled::Config| c.cache_capacity(16 << 20).flush_every_ms(Some(500));
+        let db = p2p_schema::store::open("p2pd", dir, "state.sled", config)
+            .map_err(|e| Error::Other(e.to_string()))?
+            .db;
         let tree = |name: &str| db.open_tree(name).map_err(db_err("opening tree"));
         Ok(Store {
             meta: tree("meta")?,
@@ -285,34 +271,6 @@ impl Store {
     }
 }
 
-/// Whether sled refused to open because another holder has the database's lock (it says
-/// so only in its message).
-fn is_locked(e: &sled::Error) -> bool {
-    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
-}
-
-/// Opens the database, waiting (up to 2 s) for a previous holder of its lock to let go.
-fn open_unlocked(path: &Path) -> sled::Result<sled::Db> {
-    let mut tries = 0;
-    loop {
-        match open_db(path) {
-            Err(e) if is_locked(&e) && tries < 20 => {
-                tries += 1;
-                std::thread::sleep(std::time::Duration::from_millis(100));
-            }
-            other => return other,
-        }
-    }
-}
-
-fn open_db(path: &Path) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(16 << 20)
-        .flush_every_ms(Some(500))
-        .open()
-}
-
 fn decode_all<T: for<'de> Deserialize<'de>>(tree: &sled::Tree, what: &str) -> Vec<(FileId, T)> {
     let mut out = Vec::new();
     for item in tree.iter() {
@@ -453,8 +411,12 @@ mod tests {
         let e = Store::open(dir.path())
             .err()
             .expect("a locked database must not open");
-        assert!(e.to_string().contains("in use"), "{e}");
-        assert!(!dir.path().join("state.sled.broken").exists());
+        assert!(e.to_string().contains("another p2pd is using"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "nothing moved"
+        );
         // Let go soon after: the second open waits for it, and finds the same state.
         let t = std::thread::spawn(move || {
             std::thread::sleep(std::time::Duration::from_millis(300));

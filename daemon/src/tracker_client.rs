@@ -13,8 +13,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use p2p_schema::{
-    ErrorCode, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse, WireError,
-    MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, FrameError, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse,
+    WireError, MAX_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -294,17 +294,40 @@ async fn run_session(
 
     // Responses are read by their own task: a frame read must never be cancelled half-way.
     let reader_pending = pending.clone();
+    let reader_address = address.to_string();
     let mut reader_task = tokio::spawn(async move {
         loop {
             let response = match reader.recv::<TrackerResponse>().await {
-                Ok(Some(r)) => r,
+                Ok(Some(r)) => Ok(r),
                 Ok(None) => return "the tracker closed the connection".to_string(),
+                // The whole frame was read, so the stream is still in step: this answer is
+                // an error for its caller, and the session goes on.
+                Err(e @ (FrameError::Decode(_) | FrameError::Trailing(_))) => {
+                    warn!(tracker = %reader_address, error = %e, "the tracker sent a malformed answer");
+                    Err(WireError::new(
+                        ErrorCode::Internal,
+                        format!("the tracker {reader_address} sent a malformed answer: {e}"),
+                    ))
+                }
                 Err(e) => return e.to_string(),
             };
             let waiter = reader_pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .pop_front();
+            let response = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    match waiter {
+                        Some(Some(reply)) => {
+                            let _ = reply.send(Err(e));
+                        }
+                        Some(None) => {}
+                        None => return "the tracker sent an unsolicited message".to_string(),
+                    }
+                    continue;
+                }
+            };
             match waiter {
                 Some(Some(reply)) => {
                     let _ = reply.send(Ok(response));

@@ -5,7 +5,9 @@ use libfuzzer_sys::fuzz_target;
 use p2p_schema::frame::decode_frame;
 
 fuzz_target!(|data: &[u8]| {
-    if let Ok(Some((msg, used))) = decode_frame::<p2p_schema::TrackerResponse>(data, p2p_schema::MAX_FRAME) {
+    if let Ok(Some((msg, used))) =
+        decode_frame::<p2p_schema::TrackerResponse>(data, p2p_schema::MAX_FRAME)
+    {
         assert!(used <= data.len());
         p2p_fuzz::tracker_response(&msg);
     }

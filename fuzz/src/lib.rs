@@ -9,19 +9,33 @@ use p2p_schema::{
 fn manifest(m: &Manifest) {
     if m.validate().is_ok() {
         let _ = m.file_id();
-        for i in [0, m.chunk_count().saturating_sub(1), m.chunk_count(), u32::MAX] {
+        for i in [
+            0,
+            m.chunk_count().saturating_sub(1),
+            m.chunk_count(),
+            u32::MAX,
+        ] {
             let _ = m.hash(i);
             let _ = m.chunk_range(i);
         }
     }
 }
 
-fn bitfield(b: &Bitfield) {
+/// A decoded bitfield is well-formed whatever the input: its answers agree and indexing
+/// anywhere is safe.
+pub fn bitfield(b: &Bitfield) {
+    for i in [0, b.len().saturating_sub(1), b.len(), u32::MAX] {
+        let _ = b.get(i);
+    }
+    let count = b.count();
+    assert!(count <= b.len());
+    assert_eq!(b.is_full(), count == b.len());
+    if b.len() <= 1 << 16 {
+        assert_eq!(b.iter().count() as u32, count);
+    }
+    let _ = p2p_schema::format_ranges(b.iter().take(64));
     for n in [0, b.len(), b.len().saturating_add(1)] {
-        if let Some(ok) = b.clone().checked(n) {
-            let _ = ok.count();
-            let _ = ok.iter().take(64).count();
-        }
+        let _ = b.clone().checked(n);
     }
 }
 
@@ -39,7 +53,9 @@ pub fn tracker_request(m: &TrackerRequest) {
 pub fn tracker_response(m: &TrackerResponse) {
     match m {
         TrackerResponse::Manifest { manifest: x } => manifest(x),
-        TrackerResponse::Holders { holders, .. } => holders.iter().for_each(|h| bitfield(&h.chunks)),
+        TrackerResponse::Holders { holders, .. } => {
+            holders.iter().for_each(|h| bitfield(&h.chunks))
+        }
         _ => {}
     }
 }

@@ -3,11 +3,45 @@
 use serde::{Deserialize, Serialize};
 
 /// A set of chunk indices `0..len`, one bit each (most significant bit first in each byte).
+///
+/// Always well-formed: exactly `ceil(len / 8)` bytes, and no bit set past `len`. Decoding
+/// refuses anything else (see [`InvalidBitfield`]), so one read from the network can be
+/// indexed anywhere below `len` without a check.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "RawBitfield")]
 pub struct Bitfield {
     len: u32,
     #[serde(with = "serde_bytes")]
     bits: Vec<u8>,
+}
+
+/// A bitfield as it travels, before it is checked.
+#[derive(Deserialize)]
+struct RawBitfield {
+    len: u32,
+    #[serde(with = "serde_bytes")]
+    bits: Vec<u8>,
+}
+
+/// Why a decoded bitfield was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidBitfield {
+    #[error("bitfield of {len} chunks carries {bytes} bytes instead of {expected}")]
+    WrongSize {
+        len: u32,
+        bytes: usize,
+        expected: usize,
+    },
+    #[error("bitfield of {len} chunks has bits set past its end")]
+    BitsPastEnd { len: u32 },
+}
+
+impl TryFrom<RawBitfield> for Bitfield {
+    type Error = InvalidBitfield;
+
+    fn try_from(raw: RawBitfield) -> Result<Self, Self::Error> {
+        Bitfield::from_parts(raw.len, raw.bits)
+    }
 }
 
 impl std::fmt::Debug for Bitfield {
@@ -44,15 +78,28 @@ impl Bitfield {
         }
     }
 
-    /// Checks a bitfield decoded from the wire: the right number of bytes for `len`, and no
-    /// bits set past the end. Returns it if it fits a file of `chunks` chunks.
-    pub fn checked(self, chunks: u32) -> Option<Self> {
-        if self.len != chunks || self.bits.len() != (self.len as usize).div_ceil(8) {
-            return None;
+    /// A bitfield over `len` chunks from its bytes (bit `i` is `0x80 >> i % 8` of byte
+    /// `i / 8`), if they are exactly `ceil(len / 8)` bytes with no bit set past `len`.
+    pub fn from_parts(len: u32, bits: Vec<u8>) -> Result<Self, InvalidBitfield> {
+        let expected = (len as usize).div_ceil(8);
+        if bits.len() != expected {
+            return Err(InvalidBitfield::WrongSize {
+                len,
+                bytes: bits.len(),
+                expected,
+            });
         }
-        let mut copy = self.clone();
-        copy.clear_tail();
-        (copy == self).then_some(self)
+        let b = Bitfield { len, bits };
+        let rem = len % 8;
+        if rem != 0 && b.bits.last().is_some_and(|&last| last & (0xff >> rem) != 0) {
+            return Err(InvalidBitfield::BitsPastEnd { len });
+        }
+        Ok(b)
+    }
+
+    /// Returns it if it ranges over exactly `chunks` chunks (the file's count).
+    pub fn checked(self, chunks: u32) -> Option<Self> {
+        (self.len == chunks).then_some(self)
     }
 
     /// Number of chunks the set ranges over.
@@ -190,19 +237,103 @@ mod tests {
     }
 
     #[test]
-    fn checked_rejects_bad_shapes() {
+    fn checked_rejects_other_lengths() {
         assert!(Bitfield::full(10).checked(10).is_some());
         assert!(Bitfield::full(10).checked(11).is_none());
-        let bad = Bitfield {
-            len: 10,
-            bits: vec![0xff, 0xff],
+    }
+
+    /// CBOR of a bitfield with any `len` and bytes, as a hostile sender would write it.
+    fn raw_cbor(len: u32, bits: &[u8]) -> Vec<u8> {
+        #[derive(Serialize)]
+        struct Raw<'a> {
+            len: u32,
+            #[serde(with = "serde_bytes")]
+            bits: &'a [u8],
+        }
+        let mut out = Vec::new();
+        ciborium::into_writer(&Raw { len, bits }, &mut out).unwrap();
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Bitfield, String> {
+        ciborium::from_reader::<Bitfield, _>(bytes).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn malformed_bitfields_do_not_decode() {
+        // More chunks than bytes: `get` would index past the end.
+        let e = decode(&raw_cbor(1_000_000, &[0xff])).unwrap_err();
+        assert!(e.contains("carries 1 bytes instead of 125000"), "{e}");
+        // Too many bytes, bits past the end, and every valid shape.
+        assert!(decode(&raw_cbor(10, &[0xff, 0xc0, 0])).is_err());
+        let e = decode(&raw_cbor(10, &[0xff, 0xff])).unwrap_err();
+        assert!(e.contains("bits set past its end"), "{e}");
+        assert!(decode(&raw_cbor(u32::MAX, &[])).is_err());
+        assert_eq!(decode(&raw_cbor(10, &[0xff, 0xc0])), Ok(Bitfield::full(10)));
+        assert_eq!(decode(&raw_cbor(0, &[])), Ok(Bitfield::new(0)));
+        for len in 0..40 {
+            let mut b = Bitfield::new(len);
+            (0..len).step_by(3).for_each(|i| {
+                b.set(i);
+            });
+            let mut out = Vec::new();
+            ciborium::into_writer(&b, &mut out).unwrap();
+            assert_eq!(decode(&out), Ok(b));
+        }
+    }
+
+    #[test]
+    fn a_holder_with_a_malformed_bitfield_fails_the_whole_answer() {
+        use crate::{FileSummary, Holder, PeerId, TrackerResponse};
+        let summary = FileSummary {
+            id: crate::FileId([1; 32]),
+            name: "x".into(),
+            size: 10,
+            chunk_size: 1,
+            chunks: 10,
+            seeders: 0,
+            holders: 1,
         };
-        assert!(bad.checked(10).is_none());
-        let short = Bitfield {
-            len: 10,
-            bits: vec![0xff],
+        let good = TrackerResponse::Holders {
+            file: summary,
+            holders: vec![Holder {
+                peer_id: PeerId([2; 16]),
+                addr: "127.0.0.1:1".parse().unwrap(),
+                chunks: Bitfield::full(10),
+            }],
         };
-        assert!(short.checked(10).is_none());
+        let mut frame = Vec::new();
+        crate::frame::encode_frame(&good, &mut frame).unwrap();
+        // Swap the well-formed bitfield's length (10) for a large one of the same width:
+        // `len: 10` is `63 6c 65 6e 0a`; `len: 23` (0x17) still fits the one-byte form.
+        let at = frame
+            .windows(5)
+            .position(|w| w == [0x63, b'l', b'e', b'n', 10])
+            .unwrap();
+        frame[at + 4] = 0x17;
+        let e = crate::frame::decode_frame::<TrackerResponse>(&frame, crate::MAX_FRAME)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bitfield of 23 chunks carries 2 bytes"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Whatever a sender writes, a decoded bitfield answers every question without a
+        /// panic, and its answers agree with each other.
+        #[test]
+        fn any_decoded_bitfield_is_safe_to_use(
+            len in proptest::prop_oneof![0u32..200, proptest::num::u32::ANY],
+            bits in proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+        ) {
+            if let Ok(b) = decode(&raw_cbor(len, &bits)) {
+                proptest::prop_assert_eq!(b.bits.len(), (b.len() as usize).div_ceil(8));
+                proptest::prop_assert_eq!(b.iter().count() as u32, b.count());
+                proptest::prop_assert_eq!(b.is_full(), b.count() == b.len());
+                for i in [0, b.len().saturating_sub(1), b.len(), u32::MAX] {
+                    let _ = b.get(i);
+                }
+            }
+        }
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //! Chunk payloads travel raw, right after the frame that announces their length.
 //!
 //! The length is checked against a per-connection maximum before anything is allocated, and a
-//! frame must decode to exactly one value with no bytes left over. [`decode_frame`] is the
+//! frame must decode to exactly one value with no bytes left over. The body's buffer grows
+//! as its bytes arrive, in steps of at most [`READ_STEP`], never to the announced length up
+//! front: a peer that announces a large frame and sends nothing costs next to no memory.
+//! Until a connection's hello is accepted its maximum is [`MAX_HELLO_FRAME`]. [`decode_frame`] is the
 //! pure parser (used by the fuzz targets and unit tests); [`FrameReader`] and [`FrameWriter`]
 //! run it over any tokio stream.
 
@@ -19,6 +22,13 @@ pub const MAX_FRAME: usize = 9 << 20;
 
 /// Largest frame a peer may send on the peer channel: requests and chunk headers are small.
 pub const MAX_PEER_FRAME: usize = 64 << 10;
+
+/// Largest first frame (the hello, or a bare `Stats` request) before the hello is accepted:
+/// a hello is tiny, so an unauthenticated connection cannot make us hold much.
+pub const MAX_HELLO_FRAME: usize = 8 << 10;
+
+/// Most bytes a frame's buffer grows by per read.
+pub const READ_STEP: usize = 64 << 10;
 
 /// What can go wrong reading or writing frames.
 #[derive(Debug, thiserror::Error)]
@@ -138,14 +148,35 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
         let mut body = std::mem::take(&mut self.buf);
         body.clear();
-        body.resize(len, 0);
-        let read = self.read_exact_or_truncated(&mut body).await;
+        let read = self.read_body(&mut body, len).await;
         let decoded = read.and_then(|()| decode_body(&body));
         // Keep a modest buffer for the next frame; give large ones back.
         if body.capacity() <= 256 << 10 {
             self.buf = body;
         }
         decoded.map(Some)
+    }
+
+    /// Reads a frame body of `len` bytes into `body`, growing it only as bytes arrive.
+    async fn read_body(&mut self, body: &mut Vec<u8>, len: usize) -> Result<(), FrameError> {
+        while body.len() < len {
+            let left = len - body.len();
+            if body.capacity() == body.len() {
+                // Full: grow by a step (or by doubling, which ever Vec picks), no more.
+                body.reserve(left.min(READ_STEP));
+            }
+            let room = (body.capacity() - body.len()).min(left);
+            let n = (&mut self.inner).take(room as u64).read_buf(body).await?;
+            if n == 0 {
+                return Err(FrameError::Truncated);
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the largest frame accepted from now on (raised once the hello is accepted).
+    pub fn set_max(&mut self, max: usize) {
+        self.max = max;
     }
 
     /// Like [`Self::recv`], but a closed connection is an error too.
@@ -365,6 +396,73 @@ mod tests {
         assert!(payload.iter().all(|&b| b == 7));
         assert_eq!(r.recv::<Msg>().await.unwrap(), None);
         writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn memory_follows_the_bytes_that_arrive() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, MAX_FRAME);
+        let body = {
+            let mut f = Vec::new();
+            encode_frame(&Msg::Blob(vec![5; 300_000]), &mut f).unwrap();
+            f
+        };
+        // The length and a little of the body, then nothing for a while.
+        a.write_all(&body[..LEN_PREFIX + 1000]).await.unwrap();
+        let reading = tokio::spawn(async move {
+            let got = r.recv::<Msg>().await;
+            (got, r)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(!reading.is_finished());
+        a.write_all(&body[LEN_PREFIX + 1000..]).await.unwrap();
+        let (got, r) = reading.await.unwrap();
+        assert_eq!(got.unwrap(), Some(Msg::Blob(vec![5; 300_000])));
+        // Large frames' buffers are given back.
+        assert_eq!(r.buf.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_announced_length_is_not_allocated_before_its_bytes() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut r = FrameReader::new(b, MAX_FRAME);
+        a.write_all(&(MAX_FRAME as u32).to_be_bytes())
+            .await
+            .unwrap();
+        a.write_all(&[1; 10]).await.unwrap();
+        let mut body = Vec::new();
+        let mut prefix = [0u8; LEN_PREFIX];
+        r.read_exact_or_truncated(&mut prefix).await.unwrap();
+        // Only what arrived is read; the buffer is one step at most, not 9 MiB.
+        let read = tokio::time::timeout(
+            std::time::Duration::from_millis(50),
+            r.read_body(&mut body, MAX_FRAME),
+        )
+        .await;
+        assert!(read.is_err(), "still waiting for the rest");
+        assert_eq!(body.len(), 10);
+        assert!(body.capacity() <= READ_STEP, "{}", body.capacity());
+    }
+
+    #[tokio::test]
+    async fn the_limit_can_be_raised_after_the_hello() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, MAX_HELLO_FRAME);
+        let mut f = Vec::new();
+        encode_frame(&Msg::Blob(vec![1; MAX_HELLO_FRAME]), &mut f).unwrap();
+        a.write_all(&f).await.unwrap();
+        assert!(matches!(
+            r.recv::<Msg>().await,
+            Err(FrameError::TooLarge {
+                max: MAX_HELLO_FRAME,
+                ..
+            })
+        ));
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::new(b, MAX_HELLO_FRAME);
+        r.set_max(MAX_FRAME);
+        a.write_all(&f).await.unwrap();
+        assert!(r.recv::<Msg>().await.unwrap().is_some());
     }
 
     #[tokio::test]

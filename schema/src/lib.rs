@@ -46,11 +46,15 @@
 //! # Limits
 //!
 //! Frames: [`MAX_FRAME`] (9 MiB) on control and tracker channels, [`MAX_PEER_FRAME`] (64 KiB)
-//! from peers. Chunks: [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`], at most [`MAX_CHUNKS`] per file.
+//! from peers, and [`MAX_HELLO_FRAME`] (8 KiB) for the first frame of a tracker or peer
+//! connection until its hello is accepted. A frame's buffer grows as its bytes arrive, never
+//! to the announced length up front. Servers cap connections in all and per address
+//! ([`caps::ConnectionCaps`]) and close a connection that sends no hello within 10 s. Chunks: [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`], at most [`MAX_CHUNKS`] per file.
 //! Names: one path component of at most 255 bytes, no separators or control characters
 //! ([`validate_name`]).
 
 mod bitfield;
+pub mod caps;
 pub mod frame;
 mod ids;
 mod manifest;
@@ -58,9 +62,11 @@ mod msg;
 pub mod process;
 #[cfg(feature = "service")]
 pub mod service;
+#[cfg(feature = "store")]
+pub mod store;
 
-pub use bitfield::{format_ranges, Bitfield, SPELLED_RUN};
-pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_PEER_FRAME};
+pub use bitfield::{format_ranges, Bitfield, InvalidBitfield, SPELLED_RUN};
+pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_HELLO_FRAME, MAX_PEER_FRAME};
 pub use ids::{is_hex_prefix, to_hex, FileId, PeerId};
 pub use manifest::{
     auto_chunk_size, chunk_count, sha256, validate_chunk_size, validate_name, ChunkHash, Manifest,

@@ -224,6 +224,32 @@ pub enum Lie {
     EscapingName,
     /// Different chunk hashes than the file ID was made from.
     SwappedHashes,
+    /// An honest manifest, but `Locate` answered with a holder whose bitfield claims far more
+    /// chunks than its bytes hold.
+    MalformedHolders,
+}
+
+/// `TrackerResponse::Holders` as a hostile tracker writes it: the bitfield unchecked.
+#[derive(serde::Serialize)]
+enum RawResponse {
+    Holders {
+        file: p2p_schema::FileSummary,
+        holders: Vec<RawHolder>,
+    },
+}
+
+#[derive(serde::Serialize)]
+struct RawHolder {
+    peer_id: PeerId,
+    addr: SocketAddr,
+    chunks: RawBitfield,
+}
+
+#[derive(serde::Serialize)]
+struct RawBitfield {
+    len: u32,
+    #[serde(with = "serde_bytes")]
+    bits: Vec<u8>,
 }
 
 /// A tracker that answers just enough for a download to be attempted, and lies.
@@ -249,6 +275,7 @@ pub fn start_tracker(manifest: Manifest, lie: Lie) -> FakeTracker {
     match lie {
         Lie::EscapingName => served.name = "../../escaped.bin".into(),
         Lie::SwappedHashes => served.hashes.iter_mut().for_each(|b| *b ^= 0x55),
+        Lie::MalformedHolders => {}
     }
     let summary = p2p_schema::FileSummary {
         id,
@@ -269,6 +296,25 @@ pub fn start_tracker(manifest: Manifest, lie: Lie) -> FakeTracker {
             let (served, summary) = (served.clone(), summary.clone());
             std::thread::spawn(move || {
                 while let Ok(Some(request)) = read_frame::<TrackerRequest>(&mut conn) {
+                    if lie == Lie::MalformedHolders
+                        && matches!(request, TrackerRequest::Locate { .. })
+                    {
+                        let reply = RawResponse::Holders {
+                            file: summary.clone(),
+                            holders: vec![RawHolder {
+                                peer_id: PeerId([7; 16]),
+                                addr: SocketAddr::from(([127, 0, 0, 1], 9)),
+                                chunks: RawBitfield {
+                                    len: 1_000_000,
+                                    bits: vec![0xff],
+                                },
+                            }],
+                        };
+                        if send(&mut conn, &reply).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
                     let reply = match request {
                         TrackerRequest::Hello { listen, .. } => TrackerResponse::Welcome {
                             version: PROTOCOL_VERSION,

@@ -545,3 +545,137 @@ pub fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Is this a CI run (`CI=true`, as `.ci/run` runs)? CI installs every prerequisite, so a
+/// test that would skip for lack of one must fail there instead.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// For a test whose prerequisite (`what`) is missing: fails under CI (see [`in_ci`]);
+/// elsewhere prints `SKIPPED: what` so the caller can return.
+pub fn skip_unless_ci(what: &str) {
+    assert!(
+        !in_ci(),
+        "a prerequisite is missing and CI=true (CI installs it): {what}"
+    );
+    eprintln!("SKIPPED: {what}");
+}
+
+/// A system user made for one test and removed when dropped. Declare it before the
+/// processes that run as it, so that they are killed first.
+pub struct ThrowawayUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// How often `useradd` / `userdel` are retried while another program (a package install)
+/// holds the lock on `/etc/passwd`, and how long between tries.
+const PASSWD_TRIES: u32 = 30;
+const PASSWD_RETRY: Duration = Duration::from_millis(500);
+
+/// Runs `program args`, retrying (bounded) while `/etc/passwd` or `/etc/group` is locked:
+/// exit code 10 or "cannot lock" on stderr. Returns the last output.
+fn passwd_tool(program: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
+    let mut tries = 0;
+    loop {
+        let out = Command::new(program).args(args).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let locked = out.status.code() == Some(10) || stderr.contains("cannot lock");
+        tries += 1;
+        if out.status.success() || !locked || tries >= PASSWD_TRIES {
+            return Ok(out);
+        }
+        let why = stderr.trim().replace('\n', "; ");
+        eprintln!("{program}: the password file is locked ({why}); retrying");
+        std::thread::sleep(PASSWD_RETRY);
+    }
+}
+
+impl ThrowawayUser {
+    /// Makes a new system user (no home, no shell); `None` if not root or `useradd` fails.
+    pub fn create() -> Option<ThrowawayUser> {
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("p2pt{}x{n}", std::process::id());
+        let out = passwd_tool(
+            "useradd",
+            &[
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--shell",
+                "/usr/sbin/nologin",
+                &name,
+            ],
+        )
+        .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "useradd {name} failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        let id = |flag: &str| -> Option<u32> {
+            let out = Command::new("id").args([flag, &name]).output().ok()?;
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        };
+        let user = ThrowawayUser {
+            uid: id("-u")?,
+            gid: id("-g")?,
+            name,
+        };
+        Some(user)
+    }
+}
+
+impl Drop for ThrowawayUser {
+    fn drop(&mut self) {
+        match passwd_tool("userdel", &[&self.name]) {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "userdel {} failed: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("userdel {}: {e}", self.name),
+        }
+    }
+}
+
+/// A memory figure of a running process from `/proc/PID/status`, in KiB: `VmRSS` (now) or
+/// `VmHWM` (peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A TCP connection to `to` from loopback address `from` (any of 127.0.0.0/8 works on
+/// Linux without setup): to test caps per address with several "hosts".
+pub fn connect_from(
+    from: std::net::Ipv4Addr,
+    to: SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::from((from, 0)))?;
+        socket.connect(to).await
+    })?;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}

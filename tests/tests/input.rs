@@ -8,7 +8,9 @@ use std::time::Duration;
 use p2p_schema::frame::encode_frame;
 use p2p_schema::{FileId, PeerId, PeerRequest, PeerResponse, PROTOCOL_VERSION};
 use p2p_tests::fake::read_frame;
-use p2p_tests::{bin, file_sha256, sample, write_random, Daemon, Swarm, Tracker};
+use p2p_tests::{
+    bin, file_sha256, sample, skip_unless_ci, write_random, Daemon, Swarm, ThrowawayUser, Tracker,
+};
 
 #[test]
 fn names_with_spaces_and_unicode_work_and_non_utf8_paths_are_a_clear_error() {
@@ -166,35 +168,11 @@ fn the_daemon_refuses_a_socket_directory_others_can_write_to() {
     assert!(!open.join("p2pd.sock").exists());
 }
 
-/// Creates (once) a throwaway system user for permission tests; `None` if we cannot.
-fn throwaway_uid() -> Option<u32> {
-    if unsafe { libc::geteuid() } != 0 {
-        return None;
-    }
-    let name = "p2ptest";
-    let lookup = || {
-        let out = Command::new("id").args(["-u", name]).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    if let Some(uid) = lookup() {
-        return Some(uid);
-    }
-    let _ = Command::new("useradd")
-        .args([
-            "--system",
-            "--no-create-home",
-            "--shell",
-            "/usr/sbin/nologin",
-            name,
-        ])
-        .status();
-    lookup()
-}
-
 #[test]
 fn another_user_cannot_control_the_daemon() {
-    let Some(uid) = throwaway_uid() else {
-        eprintln!("SKIPPED: needs root and useradd to make a second user");
+    // Declared first: removed last, after every process that runs as it.
+    let Some(user) = ThrowawayUser::create() else {
+        skip_unless_ci("needs root and useradd to make a second user");
         return;
     };
     // The socket's directory is world-readable (0755), so only the socket's own mode (0600)
@@ -213,8 +191,8 @@ fn another_user_cannot_control_the_daemon() {
         .arg("--socket")
         .arg(&socket)
         .arg("status")
-        .uid(uid)
-        .gid(uid)
+        .uid(user.uid)
+        .gid(user.gid)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -298,8 +276,9 @@ fn a_file_that_changes_while_it_is_hashed_is_refused() {
 
 #[test]
 fn a_file_the_daemon_cannot_read_is_a_clear_error() {
-    let Some(uid) = throwaway_uid() else {
-        eprintln!("SKIPPED: needs root and useradd to run a daemon as another user");
+    // Declared first: removed last, after every process that runs as it.
+    let Some(user) = ThrowawayUser::create() else {
+        skip_unless_ci("needs root and useradd to run a daemon as another user");
         return;
     };
     // A daemon running as the throwaway user, and a file only root may read.
@@ -314,7 +293,7 @@ fn a_file_the_daemon_cannot_read_is_a_clear_error() {
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     unsafe {
         let c = std::ffi::CString::new(data.to_str().unwrap()).unwrap();
-        libc::chown(c.as_ptr(), uid, uid);
+        libc::chown(c.as_ptr(), user.uid, user.gid);
     }
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(bin("p2pd"));
@@ -326,8 +305,8 @@ fn a_file_the_daemon_cannot_read_is_a_clear_error() {
     ])
     .arg("--data-dir")
     .arg(&data)
-    .uid(uid)
-    .gid(uid);
+    .uid(user.uid)
+    .gid(user.gid);
     let daemon = p2p_tests::Proc::spawn("p2pd (other user)", cmd);
     daemon.wait_for("connected to the tracker", Duration::from_secs(20));
     let secret = base.path().join("root-only.bin");
@@ -338,8 +317,8 @@ fn a_file_the_daemon_cannot_read_is_a_clear_error() {
         .arg(data.join("p2pd.sock"))
         .arg("register")
         .arg(&secret)
-        .uid(uid)
-        .gid(uid)
+        .uid(user.uid)
+        .gid(user.gid)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1), "{out:?}");

@@ -1,160 +1,87 @@
-//! A download reported complete is exactly the bytes its ID names, whatever runs beside it:
-//! two downloads never share a partial file or an output, one file has one download task,
-//! and a download finished just before a crash is recognised, not fetched again.
+//! Integrity of what the programs keep and read: a registry is never lost to a second
+//! tracker, malformed answers are errors rather than panics, and large answers are paged.
 
+use std::process::Command;
 use std::time::Duration;
 
-use p2p_tests::{file_sha256, write_random, Daemon, Swarm};
+use p2p_tests::{bin, eventually, fake, sample, Daemon, Proc, Tracker, STARTUP};
 
-/// The download of `id` in `status --json`.
-fn download(daemon: &Daemon, id: &str) -> serde_json::Value {
-    let status = daemon.status();
-    status["downloads"]
-        .as_array()
-        .and_then(|all| all.iter().find(|d| d["id"] == id))
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
+/// The tracker's `stats --json` document.
+fn tracker_stats(tracker: &Tracker) -> serde_json::Value {
+    let out = Command::new(bin("p2p-tracker"))
+        .args(["stats", "--json", "--tracker", &tracker.addr.to_string()])
+        .output()
+        .expect("running p2p-tracker stats");
+    assert!(out.status.success(), "stats failed: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("stats JSON")
 }
 
 #[test]
-fn two_files_of_one_name_downloaded_at_once_into_one_directory_never_mix() {
-    // A capped seeder: the first download is still running when the second is asked for.
-    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "8000000"]);
-    swarm.add_daemon(&[]);
-    let (seeder, leecher) = (&swarm.daemons[0], &swarm.daemons[1]);
-    let (one, two) = (swarm.path("one"), swarm.path("two"));
-    std::fs::create_dir_all(&one).expect("mkdir");
-    std::fs::create_dir_all(&two).expect("mkdir");
-    let (first, second) = (one.join("x.bin"), two.join("x.bin"));
-    write_random(&first, 16 << 20, 41);
-    write_random(&second, 16 << 20, 42);
-    let first_id = seeder.register(&first);
-    let second_id = seeder.register(&second);
-    let out = swarm.path("out");
-    std::fs::create_dir_all(&out).expect("mkdir");
-    let dir = format!("{}/", out.display());
+fn a_second_tracker_on_a_live_data_dir_exits_and_the_registry_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tracker");
+    let mut first = Tracker::start(&data, "30s");
+    let mut daemon = Daemon::start(&dir.path().join("peer"), first.addr, &[]);
+    daemon.register(&sample("sample.txt"));
+    // Killed: it neither says goodbye nor re-announces, so only the registry keeps the file.
+    daemon.proc.kill();
 
-    leecher
-        .ctl(&["download", &first_id, "-o", &dir, "--detach"])
-        .ok();
-    let refused = leecher
-        .ctl(&["download", &second_id, "-o", &dir, "--detach"])
-        .fails();
-    assert!(
-        refused.contains("x.bin.part already exists"),
-        "the second download was not told its output is taken: {refused}"
+    let mut cmd = Command::new(bin("p2p-tracker"));
+    cmd.args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data);
+    let mut second = Proc::spawn("second p2p-tracker", cmd);
+    let status = second.wait_exit(STARTUP);
+    assert_eq!(status.code(), Some(1), "{}", second.log());
+    let expected = format!(
+        "another p2p-tracker is using {} (pid {})",
+        data.display(),
+        first.proc.pid()
     );
-    leecher.wait_complete(Duration::from_secs(60));
-    assert_eq!(
-        file_sha256(&out.join("x.bin")),
-        file_sha256(&first),
-        "the completed file is not the bytes its ID names"
-    );
-    assert_eq!(
-        leecher.status()["downloads"].as_array().map(Vec::len),
-        Some(1),
-        "the refused download left a record"
-    );
-    // Once the first is done, the name is taken by a finished file: still refused, clearly.
-    let refused = leecher
-        .ctl(&["download", &second_id, "-o", &dir, "--detach"])
-        .fails();
-    assert!(refused.contains("already exists"), "{refused}");
-    assert_eq!(file_sha256(&out.join("x.bin")), file_sha256(&first));
-}
+    assert!(second.log().contains(&expected), "{}", second.log());
+    assert!(!second.log().contains("listening on"), "{}", second.log());
+    let names: Vec<String> = std::fs::read_dir(&data)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["registry.sled"], "nothing moved aside");
+    assert_eq!(tracker_stats(&first)["files"], 1);
 
-#[test]
-fn concurrent_download_commands_for_one_file_start_one_task() {
-    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "8000000"]);
-    swarm.add_daemon(&[]);
-    let file = swarm.path("f.bin");
-    write_random(&file, 16 << 20, 43);
-    let id = swarm.daemons[0].register(&file);
-    let out = swarm.path("f-copy.bin");
-    let leecher = &swarm.daemons[1];
-    let out_arg = out.to_str().expect("UTF-8 path");
-    std::thread::scope(|s| {
-        let commands: Vec<_> = (0..6)
-            .map(|_| s.spawn(|| leecher.ctl(&["download", &id, "-o", out_arg, "--detach"])))
-            .collect();
-        for c in commands {
-            c.join().expect("a p2pctl thread").ok();
-        }
-    });
-    leecher.wait_complete(Duration::from_secs(60));
-    assert_eq!(file_sha256(&out), file_sha256(&file));
-    assert_eq!(
-        leecher.proc.count("download started"),
-        1,
-        "one file, more than one download task:\n{}",
-        leecher.proc.log()
-    );
-}
-
-#[test]
-fn pause_and_resume_in_quick_succession_never_run_two_tasks() {
-    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "16000000"]);
-    swarm.add_daemon(&[]);
-    let file = swarm.path("p.bin");
-    write_random(&file, 32 << 20, 44);
-    let id = swarm.daemons[0].register(&file);
-    let out = swarm.path("p-copy.bin");
-    let leecher = &swarm.daemons[1];
-    leecher
-        .ctl(&["download", &id, "-o", out.to_str().unwrap(), "--detach"])
-        .ok();
-    leecher.wait_have(16);
-    for _ in 0..10 {
-        leecher.ctl(&["pause", &id]).ok();
-        leecher.ctl(&["resume", &id]).ok();
-    }
-    leecher.wait_complete(Duration::from_secs(60));
-    assert_eq!(file_sha256(&out), file_sha256(&file));
-    // Each pause ended its task before the resume started the next: never two at once.
-    let log = leecher.proc.log();
-    let (started, stopped) = (
-        log.matches("download started").count(),
-        log.matches("download stopped").count(),
-    );
-    assert_eq!((started, stopped), (11, 10), "{log}");
-    assert!(!log.contains("download failed"), "{log}");
-    assert_eq!(download(leecher, &id)["state"]["state"], "complete");
-}
-
-#[test]
-fn a_download_renamed_into_place_just_before_a_crash_is_recognised_not_refetched() {
-    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "8000000"]);
-    swarm.add_daemon(&[]);
-    let file = swarm.path("r.bin");
-    write_random(&file, 16 << 20, 45);
-    let id = swarm.daemons[0].register(&file);
-    let out = swarm.path("r-copy.bin");
-    let part = swarm.path("r-copy.bin.part");
-    let leecher = &mut swarm.daemons[1];
-    leecher
-        .ctl(&["download", &id, "-o", out.to_str().unwrap(), "--detach"])
-        .ok();
-    leecher.wait_have(4);
-    leecher.proc.kill();
-    // What a crash between the final rename and recording it complete leaves: the output in
-    // place, whole, no partial file, and sled still saying `running`.
-    std::fs::copy(&file, &out).expect("placing the finished file");
-    std::fs::remove_file(&part).expect("removing the partial file");
-    leecher.restart();
-    leecher
+    // The first stops and starts again: the file is still there.
+    first.proc.signal(libc::SIGTERM);
+    first.proc.wait_exit(Duration::from_secs(10));
+    let again = Tracker::start(&data, "30s");
+    again
         .proc
-        .wait_for("recorded complete", Duration::from_secs(10));
-    let st = download(leecher, &id);
-    assert_eq!(st["state"]["state"], "complete", "{st}");
-    assert_eq!(st["downloaded"], 0, "fetched again: {st}");
-    assert_eq!(file_sha256(&out), file_sha256(&file));
-    let status = leecher.status();
-    let share = status["shares"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["id"] == id.as_str()).cloned())
-        .unwrap_or_else(|| panic!("the finished download is not shared: {status}"));
-    assert!(share["problem"].is_null(), "{share}");
-    // And it stays so: nothing fails it later.
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(download(leecher, &id)["state"]["state"], "complete");
+        .wait_for("registry loaded files=1", Duration::from_secs(5));
+    assert_eq!(tracker_stats(&again)["files"], 1);
+}
+
+#[test]
+fn a_tracker_sending_malformed_holders_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+    let manifest = fake::manifest_of("honest.bin", &data, 4096);
+    let tracker = fake::start_tracker(manifest, fake::Lie::MalformedHolders);
+    let d = Daemon::start(&dir.path().join("peer"), tracker.addr, &[]);
+
+    // A download asks for holders again and again: each malformed answer is logged, and
+    // the coordinator neither panics nor loses the daemon.
+    d.ctl(&["download", "honest.bin", "--detach"]).ok();
+    eventually(Duration::from_secs(10), || {
+        (d.proc.count("the tracker sent a malformed answer") >= 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("no malformed answer logged twice: {}", d.proc.log()));
+    assert_eq!(d.download_status()["state"]["state"], "running");
+    assert!(!d.proc.log().contains("panicked"), "{}", d.proc.log());
+
+    // `locate` is a one-line error, exit 1, not a panic.
+    let out = d.ctl(&["locate", "honest.bin"]);
+    assert!(!out.stderr.contains("panicked"), "{out:#?}");
+    let err = out.fails();
+    assert!(err.contains("sent a malformed answer"), "{err}");
+    assert!(
+        err.contains("bitfield of 1000000 chunks carries 1 bytes"),
+        "{err}"
+    );
+    assert!(!d.proc.log().contains("panicked"), "{}", d.proc.log());
 }

@@ -269,6 +269,9 @@ fn the_control_socket_is_owner_only() {
     assert_eq!(mode & 0o777, 0o600, "socket mode {mode:o}");
 }
 
+/// How soon a refused connection must be closed: well under the 10 s hello timeout.
+const REFUSED_WITHIN: Duration = Duration::from_secs(2);
+
 #[test]
 fn one_address_cannot_hold_more_than_its_share_of_connections() {
     let swarm = Swarm::new(2, "30s", &[]);
@@ -279,11 +282,32 @@ fn one_address_cannot_hold_more_than_its_share_of_connections() {
     for _ in 0..64 {
         held.push(connect(seeder.addr));
     }
-    // Accepted in order: by the time this one is, the 64 before it hold their slots.
+    // Accepted in order: by the time this one is, the 64 before it hold their slots. A
+    // refused connection is closed at once; one that was served would be closed only by the
+    // 10 s hello timeout, so it must end well within that.
     let mut extra = connect(seeder.addr);
+    extra.set_read_timeout(Some(REFUSED_WITHIN)).unwrap();
+    let started = std::time::Instant::now();
     let mut byte = [0u8; 1];
-    let closed = matches!(extra.read(&mut byte), Ok(0) | Err(_));
-    assert!(closed, "the 65th connection from one address was served");
+    let read = extra.read(&mut byte);
+    let took = started.elapsed();
+    let refused = match &read {
+        Ok(0) => true,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    };
+    assert!(
+        refused && took < REFUSED_WITHIN,
+        "the 65th connection from one address was not refused at once: {read:?} after {took:?}"
+    );
+    // A connection within the cap is kept open (here, until the hello timeout).
+    let mut kept = connect(swarm.daemons[1].addr);
+    kept.set_read_timeout(Some(REFUSED_WITHIN)).unwrap();
+    let read = kept.read(&mut byte);
+    assert!(
+        matches!(&read, Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)),
+        "a connection within the cap was closed: {read:?}"
+    );
     drop(held);
     // Once they are gone, the address is served again.
     let out = swarm.path("after.png");
@@ -296,4 +320,126 @@ fn one_address_cannot_hold_more_than_its_share_of_connections() {
     });
     assert!(got.is_some());
     assert_eq!(file_sha256(&out), file_sha256(&sample("doug.png")));
+}
+
+/// Says hello to the tracker on `s` as a peer with ID `n`; waits for the welcome.
+fn tracker_hello(s: &mut TcpStream, n: u32) {
+    let mut id = [0u8; 16];
+    id[..4].copy_from_slice(&n.to_be_bytes());
+    send(
+        s,
+        &TrackerRequest::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: PeerId(id),
+            listen: "127.0.0.1:9".parse().unwrap(),
+            agent: "half-open".into(),
+            secret: None,
+        },
+    );
+    assert!(matches!(
+        recv::<TrackerResponse>(s),
+        Some(TrackerResponse::Welcome { .. })
+    ));
+}
+
+/// The tracker's memory bound with 2,000 half-open connections (issue: 7.5 GiB before).
+const TRACKER_RSS_BOUND_KIB: u64 = 256 << 10;
+
+#[test]
+fn two_thousand_half_open_connections_cost_the_tracker_little_and_others_are_still_served() {
+    let swarm = Swarm::new(2, "30s", &[]);
+    let pid = swarm.tracker.proc.pid();
+    let file = swarm.path("served.bin");
+    p2p_tests::write_random(&file, 4 << 20, 11);
+    // 2,000 connections from 10 loopback addresses (200 each, under the per-address cap),
+    // each announcing a frame of 9 MiB and sending none of it: half as their first frame,
+    // half after a hello. Checked every 100 so that a tracker that allocates what is
+    // announced fails early rather than taking the machine.
+    let length = (MAX_FRAME as u32).to_be_bytes();
+    let mut held = Vec::new();
+    for n in 0..2000u32 {
+        let from = std::net::Ipv4Addr::new(127, 0, 1, (n % 10 + 1) as u8);
+        let mut s = p2p_tests::connect_from(from, swarm.tracker.addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if n % 2 == 1 {
+            tracker_hello(&mut s, n);
+        }
+        // A refused first frame may already have closed it: that is fine.
+        let _ = s.write_all(&length);
+        held.push(s);
+        if n % 100 == 99 {
+            std::thread::sleep(Duration::from_millis(100));
+            let peak = p2p_tests::proc_status_kib(pid, "VmHWM");
+            assert!(
+                peak < TRACKER_RSS_BOUND_KIB,
+                "after {} half-open connections the tracker peaked at {} MiB",
+                n + 1,
+                peak >> 10
+            );
+        }
+    }
+    // Meanwhile a well-behaved daemon registers and another downloads.
+    swarm.daemons[0].register(&file);
+    let out = swarm.path("got.bin");
+    swarm.daemons[1]
+        .ctl(&["download", "served.bin", "-o", out.to_str().unwrap()])
+        .ok();
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let (now, peak) = (
+        p2p_tests::proc_status_kib(pid, "VmRSS"),
+        p2p_tests::proc_status_kib(pid, "VmHWM"),
+    );
+    eprintln!(
+        "tracker RSS with 2,000 half-open connections: {} MiB (peak {} MiB)",
+        now >> 10,
+        peak >> 10
+    );
+    assert!(peak < TRACKER_RSS_BOUND_KIB, "peak {} MiB", peak >> 10);
+    assert!(!swarm.tracker.proc.log().contains("panicked"));
+    drop(held);
+}
+
+#[test]
+fn the_tracker_caps_connections_per_address_and_closes_the_silent() {
+    let swarm = Swarm::new(1, "30s", &[]);
+    let from = std::net::Ipv4Addr::new(127, 0, 2, 1);
+    // Up to the cap of 256 from one address are held (silent, before any hello).
+    let mut held = Vec::new();
+    for _ in 0..256 {
+        held.push(p2p_tests::connect_from(from, swarm.tracker.addr).unwrap());
+    }
+    // Accepted in order: the 257th is refused, closed at once.
+    let mut extra = p2p_tests::connect_from(from, swarm.tracker.addr).unwrap();
+    extra.set_read_timeout(Some(REFUSED_WITHIN)).unwrap();
+    let started = std::time::Instant::now();
+    let mut byte = [0u8; 1];
+    let read = extra.read(&mut byte);
+    let took = started.elapsed();
+    assert!(
+        matches!(&read, Ok(0))
+            || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the 257th connection from one address was not refused: {read:?} after {took:?}"
+    );
+    assert!(took < REFUSED_WITHIN, "{took:?}");
+    // Another address is served meanwhile.
+    let other = std::net::Ipv4Addr::new(127, 0, 2, 2);
+    let mut s = p2p_tests::connect_from(other, swarm.tracker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tracker_hello(&mut s, 1);
+    // The silent ones are closed by the hello timeout (10 s).
+    let mut first = held.swap_remove(0);
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let read = first.read(&mut byte);
+    assert!(matches!(read, Ok(0)), "{read:?}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // Then the address is served again.
+    let mut again = p2p_tests::connect_from(from, swarm.tracker.addr).unwrap();
+    again
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    drop(held);
+    tracker_hello(&mut again, 2);
 }

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{error, info, Instrument};
+use tracing::{error, info, warn, Instrument};
 
 pub use registry::Registry;
 
@@ -32,6 +32,8 @@ pub enum Error {
     Io(String, #[source] std::io::Error),
     #[error("{0}: {1}")]
     Db(String, #[source] sled::Error),
+    #[error(transparent)]
+    Open(#[from] p2p_schema::store::OpenError),
 }
 
 /// Settings of a running tracker.
@@ -43,6 +45,9 @@ pub struct Config {
     pub secret: Option<String>,
     /// Most holders returned for one `Locate`.
     pub max_holders: u32,
+    /// Most connections held at once, in all and from one IP address; more are refused.
+    pub max_connections: usize,
+    pub max_per_address: usize,
 }
 
 impl Default for Config {
@@ -51,6 +56,8 @@ impl Default for Config {
             ttl: Duration::from_secs(30),
             secret: None,
             max_holders: 200,
+            max_connections: 4096,
+            max_per_address: 256,
         }
     }
 }
@@ -63,6 +70,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
     let config = Arc::new(config);
+    let caps =
+        p2p_schema::caps::ConnectionCaps::new(config.max_connections, config.max_per_address);
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap(registry.clone(), config.ttl, stop_rx.clone()));
     tokio::pin!(shutdown);
@@ -79,11 +88,24 @@ pub async fn run(
                         continue;
                     }
                 };
+                // Refused at once: dropping the stream closes it.
+                let slot = match caps.admit(addr.ip()) {
+                    Ok(slot) => slot,
+                    Err(why) => {
+                        warn!(remote = %addr, "refusing a connection: {why}");
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let span = tracing::info_span!("session", remote = %addr);
+                let session =
+                    session::serve(stream, addr, registry.clone(), config.clone(), stop_rx.clone());
                 tokio::spawn(
-                    session::serve(stream, addr, registry.clone(), config.clone(), stop_rx.clone())
-                        .instrument(span),
+                    async move {
+                        session.await;
+                        drop(slot);
+                    }
+                    .instrument(span),
                 );
             }
         }

@@ -97,7 +97,12 @@ fn serve(
     service::runtime()?.block_on(async move {
         // Handlers first: a signal right after readiness must still stop us cleanly.
         let shutdown = service::shutdown_signal();
-        let registry = Registry::open(&data_dir, config.ttl).map_err(|e| e.to_string())?;
+        // Opening may wait for the database's lock: off the executor.
+        let ttl = config.ttl;
+        let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir, ttl))
+            .await
+            .map_err(|e| format!("opening the registry: {e}"))?
+            .map_err(|e| e.to_string())?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("binding {listen}: {e}"))?;

@@ -83,29 +83,15 @@ fn not_found(what: impl Into<String>) -> WireError {
 impl Registry {
     /// Opens (or creates) the registry in `dir`, loading what a previous run left.
     ///
-    /// If the database cannot be opened (corrupted by an unclean stop), it is moved aside and a
-    /// fresh one started: daemons re-announce what they hold when they reconnect.
+    /// The database is opened by the rule both programs share ([`p2p_schema::store`]): one
+    /// another tracker holds is waited for, then reported as in use and left alone; only one
+    /// that fails its checks on opening is moved aside and a fresh one started (daemons
+    /// re-announce what they hold when they reconnect). Blocks: call it off the executor.
     pub fn open(dir: &Path, ttl: Duration) -> Result<Registry, Error> {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("creating data directory {}", dir.display()), e))?;
-        let path = dir.join("registry.sled");
-        let db = match open_db(&path) {
-            Ok(db) => db,
-            Err(e) => {
-                let aside = dir.join(format!(
-                    "registry.sled.broken-{}",
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or_default()
-                ));
-                warn!(error = %e, moved_to = %aside.display(), "registry database will not open; starting a fresh one");
-                std::fs::rename(&path, &aside).map_err(|e| {
-                    Error::Io(format!("moving broken database {}", path.display()), e)
-                })?;
-                open_db(&path).map_err(|e| Error::Db(format!("opening {}", path.display()), e))?
-            }
-        };
+        let config = |c: sled::Config| c.cache_capacity(64 << 20).flush_every_ms(Some(500));
+        let db = p2p_schema::store::open("p2p-tracker", dir, "registry.sled", config)?.db;
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| Error::Db(format!("opening tree {name}"), e))
@@ -499,14 +485,6 @@ impl Registry {
             .map(drop)
             .map_err(|e| Error::Db("flushing registry".into(), e))
     }
-}
-
-fn open_db(path: &Path) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(path)
-        .cache_capacity(64 << 20)
-        .flush_every_ms(Some(500))
-        .open()
 }
 
 fn summary(state: &State, id: &FileId) -> FileSummary {

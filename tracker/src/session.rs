@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use p2p_schema::{
     ErrorCode, FrameError, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse,
-    WireError, MAX_FRAME, PROTOCOL_VERSION,
+    WireError, MAX_FRAME, MAX_HELLO_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use crate::{Config, Registry};
 
-/// How long a new connection may take to say hello.
+/// How long a new connection may take to say hello (its whole first frame).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
@@ -30,7 +30,8 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let (r, w) = stream.into_split();
-    let mut reader = FrameReader::new(r, MAX_FRAME);
+    // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
+    let mut reader = FrameReader::new(r, MAX_HELLO_FRAME);
     let mut writer = FrameWriter::new(w);
 
     let peer = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<TrackerRequest>()).await {
@@ -44,6 +45,7 @@ pub async fn serve(
                 if writer.send(&welcome).await.is_err() {
                     return;
                 }
+                reader.set_max(MAX_FRAME);
                 peer
             }
             Err(e) => {
