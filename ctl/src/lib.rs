@@ -152,20 +152,7 @@ pub fn format_locate(holders: &[Holder]) -> String {
     out
 }
 
-/// Human-readable byte counts: `107330 bytes`, `1.5 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
-}
+pub use p2p_schema::human_bytes;
 
 /// The `status` report in prose.
 pub fn format_status(s: &StatusReport) -> String {
@@ -204,6 +191,9 @@ pub fn format_status(s: &StatusReport) -> String {
             f64::from(d.have) * 100.0 / f64::from(d.chunks)
         };
         let state = match &d.state {
+            DownloadState::Running if d.blocked.is_some() => {
+                format!("stalled: {}", d.blocked.as_deref().unwrap_or_default())
+            }
             DownloadState::Running if d.stalled > 0 => {
                 format!("stalled: {} chunks have no live holder", d.stalled)
             }

@@ -359,6 +359,15 @@ async fn download(
         }
         _ => {}
     }
+    let stalled = |why: String| {
+        CtlResponse::Error(WireError::new(
+            ErrorCode::Io,
+            format!("download of {} stalled: {why}", file.name),
+        ))
+    };
+    if let Some(why) = dl.blocked() {
+        return writer.send(&stalled(why)).await.map_err(|e| e.to_string());
+    }
     loop {
         let reply = match events.recv().await {
             Ok(Event::Chunk { index, from, have }) => CtlResponse::Chunk {
@@ -372,6 +381,10 @@ async fn download(
                     .send(&completed(peers))
                     .await
                     .map_err(|e| e.to_string())
+            }
+            Ok(Event::Stalled(why)) => {
+                // The download waits in the daemon; the command says why and ends.
+                return writer.send(&stalled(why)).await.map_err(|e| e.to_string());
             }
             Ok(Event::Failed(why)) => {
                 let e = WireError::new(ErrorCode::Io, format!("download of {}: {why}", file.name));

@@ -23,8 +23,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use p2p_schema::{
-    sha256, Bitfield, DownloadState, FileId, FrameReader, FrameWriter, Holder, Manifest, PeerId,
-    PeerRequest, PeerResponse, TrackerRequest, TrackerResponse, MAX_PEER_FRAME, PROTOCOL_VERSION,
+    sha256, Bitfield, DownloadState, ErrorCode, FileId, FrameReader, FrameWriter, Holder, Manifest,
+    PeerId, PeerRequest, PeerResponse, TrackerRequest, TrackerResponse, MAX_PEER_FRAME,
+    PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
@@ -44,6 +45,25 @@ use crate::store::{DownloadRecord, ShareRecord};
 const WINDOW_BYTES: u64 = 8 << 20;
 /// Bad chunks from one peer before it is banned from this download.
 const MAX_STRIKES: u32 = 2;
+/// Sessions in a row that end in a fault (wrong answers, refusal after refusal, no progress)
+/// before a peer is set aside for [`SET_ASIDE`].
+const MAX_FAULTS: u32 = 3;
+/// How long a peer that keeps faulting is left out of a download.
+const SET_ASIDE: Duration = Duration::from_secs(600);
+/// Refusals in a row (a chunk it announced, then would not send) that end a session with a
+/// fault; a refusal for "busy, ask later" counts as a quarter.
+const MAX_REFUSALS: u32 = 8;
+/// First wait before trying a peer again after a session ends badly; doubled each time up to
+/// [`MAX_RETRY_WAIT`].
+const RETRY_WAIT: Duration = Duration::from_secs(2);
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+/// Peers remembered per download (faults, waits, bans); beyond it, the expired go first.
+const MAX_PEER_RECORDS: usize = 4096;
+/// A peer must send at least this much in each `--request-timeout` while a chunk is awaited,
+/// or it times out (silent or dripping).
+const MIN_PROGRESS: u64 = 16 << 10;
+/// How often a download stalled by a write error checks whether it can go on.
+const STALL_RECHECK: Duration = Duration::from_secs(1);
 /// Most peers one download fetches from at once.
 const MAX_WORKERS: usize = 32;
 /// The request window holds about this much of a peer's measured rate.
@@ -68,6 +88,9 @@ pub enum Event {
     Completed { peers: u32 },
     /// The download stopped for good.
     Failed(String),
+    /// The download cannot go on for now (a chunk could not be written); it goes on by
+    /// itself when it can, or on `resume`.
+    Stalled(String),
 }
 
 /// One download, running or not.
@@ -96,6 +119,10 @@ pub struct Download {
     /// The download's one task, while it has one. Held across starting and stopping, so a
     /// download never has two tasks (a resume waits for a pause still stopping the old one).
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Why the download cannot go on for now, while it cannot (see [`Event::Stalled`]).
+    blocked: Mutex<Option<String>>,
+    /// Wakes a stalled download to try again at once (`resume`).
+    retry: Notify,
 }
 
 /// Fires when the daemon stops or the download is halted on its own.
@@ -148,6 +175,8 @@ impl Download {
             sources: Mutex::new(HashSet::new()),
             halt: watch::channel(false).0,
             task: tokio::sync::Mutex::new(None),
+            blocked: Mutex::new(None),
+            retry: Notify::new(),
         }
     }
 
@@ -189,6 +218,20 @@ impl Download {
         if let Some(t) = self.task.lock().await.take() {
             join_logged(t, &self.manifest.name).await;
         }
+    }
+
+    /// Why the download cannot go on for now, if it cannot.
+    pub fn blocked(&self) -> Option<String> {
+        lock(&self.blocked).clone()
+    }
+
+    /// Wakes a stalled download to try again now. Returns whether it was stalled.
+    pub fn retry_now(&self) -> bool {
+        let stalled = self.blocked().is_some();
+        if stalled {
+            self.retry.notify_one();
+        }
+        stalled
     }
 
     /// The current state.
@@ -235,6 +278,7 @@ impl Download {
             peers,
             rate,
             stalled: self.stalled.load(Ordering::Relaxed),
+            blocked: self.blocked(),
             resumed_with: self.resumed_with,
             refetched: self.refetched,
         }
@@ -343,9 +387,10 @@ struct Swarm {
     progress: Notify,
     commits: mpsc::UnboundedSender<u32>,
     workers: Mutex<HashSet<PeerId>>,
-    strikes: Mutex<HashMap<PeerId, u32>>,
-    banned: Mutex<HashSet<PeerId>>,
-    retry_after: Mutex<HashMap<PeerId, Instant>>,
+    /// What this download remembers of peers that misbehaved or failed (bounded, pruned).
+    peers: Mutex<PeerRecords>,
+    /// Set by a worker that could not write a chunk: the download stalls until it can.
+    write_error: Mutex<Option<WriteError>>,
     /// What the tracker last said a connected peer holds, for its worker to take in (a busy
     /// worker does not ask its peer, and a downloading peer gains chunks all the time).
     fresh: Mutex<HashMap<PeerId, Bitfield>>,
@@ -382,26 +427,132 @@ async fn join_logged(mut task: tokio::task::JoinHandle<()>, name: &str) {
     }
 }
 
-/// Drives `dl` until it is complete, fails, or the daemon stops.
+/// Drives `dl` until it is complete, fails, or the daemon stops. A download stalled by a
+/// write error (a full disk, a read-only or failing file system) says why, waits until it
+/// can go on (space freed, `resume`, or a retry for other errors), and goes on.
 async fn run(node: Arc<Node>, dl: Arc<Download>) {
     let span = tracing::info_span!("download", file = %dl.id.short(), name = %dl.manifest.name);
     async move {
-        match drive(node.clone(), dl.clone()).await {
-            Ok(true) => {}
-            Ok(false) => info!(state = ?dl.state(), "download stopped"),
-            Err(why) => {
-                warn!("download failed: {why}");
-                dl.set_state(&node, DownloadState::Failed(why.clone()));
-                let _ = dl.events.send(Event::Failed(why));
+        loop {
+            match drive(node.clone(), dl.clone()).await {
+                Ok(Driven::Complete) => {}
+                Ok(Driven::Stopped) => info!(state = ?dl.state(), "download stopped"),
+                Ok(Driven::Stalled(e)) => {
+                    let why = stall_reason(&dl, &e);
+                    warn!("download stalled: {why}");
+                    *lock(&dl.blocked) = Some(why.clone());
+                    let _ = dl.events.send(Event::Stalled(why));
+                    let went_on = wait_to_go_on(&node, &dl, &e).await;
+                    *lock(&dl.blocked) = None;
+                    if went_on {
+                        info!("download goes on after a stall");
+                        continue;
+                    }
+                    info!(state = ?dl.state(), "download stopped");
+                }
+                Err(why) => {
+                    warn!("download failed: {why}");
+                    dl.set_state(&node, DownloadState::Failed(why.clone()));
+                    let _ = dl.events.send(Event::Failed(why));
+                }
             }
+            return;
         }
     }
     .instrument(span)
     .await
 }
 
-/// Returns `Ok(true)` when complete, `Ok(false)` when stopped early.
-async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
+/// How one drive of a download ended.
+enum Driven {
+    Complete,
+    /// Paused, cancelled, or the daemon is stopping.
+    Stopped,
+    /// A chunk could not be written; every chunk verified before is kept.
+    Stalled(WriteError),
+}
+
+/// Bytes of `dl` not held yet.
+fn missing_bytes(dl: &Download) -> u64 {
+    let have = dl.local.have();
+    (0..dl.manifest.chunk_count())
+        .filter(|&i| !have.get(i))
+        .filter_map(|i| dl.manifest.chunk_range(i))
+        .map(|(_, len)| u64::from(len))
+        .sum()
+}
+
+/// The line `status` and an attached `p2pctl download` show for a stall.
+fn stall_reason(dl: &Download, e: &WriteError) -> String {
+    if e.is_full() {
+        let missing = missing_bytes(dl);
+        let free = available_space(&e.dir).unwrap_or(0);
+        format!(
+            "no space left on device at {} (needs {} more); free space or 'p2pctl resume'",
+            e.dir.display(),
+            p2p_schema::human_bytes(missing.saturating_sub(free).max(1))
+        )
+    } else {
+        format!(
+            "{e}; retrying every {}s, or 'p2pctl resume'",
+            STALL_RETRY.as_secs()
+        )
+    }
+}
+
+/// How often a download stalled by a write error other than a full disk tries again.
+const STALL_RETRY: Duration = Duration::from_secs(10);
+
+/// Waits until a stalled download may go on: space freed for what it still needs (a full
+/// disk), [`STALL_RETRY`] passed (other errors), or `resume`. Returns false if it was
+/// stopped meanwhile.
+async fn wait_to_go_on(node: &Node, dl: &Download, e: &WriteError) -> bool {
+    let mut stop = dl.halt(node);
+    let started = Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.wait() => return false,
+            () = dl.retry.notified() => return true,
+            () = tokio::time::sleep(STALL_RECHECK) => {}
+        }
+        let ready = if e.is_full() {
+            // Enough for what is missing, or at least a good stretch of it.
+            let wanted = missing_bytes(dl).min(64 << 20);
+            available_space(&e.dir).is_some_and(|free| free >= wanted)
+        } else {
+            started.elapsed() >= STALL_RETRY
+        };
+        if ready {
+            return true;
+        }
+    }
+}
+
+/// Bytes available to us on the file system holding `dir`, where the platform tells.
+fn available_space(dir: &std::path::Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: a NUL-terminated path and a buffer of the right type, both live across it.
+        let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+        if r != 0 {
+            return None;
+        }
+        // SAFETY: statvfs succeeded, so it filled the buffer.
+        let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)]
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<Driven, String> {
     let mut stop = dl.halt(&node);
     let chunk_size = u64::from(dl.manifest.chunk_size.max(1));
     let window = (WINDOW_BYTES / chunk_size).clamp(2, node.config.max_in_flight.max(2) as u64);
@@ -414,9 +565,8 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
         progress: Notify::new(),
         commits: commit_tx,
         workers: Mutex::default(),
-        strikes: Mutex::default(),
-        banned: Mutex::default(),
-        retry_after: Mutex::default(),
+        peers: Mutex::default(),
+        write_error: Mutex::default(),
         fresh: Mutex::default(),
         window: window as usize,
         finished: watch::channel(false).0,
@@ -439,14 +589,22 @@ async fn drive(node: Arc<Node>, dl: Arc<Download>) -> Result<bool, String> {
     let committed = (&mut committer).await.unwrap_or(false);
     match ended {
         Ended::Complete => {}
-        Ended::Stopped => return Ok(false),
+        Ended::Stopped => return Ok(Driven::Stopped),
         Ended::CommitFailed => return Err(commit_failure(&dl)),
+        Ended::WriteFailed => {
+            let e = lock(&swarm.write_error).take();
+            return Ok(Driven::Stalled(e.unwrap_or_else(|| WriteError {
+                dir: dl.part.parent().map(PathBuf::from).unwrap_or_default(),
+                kind: std::io::ErrorKind::Other,
+                message: commit_failure(&dl),
+            })));
+        }
     }
     if !committed || !dl.local.is_complete() {
         return Err(commit_failure(&dl));
     }
     finish(&node, &dl).await?;
-    Ok(true)
+    Ok(Driven::Complete)
 }
 
 /// How the coordinator's loop ended.
@@ -454,6 +612,8 @@ enum Ended {
     Complete,
     Stopped,
     CommitFailed,
+    /// A worker could not write a chunk (see [`Swarm::write_error`]).
+    WriteFailed,
 }
 
 /// Finds holders and starts workers until every chunk is durable, the download is stopped,
@@ -472,6 +632,9 @@ async fn coordinate(
         }
         if committer.is_finished() {
             return Ended::CommitFailed;
+        }
+        if lock(&swarm.write_error).is_some() {
+            return Ended::WriteFailed;
         }
         if swarm.picker().remaining == 0 {
             // Every chunk is in; the committer is making the last ones durable.
@@ -536,13 +699,7 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
     if holder.peer_id == swarm.node.peer_id {
         return;
     }
-    if lock(&swarm.banned).contains(&holder.peer_id) {
-        return;
-    }
-    if lock(&swarm.retry_after)
-        .get(&holder.peer_id)
-        .is_some_and(|t| Instant::now() < *t)
-    {
+    if !lock(&swarm.peers).may_try(&holder.peer_id) {
         return;
     }
     let Some(chunks) = holder
@@ -579,6 +736,8 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
                 pool: Vec::new(),
                 received: 0,
                 since: Instant::now(),
+                delivered: 0,
+                refusals: 0,
             };
             let mut stop = swarm.dl.halt(&swarm.node);
             let mut finished = swarm.finished.subscribe();
@@ -592,10 +751,23 @@ fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
             // Chunks still being verified are taken in before the worker lets go of them.
             let drained = worker.drain().await;
             let result = result.and(drained);
+            let delivered = worker.delivered;
             drop(worker);
-            if let Err(e) = result {
-                info!("stopped fetching from this peer: {e}");
-                lock(&swarm.retry_after).insert(peer, Instant::now() + Duration::from_secs(2));
+            let verdict = lock(&swarm.peers).session_ended(peer, delivered, result.as_ref().err());
+            match (&result, verdict) {
+                (Err(WorkerError::Write(e)), _) => {
+                    lock(&swarm.write_error).get_or_insert_with(|| e.clone());
+                }
+                (Err(e), Verdict::SetAside) => {
+                    warn!(peer = %holder.addr, "peer set aside from this download for {SET_ASIDE:?}: {e} ({MAX_FAULTS} faults in a row)");
+                }
+                (Err(e), Verdict::Banned) => {
+                    warn!(peer = %holder.addr, "peer banned from this download: {e}");
+                }
+                (Err(e), Verdict::Retry(wait)) => {
+                    info!("stopped fetching from this peer: {e}; trying it again in {wait:?}");
+                }
+                (Ok(()), _) => {}
             }
             lock(&swarm.workers).remove(&peer);
             lock(&swarm.fresh).remove(&peer);
@@ -621,6 +793,10 @@ struct Worker {
     /// Bytes received from this peer since `since`: its rate sizes the request window.
     received: u64,
     since: Instant,
+    /// Verified chunks this session delivered.
+    delivered: u32,
+    /// Refusals since the last chunk delivered, in quarters (see [`MAX_REFUSALS`]).
+    refusals: u32,
 }
 
 /// A chunk being verified and written: its index, buffer, and whether it matched.
@@ -648,7 +824,7 @@ impl Drop for Worker {
     }
 }
 
-type PeerReader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+type PeerReader = FrameReader<Counted<tokio::net::tcp::OwnedReadHalf>>;
 type PeerWriter = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
 
 impl Worker {
@@ -659,17 +835,23 @@ impl Worker {
         self.has = has;
     }
 
-    async fn run(&mut self, chunks: Bitfield) -> Result<(), String> {
+    async fn run(&mut self, chunks: Bitfield) -> Result<(), WorkerError> {
+        use WorkerError::{Misbehaved, Unreachable};
         let timeout = self.swarm.node.config.request_timeout;
         let mut stop = self.swarm.dl.halt(&self.swarm.node);
         let mut finished = self.swarm.finished.subscribe();
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
             .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
+            .map_err(|_| Unreachable("connect timed out".into()))?
+            .map_err(|e| Unreachable(format!("connect: {e}")))?;
         let _ = stream.set_nodelay(true);
         let (r, w) = stream.into_split();
-        let mut reader: PeerReader = FrameReader::new(r, MAX_PEER_FRAME);
+        let read = Arc::new(AtomicU64::new(0));
+        let counted = Counted {
+            inner: r,
+            read: read.clone(),
+        };
+        let mut reader: PeerReader = FrameReader::new(counted, MAX_PEER_FRAME);
         let mut writer: PeerWriter = FrameWriter::new(w);
         writer
             .send(&PeerRequest::Hello {
@@ -678,13 +860,15 @@ impl Worker {
                 agent: p2p_schema::agent("p2pd"),
             })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(net)?;
         match tokio::time::timeout(timeout, reader.expect::<PeerResponse>()).await {
             Ok(Ok(PeerResponse::Welcome { peer_id, .. })) if peer_id == self.peer => {}
-            Ok(Ok(PeerResponse::Welcome { .. })) => return Err("a different peer answered".into()),
-            Ok(Ok(other)) => return Err(format!("unexpected hello answer {other:?}")),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("no welcome in time".into()),
+            Ok(Ok(PeerResponse::Welcome { .. })) => {
+                return Err(Misbehaved("a different peer answered".into()))
+            }
+            Ok(Ok(other)) => return Err(Misbehaved(format!("unexpected hello answer {other:?}"))),
+            Ok(Err(e)) => return Err(net(e)),
+            Err(_) => return Err(Misbehaved("no welcome in time".into())),
         }
         self.set_has(chunks);
         debug!("connected");
@@ -716,11 +900,11 @@ impl Worker {
                 writer
                     .feed(&PeerRequest::GetChunk { file_id, index: i })
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(net)?;
                 fed = true;
             }
             if fed {
-                writer.flush().await.map_err(|e| e.to_string())?;
+                writer.flush().await.map_err(net)?;
             }
 
             if self.asked.is_empty() && !self.verifying.is_empty() {
@@ -743,39 +927,50 @@ impl Worker {
                 writer
                     .send(&PeerRequest::GetHave { file_id })
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(net)?;
                 match tokio::time::timeout(timeout, reader.expect::<PeerResponse>()).await {
                     Ok(Ok(PeerResponse::Have { chunks })) => {
                         let n = self.swarm.dl.manifest.chunk_count();
-                        let chunks = chunks.checked(n).ok_or("malformed have")?;
+                        let chunks = chunks
+                            .checked(n)
+                            .ok_or_else(|| Misbehaved("malformed have".into()))?;
                         self.set_has(chunks);
                     }
-                    Ok(Ok(PeerResponse::Error(e))) => return Err(format!("peer: {e}")),
-                    Ok(Ok(other)) => return Err(format!("unexpected answer {other:?}")),
-                    Ok(Err(e)) => return Err(e.to_string()),
-                    Err(_) => return Err("no answer in time".into()),
+                    Ok(Ok(PeerResponse::Error(e))) => return Err(Misbehaved(format!("peer: {e}"))),
+                    Ok(Ok(other)) => {
+                        return Err(Misbehaved(format!("unexpected answer {other:?}")))
+                    }
+                    Ok(Err(e)) => return Err(net(e)),
+                    Err(_) => return Err(Misbehaved("no answer in time".into())),
                 }
                 continue;
             }
 
             let hash_inline = self.hash_inline();
+            // Timed out on lack of progress, not on the whole chunk: a slow peer that keeps
+            // sending is waited for, a silent or dripping one is not.
             let received = tokio::select! {
                 () = stop.wait() => return Ok(()),
                 _ = finished.wait_for(|f| *f) => return Ok(()),
-                r = tokio::time::timeout(timeout, receive(&mut reader, &self.swarm.dl.manifest, &mut self.asked, &mut buf, hash_inline)) => r,
+                () = stalled(&read, timeout) => Err(Misbehaved(format!("less than {} KiB in {timeout:?}", MIN_PROGRESS >> 10))),
+                r = receive(&mut reader, &self.swarm.dl.manifest, &mut self.asked, &mut buf, hash_inline) => r,
             };
-            match received {
-                Err(_) => return Err(format!("no chunk in {timeout:?}")),
-                Ok(Err(e)) => return Err(e),
-                Ok(Ok(Received::Refused(index, e))) => {
+            match received? {
+                Received::Refused(index, e) => {
                     debug!(index, "peer refused a chunk: {e}");
                     self.swarm.picker().release(index);
                     let mut has = self.has.clone();
                     has.unset(index);
                     self.set_has(has);
                     self.swarm.changed.notify_waiters();
+                    self.refusals += if e.code == ErrorCode::Busy { 1 } else { 4 };
+                    if self.refusals >= MAX_REFUSALS * 4 {
+                        return Err(Misbehaved(format!(
+                            "it refused chunk after chunk it announced (last: {e})"
+                        )));
+                    }
                 }
-                Ok(Ok(Received::Chunk(index, matched))) => {
+                Received::Chunk(index, matched) => {
                     self.received += buf.len() as u64;
                     // Write on a blocking thread while the next chunk arrives.
                     let data = std::mem::replace(&mut buf, self.pool.pop().unwrap_or_default());
@@ -811,7 +1006,7 @@ impl Worker {
     /// Waits for every chunk still being verified and takes in the outcomes: all of them,
     /// even after one fails, so that no write of this worker is still running when it ends.
     /// Returns the first failure.
-    async fn drain(&mut self) -> Result<(), String> {
+    async fn drain(&mut self) -> Result<(), WorkerError> {
         let mut result = Ok(());
         while !self.verifying.is_empty() {
             let one = self.finish_one().await;
@@ -823,13 +1018,13 @@ impl Worker {
     /// Waits for the oldest chunk being verified and takes in the outcome. Cancellation
     /// safe: the write stays queued (and is waited for by [`Worker::drain`]) until it has
     /// returned.
-    async fn finish_one(&mut self) -> Result<(), String> {
+    async fn finish_one(&mut self) -> Result<(), WorkerError> {
         let Some((_, handle)) = self.verifying.front_mut() else {
             return Ok(());
         };
         let joined = handle.await;
         self.verifying.pop_front();
-        let (index, data, outcome) = joined.map_err(|e| e.to_string())?;
+        let (index, data, outcome) = joined.map_err(|e| WorkerError::Internal(e.to_string()))?;
         let data = self.accept(index, data, outcome)?;
         if self.pool.len() <= self.max_verifying() {
             self.pool.push(data);
@@ -859,10 +1054,11 @@ impl Worker {
         index: u32,
         data: AlignedBuf,
         matched: Option<bool>,
-    ) -> Result<Verifying, String> {
+    ) -> Result<Verifying, WorkerError> {
         let dl = &self.swarm.dl;
-        let (offset, len) = dl.manifest.chunk_range(index).ok_or("index out of range")?;
-        let expected = *dl.manifest.hash(index).ok_or("index out of range")?;
+        let out_of_range = || WorkerError::Internal(format!("chunk {index} is out of range"));
+        let (offset, len) = dl.manifest.chunk_range(index).ok_or_else(out_of_range)?;
+        let expected = *dl.manifest.hash(index).ok_or_else(out_of_range)?;
         let file = dl.local.handle();
         let aligned = offset.is_multiple_of(ALIGN as u64) && (len as usize).is_multiple_of(ALIGN);
         let direct = dl.direct.clone().filter(|_| aligned);
@@ -892,7 +1088,7 @@ impl Worker {
         index: u32,
         data: AlignedBuf,
         outcome: std::io::Result<bool>,
-    ) -> Result<AlignedBuf, String> {
+    ) -> Result<AlignedBuf, WorkerError> {
         let swarm = &self.swarm;
         let dl = &swarm.dl;
         let len = data.len() as u64;
@@ -903,6 +1099,8 @@ impl Worker {
                     let new = picker.finish(index);
                     (new, picker.done.len() - picker.remaining)
                 };
+                self.delivered += 1;
+                self.refusals = 0;
                 if new {
                     dl.record_chunk(self.addr, len);
                     let _ = swarm.commits.send(index);
@@ -920,26 +1118,238 @@ impl Worker {
                 dl.wasted.fetch_add(len, Ordering::Relaxed);
                 swarm.picker().release(index);
                 swarm.changed.notify_waiters();
-                let strikes = {
-                    let mut s = lock(&swarm.strikes);
-                    let n = s.entry(self.peer).or_insert(0);
-                    *n += 1;
-                    *n
-                };
+                let strikes = lock(&swarm.peers).strike(self.peer);
                 warn!(index, strikes, "chunk failed verification; discarded");
                 if strikes >= MAX_STRIKES {
-                    if lock(&swarm.banned).insert(self.peer) {
-                        warn!(peer = %self.addr, "peer banned from this download: it sent bad data {strikes} times");
-                    }
-                    return Err("banned".into());
+                    return Err(WorkerError::BadData(strikes));
                 }
                 Ok(data)
             }
             Err(e) => {
                 swarm.picker().release(index);
-                Err(format!("writing chunk {index}: {e}"))
+                Err(WorkerError::Write(WriteError::new(dl, index, &e)))
             }
         }
+    }
+}
+
+/// Why a worker stopped fetching from its peer.
+#[derive(Debug, thiserror::Error)]
+enum WorkerError {
+    /// The peer could not be reached, or the connection broke: tried again after a wait.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The peer broke the protocol, refused chunk after chunk, or stopped sending: a fault.
+    #[error("{0}")]
+    Misbehaved(String),
+    /// It sent chunks that failed verification this many times: banned from this download.
+    #[error("it sent bad data {0} times")]
+    BadData(u32),
+    /// A verified chunk could not be written here: the download stalls until it can.
+    #[error("{0}")]
+    Write(WriteError),
+    /// A fault of ours (a task that panicked, a bookkeeping slip).
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// A frame error on a peer connection: a closed connection is the network's doing, anything
+/// else (a malformed or oversized frame) the peer's.
+fn net(e: p2p_schema::FrameError) -> WorkerError {
+    if e.is_disconnect() {
+        WorkerError::Unreachable(e.to_string())
+    } else {
+        WorkerError::Misbehaved(e.to_string())
+    }
+}
+
+/// A chunk write that failed, explained for `status` and an attached `p2pctl download`.
+#[derive(Debug, Clone)]
+pub struct WriteError {
+    /// The directory of the partial file (where space or permission is missing).
+    pub dir: PathBuf,
+    pub kind: std::io::ErrorKind,
+    pub message: String,
+}
+
+impl WriteError {
+    fn new(dl: &Download, index: u32, e: &std::io::Error) -> WriteError {
+        let dir = dl
+            .part
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        WriteError {
+            dir,
+            kind: e.kind(),
+            message: format!("writing chunk {index} to {}: {e}", dl.part.display()),
+        }
+    }
+
+    /// Is the device full?
+    fn is_full(&self) -> bool {
+        self.kind == std::io::ErrorKind::StorageFull
+    }
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// What became of a peer when its session ended.
+enum Verdict {
+    /// Try it again after this wait.
+    Retry(Duration),
+    /// Left out for [`SET_ASIDE`]: it faulted [`MAX_FAULTS`] sessions in a row.
+    SetAside,
+    /// Left out for the rest of the download: it sent bad data.
+    Banned,
+}
+
+/// What a download remembers of the peers it fetched from: bad-data strikes, faults in a
+/// row, and until when each is left out. Bounded: expired entries are pruned as it goes, and
+/// past [`MAX_PEER_RECORDS`] the oldest waits are forgotten.
+#[derive(Default)]
+struct PeerRecords {
+    strikes: HashMap<PeerId, u32>,
+    /// Sessions in a row that ended badly without a chunk, and faults among them.
+    failures: HashMap<PeerId, (u32, u32)>,
+    /// Left out until then (`None`: for good).
+    out_until: HashMap<PeerId, Option<Instant>>,
+}
+
+impl PeerRecords {
+    /// May a session with `peer` start now?
+    fn may_try(&mut self, peer: &PeerId) -> bool {
+        match self.out_until.get(peer) {
+            None => true,
+            Some(None) => false,
+            Some(Some(t)) if Instant::now() < *t => false,
+            Some(Some(_)) => {
+                self.out_until.remove(peer);
+                true
+            }
+        }
+    }
+
+    /// Counts a chunk from `peer` that failed verification; returns its strikes.
+    fn strike(&mut self, peer: PeerId) -> u32 {
+        let n = self.strikes.entry(peer).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// A session with `peer` ended, having delivered `delivered` chunks, with `error` if it
+    /// ended badly: decides when to try it again.
+    fn session_ended(
+        &mut self,
+        peer: PeerId,
+        delivered: u32,
+        error: Option<&WorkerError>,
+    ) -> Verdict {
+        if delivered > 0 {
+            self.failures.remove(&peer);
+        }
+        let Some(error) = error else {
+            return Verdict::Retry(Duration::ZERO);
+        };
+        let verdict = match error {
+            WorkerError::BadData(_) => {
+                self.out_until.insert(peer, None);
+                Verdict::Banned
+            }
+            // Not the peer's doing: no fault, a short wait.
+            WorkerError::Write(_) | WorkerError::Internal(_) => {
+                self.out_until
+                    .insert(peer, Some(Instant::now() + RETRY_WAIT));
+                Verdict::Retry(RETRY_WAIT)
+            }
+            WorkerError::Unreachable(_) | WorkerError::Misbehaved(_) => {
+                let (failed, faults) = self.failures.entry(peer).or_insert((0, 0));
+                *failed += 1;
+                if matches!(error, WorkerError::Misbehaved(_)) {
+                    *faults += 1;
+                }
+                if *faults >= MAX_FAULTS {
+                    self.failures.remove(&peer);
+                    self.out_until
+                        .insert(peer, Some(Instant::now() + SET_ASIDE));
+                    Verdict::SetAside
+                } else {
+                    let wait = RETRY_WAIT
+                        .saturating_mul(1 << (*failed - 1).min(8))
+                        .min(MAX_RETRY_WAIT);
+                    self.out_until.insert(peer, Some(Instant::now() + wait));
+                    Verdict::Retry(wait)
+                }
+            }
+        };
+        self.prune();
+        verdict
+    }
+
+    /// Forgets waits that are over; past the bound, the waits ending soonest too, then the
+    /// oldest failure counts (bans for bad data are kept).
+    fn prune(&mut self) {
+        let now = Instant::now();
+        self.out_until.retain(|_, t| t.is_none_or(|t| now < t));
+        if self.out_until.len() > MAX_PEER_RECORDS {
+            let mut waits: Vec<_> = self
+                .out_until
+                .iter()
+                .filter_map(|(p, t)| t.map(|t| (t, *p)))
+                .collect();
+            waits.sort();
+            let excess = self.out_until.len() - MAX_PEER_RECORDS;
+            for (_, p) in waits.into_iter().take(excess) {
+                self.out_until.remove(&p);
+            }
+        }
+        if self.failures.len() > MAX_PEER_RECORDS {
+            self.failures.clear();
+        }
+        if self.strikes.len() > MAX_PEER_RECORDS {
+            self.strikes.retain(|p, _| self.out_until.contains_key(p));
+        }
+    }
+}
+
+/// A reader that counts the bytes read through it, so a waiter can tell a slow peer that
+/// keeps sending from a silent or dripping one (see [`stalled`]).
+struct Counted<R> {
+    inner: R,
+    read: Arc<AtomicU64>,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Counted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.read.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+/// Resolves once a whole `timeout` passes in which fewer than [`MIN_PROGRESS`] bytes were
+/// read (as counted by `read`).
+async fn stalled(read: &AtomicU64, timeout: Duration) {
+    let mut seen = read.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(timeout).await;
+        let now = read.load(Ordering::Relaxed);
+        if now.saturating_sub(seen) < MIN_PROGRESS {
+            return;
+        }
+        seen = now;
     }
 }
 
@@ -957,23 +1367,23 @@ async fn receive(
     asked: &mut VecDeque<u32>,
     buf: &mut AlignedBuf,
     hash_inline: bool,
-) -> Result<Received, String> {
-    let expected = *asked.front().ok_or("nothing asked")?;
-    match reader
-        .expect::<PeerResponse>()
-        .await
-        .map_err(|e| e.to_string())?
-    {
+) -> Result<Received, WorkerError> {
+    use WorkerError::Misbehaved;
+    let expected = *asked
+        .front()
+        .ok_or_else(|| WorkerError::Internal("nothing asked".into()))?;
+    match reader.expect::<PeerResponse>().await.map_err(net)? {
         PeerResponse::Chunk { index, len } => {
-            let (_, want) = manifest.chunk_range(expected).ok_or("index out of range")?;
-            if index != expected || len != want {
-                return Err(format!(
-                    "peer answered chunk {index} ({len} bytes) for chunk {expected} ({want} bytes)"
-                ));
+            let want = manifest.chunk_range(expected).map(|(_, len)| len);
+            if index != expected || Some(len) != want {
+                return Err(Misbehaved(format!(
+                    "it answered chunk {index} ({len} bytes) for chunk {expected} ({} bytes)",
+                    want.unwrap_or(0)
+                )));
             }
             buf.resize(len as usize);
             if !hash_inline {
-                reader.recv_payload(buf).await.map_err(|e| e.to_string())?;
+                reader.recv_payload(buf).await.map_err(net)?;
                 asked.pop_front();
                 return Ok(Received::Chunk(index, None));
             }
@@ -982,7 +1392,7 @@ async fn receive(
             reader
                 .recv_payload_each(buf, HASH_PIECE, |piece| hasher.update(piece))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(net)?;
             asked.pop_front();
             let matched = manifest
                 .hash(index)
@@ -993,7 +1403,7 @@ async fn receive(
             asked.pop_front();
             Ok(Received::Refused(expected, e))
         }
-        other => Err(format!("unexpected answer {other:?}")),
+        other => Err(Misbehaved(format!("unexpected answer {other:?}"))),
     }
 }
 

@@ -466,6 +466,10 @@ impl Node {
     /// Resumes a paused or failed download.
     pub async fn resume(self: &Arc<Self>, query: &str) -> Result<FileSummary, WireError> {
         let dl = self.local_download(query)?;
+        if dl.state() == DownloadState::Running && dl.retry_now() {
+            info!(file = %dl.id.short(), "a stalled download tries again");
+            return Ok(local_summary(&dl.manifest));
+        }
         match dl.state() {
             DownloadState::Paused | DownloadState::Failed(_) => {}
             other => {

@@ -168,19 +168,32 @@ async fn connection(
                         .map_err(|e| e.to_string())?;
                     continue;
                 }
-                node.upload_limit.wait(len as usize).await;
                 let header = PeerResponse::Chunk { index, len };
                 #[cfg(target_os = "linux")]
                 {
                     writer.feed(&header).await.map_err(|e| e.to_string())?;
                     writer.flush().await.map_err(|e| e.to_string())?;
                     let socket: &tokio::net::TcpStream = writer.get_ref().as_ref();
-                    send_file(socket, &local.handle(), offset, len)
-                        .await
-                        .map_err(|e| format!("sending chunk {index}: {e}"))?;
+                    // Paced in pieces under an upload limit, so a slow uplink still sends
+                    // steadily (the asker times out on silence, not on a slow chunk).
+                    let piece = if node.upload_limit.is_limited() {
+                        PACE_PIECE
+                    } else {
+                        len
+                    };
+                    let mut sent = 0;
+                    while sent < len {
+                        let n = piece.min(len - sent);
+                        node.upload_limit.wait(n as usize).await;
+                        send_file(socket, &local.handle(), offset + u64::from(sent), n)
+                            .await
+                            .map_err(|e| format!("sending chunk {index}: {e}"))?;
+                        sent += n;
+                    }
                 }
                 #[cfg(not(target_os = "linux"))]
                 {
+                    node.upload_limit.wait(len as usize).await;
                     buf = read_chunk(&node, &local, offset, len, std::mem::take(&mut buf)).await?;
                     writer
                         .send_with_payload(&header, &buf)
@@ -450,6 +463,9 @@ pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::R
     }
 }
 
+/// Bytes sent at a time under an upload limit.
+const PACE_PIECE: u32 = 64 << 10;
+
 /// An upload rate limit shared by all connections: each send reserves its share of time.
 pub struct RateLimit {
     bytes_per_sec: u64,
@@ -457,6 +473,11 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
+    /// Is there a limit?
+    pub fn is_limited(&self) -> bool {
+        self.bytes_per_sec > 0
+    }
+
     /// A limit of `bytes_per_sec` (0: none).
     pub fn new(bytes_per_sec: u64) -> RateLimit {
         RateLimit {

@@ -84,6 +84,21 @@ pub fn agent(program: &str) -> String {
     format!("{program}/{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Human-readable byte counts: `107330 bytes`, `1.5 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -285,6 +300,7 @@ mod tests {
                 peers: 0,
                 rate: 0,
                 stalled: 1,
+                blocked: Some("no space left on device at /x (needs 1.0 MiB more)".into()),
                 resumed_with: 0,
                 refetched: 0,
             }],

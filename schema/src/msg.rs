@@ -361,6 +361,10 @@ pub struct DownloadStatus {
     pub rate: u64,
     /// Chunks that no live peer holds, when the download waits for them.
     pub stalled: u32,
+    /// Why the download cannot go on for now (a full disk, a write error), while it cannot;
+    /// it goes on by itself once it can, or on `resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
     /// Chunks already held when this daemon run took the download up (after a restart).
     #[serde(default)]
     pub resumed_with: u32,

@@ -23,6 +23,10 @@ pub enum Behaviour {
     Silent,
     /// Sends the header, then the bytes one at a time, slowly.
     Drip,
+    /// Refuses every chunk it announced ("not held here").
+    Refuse,
+    /// Answers with a header one byte short of the chunk, then those bytes.
+    WrongLength,
 }
 
 /// A running fake peer. Stops (closes its listener and tracker session) when dropped.
@@ -193,6 +197,18 @@ fn serve(
                 let mut chunk = data[offset as usize..offset as usize + len as usize].to_vec();
                 match behaviour {
                     Behaviour::Silent => continue,
+                    Behaviour::Refuse => send(
+                        &mut conn,
+                        &PeerResponse::Error(p2p_schema::WireError::new(
+                            p2p_schema::ErrorCode::NotFound,
+                            format!("chunk {index} is not held here"),
+                        )),
+                    )?,
+                    Behaviour::WrongLength => {
+                        let short = len.saturating_sub(1);
+                        send(&mut conn, &PeerResponse::Chunk { index, len: short })?;
+                        conn.write_all(&chunk[..short as usize])?;
+                    }
                     Behaviour::Corrupt => {
                         for b in chunk.iter_mut().step_by(97) {
                             *b = !*b;

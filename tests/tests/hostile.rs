@@ -104,7 +104,7 @@ fn silent_and_dripping_peers_are_timed_out_and_their_chunks_go_elsewhere() {
     let timed_out = eventually(Duration::from_secs(20), || {
         let n = swarm.daemons[leecher]
             .proc
-            .count("stopped fetching from this peer: no chunk in");
+            .count("stopped fetching from this peer: less than");
         (n >= 2).then_some(n)
     });
     assert!(timed_out.is_some(), "{}", swarm.daemons[leecher].proc.log());
@@ -251,4 +251,105 @@ fn a_lying_tracker_can_neither_substitute_hashes_nor_make_a_download_escape_its_
             .unwrap_or_default();
         assert!(left.is_empty(), "nothing written: {left:?}");
     }
+}
+
+#[test]
+fn holders_that_refuse_every_chunk_or_answer_wrongly_give_up_their_slots() {
+    // 32 holders (as many as a download fetches from at once) refuse every chunk they
+    // announced, and 2 answer with the wrong length; only then does an honest seeder appear.
+    let mut swarm = Swarm::new(0, "30s", &[]);
+    let leecher = swarm.add_daemon(&[]);
+    let file = swarm.path("refused.bin");
+    write_random(&file, 4 << 20, 51);
+    let refusers: Vec<_> = (0..32)
+        .map(|_| fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Refuse))
+        .collect();
+    let wrong: Vec<_> = (0..2)
+        .map(|_| fake::start(swarm.tracker.addr, &file, 65536, Behaviour::WrongLength))
+        .collect();
+    let out = swarm.path("got.bin");
+    swarm.daemons[leecher].ctl_json(&[
+        "download",
+        "refused.bin",
+        "-o",
+        out.to_str().unwrap(),
+        "--detach",
+    ]);
+    let asked = |p: &fake::FakePeer| p.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let all_asked = eventually(Duration::from_secs(20), || {
+        (refusers.iter().filter(|p| asked(p) > 0).count() >= 16).then_some(())
+    });
+    assert!(all_asked.is_some(), "{}", swarm.daemons[leecher].proc.log());
+    // Time for the refusers to take every slot, if they could keep them.
+    std::thread::sleep(Duration::from_secs(3));
+
+    let honest = swarm.add_daemon(&[]);
+    swarm.daemons[honest].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "65536"]);
+    swarm.daemons[leecher].wait_complete(Duration::from_secs(60));
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let log = swarm.daemons[leecher].proc.log();
+    assert!(
+        log.contains("refused chunk after chunk"),
+        "refusers were never told apart: {log}"
+    );
+    assert!(
+        log.contains("for chunk") && log.contains("answered chunk"),
+        "a wrong length was not noticed: {log}"
+    );
+    drop(wrong);
+}
+
+#[test]
+fn holders_that_keep_faulting_are_set_aside_and_asked_no_more() {
+    let mut swarm = Swarm::new(0, "30s", &[]);
+    let leecher = swarm.add_daemon(&[]);
+    let file = swarm.path("faulty.bin");
+    write_random(&file, 1 << 20, 52);
+    let refuser = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::Refuse);
+    let wrong = fake::start(swarm.tracker.addr, &file, 65536, Behaviour::WrongLength);
+    let out = swarm.path("got.bin");
+    swarm.daemons[leecher].ctl_json(&[
+        "download",
+        "faulty.bin",
+        "-o",
+        out.to_str().unwrap(),
+        "--detach",
+    ]);
+    // Three faulty sessions each (waits of 2 s, then 4 s), then set aside.
+    let set_aside = eventually(Duration::from_secs(30), || {
+        let n = swarm.daemons[leecher]
+            .proc
+            .count("peer set aside from this download");
+        (n >= 2).then_some(())
+    });
+    assert!(set_aside.is_some(), "{}", swarm.daemons[leecher].proc.log());
+    let asked = |p: &fake::FakePeer| p.requests.load(std::sync::atomic::Ordering::SeqCst);
+    let (refused, wronged) = (asked(&refuser), asked(&wrong));
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        (asked(&refuser), asked(&wrong)),
+        (refused, wronged),
+        "a set-aside peer was asked again"
+    );
+    assert_eq!(swarm.daemons[leecher].download_status()["have"], 0);
+}
+
+#[test]
+fn a_slow_peer_that_keeps_sending_is_waited_for_past_the_request_timeout() {
+    // 4 MiB chunks from an uplink of 1 MB/s: each chunk takes 4 s, twice the timeout.
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "1000000"]);
+    let leecher = swarm.add_daemon(&["--request-timeout", "2s"]);
+    let file = swarm.path("slow.bin");
+    write_random(&file, 8 << 20, 53);
+    let id = swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "4194304"])
+        ["file"]["id"]
+        .as_str()
+        .expect("file id")
+        .to_string();
+    let out = swarm.path("slow-copy.bin");
+    swarm.daemons[leecher].ctl_json(&["download", &id, "-o", out.to_str().unwrap(), "--detach"]);
+    swarm.daemons[leecher].wait_complete(Duration::from_secs(40));
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let log = swarm.daemons[leecher].proc.log();
+    assert!(!log.contains("stopped fetching from this peer"), "{log}");
 }
