@@ -358,6 +358,7 @@ fn main() {
             "{}",
             tracker_load::tracker_load(&base, if opts.quick { 2 } else { 5 })
         );
+        println!("{}", tracker_load::half_open(&base));
     }
     for note in notes {
         println!("{note}");

@@ -1,5 +1,5 @@
 //! The tracker under load: 200 concurrent sessions, an announce/locate mix, pipelined like a
-//! daemon's session.
+//! daemon's session; and its memory with 2,000 half-open connections.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -158,4 +158,68 @@ fn next_frame(s: &mut std::net::TcpStream, body: &mut Vec<u8>) -> std::io::Resul
     body.resize(len, 0);
     s.read_exact(body)?;
     Ok(true)
+}
+
+/// Resident memory (VmRSS) of a live process, in MiB; NaN if it cannot be read.
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// 2,000 connections that each announce a 9 MiB frame and send none of it, from 10 loopback
+/// addresses (under the per-address cap): first as their first frame (before any hello),
+/// then after a hello. Returns the summary line with the tracker's RSS in each case.
+pub fn half_open(dir: &Path) -> String {
+    const CONNECTIONS: u32 = 2000;
+    let tracker = Tracker::start(&dir.join("tracker-half-open"), "60s");
+    let pid = tracker.proc.pid();
+    let idle = rss_mib(pid);
+    let length = (p2p_schema::MAX_FRAME as u32).to_be_bytes();
+    let measure = |hello: bool| {
+        let mut held = Vec::new();
+        for n in 0..CONNECTIONS {
+            let from = std::net::Ipv4Addr::new(127, 0, 1, (n % 10 + 1) as u8);
+            let Ok(mut s) = p2p_tests::connect_from(from, tracker.addr) else {
+                eprintln!("half-open: connection {n} failed");
+                break;
+            };
+            if hello {
+                let mut id = [0u8; 16];
+                id[..4].copy_from_slice(&n.to_be_bytes());
+                send(
+                    &mut s,
+                    &TrackerRequest::Hello {
+                        version: PROTOCOL_VERSION,
+                        peer_id: PeerId(id),
+                        listen: "127.0.0.1:9".parse().expect("address"),
+                        agent: "bench".into(),
+                        secret: None,
+                    },
+                );
+                let _ = read_frame::<TrackerResponse>(&mut s);
+            }
+            let _ = s.write_all(&length);
+            held.push(s);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let rss = rss_mib(pid);
+        drop(held);
+        rss
+    };
+    let before_hello = measure(false);
+    let after_hello = measure(true);
+    format!(
+        "tracker: RSS with {CONNECTIONS} half-open connections each announcing a 9 MiB frame: \
+         {before_hello:.0} MiB when the frame is their first (refused at once), {after_hello:.0} MiB \
+         when it follows a hello (held); {idle:.0} MiB idle, peak {:.0} MiB",
+        peak_rss_mib(pid)
+    )
 }

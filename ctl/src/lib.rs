@@ -11,7 +11,7 @@ use interprocess::local_socket::tokio::{prelude::*, Stream};
 use interprocess::local_socket::GenericFilePath;
 use p2p_schema::{
     format_ranges, CtlRequest, CtlResponse, DownloadState, FileSummary, FrameReader, FrameWriter,
-    Holder, StatusReport, MAX_FRAME, PROTOCOL_VERSION,
+    Holder, StatusReport, PROTOCOL_VERSION,
 };
 use serde::Serialize;
 use tokio::io::{ReadHalf, WriteHalf};
@@ -69,7 +69,7 @@ impl Client {
         })?;
         let (r, w) = tokio::io::split(stream);
         let mut client = Client {
-            reader: FrameReader::new(r, MAX_FRAME),
+            reader: FrameReader::new(r, p2p_schema::frame::MAX_CTL_ANSWER),
             writer: FrameWriter::new(w),
         };
         client

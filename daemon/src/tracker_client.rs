@@ -9,12 +9,13 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use p2p_schema::{
-    ErrorCode, FrameError, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse,
-    WireError, MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, FrameError, FrameReader, FrameWriter, ListCursor, PeerId, TrackerRequest,
+    TrackerResponse, WireError, LIST_PAGE_MAX, MAX_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -44,7 +45,12 @@ pub struct TrackerClient {
     calls: mpsc::Sender<Call>,
     connected: watch::Receiver<bool>,
     address: String,
+    /// The tracker answers `ListPage` (its welcome said so).
+    list_pages: Arc<AtomicBool>,
 }
+
+/// Most files a listing gathers over its pages: a tracker whose pages never end is an error.
+const MAX_LISTED: usize = 1_000_000;
 
 /// How long one request may wait for its answer.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -70,6 +76,8 @@ impl TrackerClient {
         let (calls_tx, calls_rx) = mpsc::channel(1024);
         let address_for_task = address.clone();
         let (connected_tx, connected_rx) = watch::channel(false);
+        let list_pages = Arc::new(AtomicBool::new(false));
+        let pages_for_task = list_pages.clone();
         let task = tokio::spawn(async move {
             let mut early_stop = stop.clone();
             tokio::select! {
@@ -81,7 +89,7 @@ impl TrackerClient {
                 identity,
                 announce,
                 calls_rx,
-                connected_tx,
+                (connected_tx, pages_for_task),
                 stop,
             )
             .await
@@ -91,6 +99,7 @@ impl TrackerClient {
                 calls: calls_tx,
                 connected: connected_rx,
                 address,
+                list_pages,
             },
             task,
         )
@@ -115,7 +124,58 @@ impl TrackerClient {
     }
 
     /// Sends `request` and waits for its answer. An error reply becomes `Err`.
+    ///
+    /// `List` is answered as [`TrackerResponse::Files`] with every file: from a tracker that
+    /// pages, fetched page by page (one answer holding them all could exceed the frame
+    /// limit and end the session).
     pub async fn call(&self, request: TrackerRequest) -> Result<TrackerResponse, WireError> {
+        if matches!(request, TrackerRequest::List) && self.list_pages.load(Ordering::Relaxed) {
+            return self.list_all().await;
+        }
+        self.call_one(request).await
+    }
+
+    /// Every file on the network, one `ListPage` after another.
+    async fn list_all(&self) -> Result<TrackerResponse, WireError> {
+        let mut files = Vec::new();
+        let mut after: Option<ListCursor> = None;
+        loop {
+            let request = TrackerRequest::ListPage {
+                after: after.clone(),
+                limit: LIST_PAGE_MAX,
+            };
+            let (page, next) = match self.call_one(request).await? {
+                TrackerResponse::FilePage { files, next } => (files, next),
+                other => return Err(self.malformed(format!("{other:?} answering a list page"))),
+            };
+            files.extend(page);
+            let Some(next) = next else {
+                return Ok(TrackerResponse::Files { files });
+            };
+            // Each page must start past the one before: a tracker that loops is an error.
+            let advances = after
+                .as_ref()
+                .is_none_or(|a| (&next.name, &next.id) > (&a.name, &a.id));
+            if !advances || files.len() > MAX_LISTED {
+                return Err(self.malformed("a list whose pages do not end".to_string()));
+            }
+            after = Some(next);
+        }
+    }
+
+    fn malformed(&self, what: String) -> WireError {
+        warn!(tracker = %self.address, "the tracker sent a malformed answer: {what}");
+        WireError::new(
+            ErrorCode::Internal,
+            format!(
+                "the tracker {} sent a malformed answer: {what}",
+                self.address
+            ),
+        )
+    }
+
+    /// One request, one answer.
+    async fn call_one(&self, request: TrackerRequest) -> Result<TrackerResponse, WireError> {
         if !self.is_connected() {
             return Err(unavailable(&self.address, "not connected (retrying)"));
         }
@@ -161,7 +221,7 @@ async fn session_loop(
     identity: Identity,
     announce: Announce,
     mut calls: mpsc::Receiver<Call>,
-    connected: watch::Sender<bool>,
+    (connected, list_pages): (watch::Sender<bool>, Arc<AtomicBool>),
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -171,7 +231,8 @@ async fn session_loop(
             return;
         }
         match connect(&address, &identity).await {
-            Ok((reader, writer, heartbeat, advertised)) => {
+            Ok((reader, writer, heartbeat, advertised, pages)) => {
+                list_pages.store(pages, Ordering::Relaxed);
                 backoff = Duration::from_millis(100);
                 failures = 0;
                 let outcome = run_session(
@@ -230,7 +291,7 @@ type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
 async fn connect(
     address: &str,
     id: &Identity,
-) -> Result<(Reader, Writer, Duration, SocketAddr), WireError> {
+) -> Result<(Reader, Writer, Duration, SocketAddr, bool), WireError> {
     let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
         .await
         .map_err(|_| unavailable(address, "connect timed out"))?
@@ -256,12 +317,16 @@ async fn connect(
         .map_err(|e| unavailable(address, e))?;
     match welcome {
         TrackerResponse::Welcome {
-            addr, heartbeat_ms, ..
+            addr,
+            heartbeat_ms,
+            list_pages,
+            ..
         } => Ok((
             reader,
             writer,
             Duration::from_millis(heartbeat_ms.clamp(50, 60_000)),
             addr,
+            list_pages,
         )),
         TrackerResponse::Error(e) => Err(e),
         other => Err(unavailable(address, format!("unexpected answer {other:?}"))),

@@ -20,6 +20,11 @@ pub const LEN_PREFIX: usize = 4;
 /// [`crate::MAX_CHUNKS`] hashes plus headroom).
 pub const MAX_FRAME: usize = 9 << 20;
 
+/// Largest answer `p2pctl` reads from its own daemon: a whole `list` of the network can be
+/// larger than [`MAX_FRAME`] (the daemon fetches it from the tracker in pages). The daemon is
+/// local and trusted, and buffers grow only with the bytes received.
+pub const MAX_CTL_ANSWER: usize = 64 << 20;
+
 /// Largest frame a peer may send on the peer channel: requests and chunk headers are small.
 pub const MAX_PEER_FRAME: usize = 64 << 10;
 

@@ -17,7 +17,12 @@
 //! - **tracker**: each daemon keeps one TCP session to the tracker ([`TrackerRequest`] /
 //!   [`TrackerResponse`]), pipelined: one response per request, in order. It carries
 //!   registrations, holdings, look-ups and heartbeats; the tracker drops a peer whose session
-//!   has been silent for the TTL, or at once on [`TrackerRequest::Bye`].
+//!   has been silent for the TTL, or at once on [`TrackerRequest::Bye`]. The list of files is
+//!   paged: [`TrackerRequest::ListPage`] (at most [`LIST_PAGE_MAX`] files, after a
+//!   [`ListCursor`]) answered by [`TrackerResponse::FilePage`] with the cursor of the next
+//!   page, asked again until there is none, so no answer outgrows a frame. A tracker says it
+//!   pages in its welcome (`list_pages`); the unpaged [`TrackerRequest::List`] of earlier
+//!   daemons is still answered, with at most [`LIST_UNPAGED_MAX`] files.
 //! - **peer**: a downloader opens a TCP connection to each holder ([`PeerRequest`] /
 //!   [`PeerResponse`]) and pipelines several `GetChunk` requests; each chunk comes back as a
 //!   small [`PeerResponse::Chunk`] frame followed by the raw bytes.
@@ -148,6 +153,67 @@ mod tests {
     }
 
     #[test]
+    fn list_paging_stays_compatible_and_pages_fit_a_frame() {
+        // A welcome from a tracker before paging: decodes, and says it does not page.
+        #[derive(serde::Serialize)]
+        enum Old {
+            Welcome {
+                version: u32,
+                addr: std::net::SocketAddr,
+                heartbeat_ms: u64,
+                ttl_ms: u64,
+            },
+        }
+        let mut buf = Vec::new();
+        encode_frame(
+            &Old::Welcome {
+                version: 1,
+                addr: "127.0.0.1:1".parse().unwrap(),
+                heartbeat_ms: 1,
+                ttl_ms: 3,
+            },
+            &mut buf,
+        )
+        .unwrap();
+        let (back, _) = decode_frame::<TrackerResponse>(&buf, MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert!(matches!(
+            back,
+            TrackerResponse::Welcome {
+                list_pages: false,
+                ..
+            }
+        ));
+        // The largest page and the largest unpaged answer, with the longest names.
+        let file = |i: u32| FileSummary {
+            id: FileId([0xab; 32]),
+            name: format!("{i:0>255}"),
+            size: u64::MAX,
+            chunk_size: u32::MAX,
+            chunks: u32::MAX,
+            seeders: u32::MAX,
+            holders: u32::MAX,
+        };
+        let page = TrackerResponse::FilePage {
+            files: (0..LIST_PAGE_MAX).map(file).collect(),
+            next: Some(ListCursor {
+                name: "x".repeat(255),
+                id: FileId([0xab; 32]),
+            }),
+        };
+        let mut buf = Vec::new();
+        encode_frame(&page, &mut buf).unwrap();
+        assert!(buf.len() < MAX_FRAME / 16, "{} bytes", buf.len());
+        let all = TrackerResponse::Files {
+            files: (0..LIST_UNPAGED_MAX as u32).map(file).collect(),
+        };
+        buf.clear();
+        encode_frame(&all, &mut buf).unwrap();
+        assert!(buf.len() < MAX_FRAME, "{} bytes", buf.len());
+    }
+
+    #[test]
     fn every_tracker_message_round_trips() {
         let fid = FileId([5; 32]);
         for m in [
@@ -182,6 +248,17 @@ mod tests {
             TrackerRequest::Heartbeat,
             TrackerRequest::Bye,
             TrackerRequest::Stats,
+            TrackerRequest::ListPage {
+                after: None,
+                limit: 10,
+            },
+            TrackerRequest::ListPage {
+                after: Some(ListCursor {
+                    name: "a".into(),
+                    id: fid,
+                }),
+                limit: 10,
+            },
         ] {
             round_trip(&m);
         }
@@ -191,8 +268,16 @@ mod tests {
                 addr: "127.0.0.1:1".parse().unwrap(),
                 heartbeat_ms: 1000,
                 ttl_ms: 3000,
+                list_pages: true,
             },
             TrackerResponse::Ok,
+            TrackerResponse::FilePage {
+                files: vec![summary()],
+                next: Some(ListCursor {
+                    name: "doug.png".into(),
+                    id: FileId([3; 32]),
+                }),
+            },
             TrackerResponse::Registered { file: summary() },
             TrackerResponse::Files {
                 files: vec![summary()],

@@ -117,7 +117,9 @@ pub enum TrackerRequest {
     Gained { file_id: FileId, indices: Vec<u32> },
     /// The sender no longer holds anything of this file.
     Drop { file_id: FileId },
-    /// All files with at least one live holder.
+    /// All files with at least one live holder, in one answer ([`TrackerResponse::Files`]).
+    /// Kept for daemons from before paging: the tracker answers at most
+    /// [`LIST_UNPAGED_MAX`] files to it, so that the answer fits a frame. Use `ListPage`.
     List,
     /// Files whose ID is `query`, whose ID starts with `query`, or whose name is `query`.
     Find { query: String },
@@ -131,7 +133,31 @@ pub enum TrackerRequest {
     Bye,
     /// Counters, for monitoring. May also be sent instead of a hello, without joining.
     Stats,
+    /// One page of the files `List` would give, in the same order (by name, then ID): at most
+    /// `limit` (capped at [`LIST_PAGE_MAX`]) of those after `after` (from the start if
+    /// `None`). Answered with [`TrackerResponse::FilePage`]; ask again with its `next` until
+    /// that is `None`. Only to a tracker whose welcome said `list_pages`.
+    ListPage {
+        #[serde(default)]
+        after: Option<ListCursor>,
+        limit: u32,
+    },
 }
+
+/// Where a page of [`TrackerRequest::ListPage`] ends: the last file's name and ID.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListCursor {
+    pub name: String,
+    pub id: FileId,
+}
+
+/// Most files in one [`TrackerResponse::FilePage`]: about 350 KB with the longest names,
+/// far under [`crate::MAX_FRAME`].
+pub const LIST_PAGE_MAX: u32 = 1000;
+
+/// Most files in an answer to the unpaged [`TrackerRequest::List`]: about 7 MB with the
+/// longest names, under [`crate::MAX_FRAME`].
+pub const LIST_UNPAGED_MAX: usize = 20_000;
 
 /// The tracker's answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -142,6 +168,9 @@ pub enum TrackerResponse {
         addr: SocketAddr,
         heartbeat_ms: u64,
         ttl_ms: u64,
+        /// This tracker answers [`TrackerRequest::ListPage`] (false from trackers before it).
+        #[serde(default)]
+        list_pages: bool,
     },
     /// Done.
     Ok,
@@ -149,6 +178,13 @@ pub enum TrackerResponse {
     Registered { file: FileSummary },
     /// Files, for `List` and `Find`.
     Files { files: Vec<FileSummary> },
+    /// One page of files, for `ListPage`; `next` is where the next page starts (`None`: this
+    /// was the last).
+    FilePage {
+        files: Vec<FileSummary>,
+        #[serde(default)]
+        next: Option<ListCursor>,
+    },
     /// A manifest.
     Manifest { manifest: Manifest },
     /// Holders of a file.

@@ -337,6 +337,7 @@ pub fn start_tracker(manifest: Manifest, lie: Lie) -> FakeTracker {
                             addr: listen,
                             heartbeat_ms: 1000,
                             ttl_ms: 3000,
+                            list_pages: false,
                         },
                         TrackerRequest::Find { .. } | TrackerRequest::List => {
                             TrackerResponse::Files {

@@ -4,6 +4,8 @@
 use std::process::Command;
 use std::time::Duration;
 
+use p2p_schema::frame::encode_frame;
+use p2p_schema::{Manifest, PeerId, TrackerRequest, TrackerResponse, PROTOCOL_VERSION};
 use p2p_tests::{bin, eventually, fake, sample, Daemon, Proc, Tracker, STARTUP};
 
 /// The tracker's `stats --json` document.
@@ -84,4 +86,92 @@ fn a_tracker_sending_malformed_holders_is_an_error_not_a_panic() {
         "{err}"
     );
     assert!(!d.proc.log().contains("panicked"), "{}", d.proc.log());
+}
+
+/// Registers `count` one-chunk files with names of 255 bytes through a raw session as one
+/// peer, pipelined; returns the session (the files live while it does).
+fn register_many(tracker: std::net::SocketAddr, count: u32) -> std::net::TcpStream {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(tracker).unwrap();
+    let mut buf = Vec::new();
+    encode_frame(
+        &TrackerRequest::Hello {
+            version: PROTOCOL_VERSION,
+            peer_id: PeerId([0x42; 16]),
+            listen: "127.0.0.1:9".parse().unwrap(),
+            agent: "many".into(),
+            secret: None,
+        },
+        &mut buf,
+    )
+    .unwrap();
+    s.write_all(&buf).unwrap();
+    assert!(matches!(
+        fake::read_frame::<TrackerResponse>(&mut s).unwrap(),
+        Some(TrackerResponse::Welcome { .. })
+    ));
+    // Answers are read on another thread while requests go out.
+    let mut answers = s.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        for _ in 0..count {
+            match fake::read_frame::<TrackerResponse>(&mut answers) {
+                Ok(Some(TrackerResponse::Registered { .. })) => {}
+                other => panic!("registering: {other:?}"),
+            }
+        }
+    });
+    let mut batch = Vec::new();
+    for i in 0..count {
+        let mut hashes = vec![0u8; 32];
+        hashes[..4].copy_from_slice(&i.to_be_bytes());
+        let manifest = Manifest {
+            name: format!("{i:0>10}-{}", "n".repeat(244)),
+            size: 1,
+            chunk_size: 1024,
+            hashes,
+        };
+        encode_frame(&TrackerRequest::Register { manifest }, &mut batch).unwrap();
+        if batch.len() > 256 << 10 {
+            s.write_all(&batch).unwrap();
+            batch.clear();
+        }
+    }
+    s.write_all(&batch).unwrap();
+    reader.join().unwrap();
+    s
+}
+
+#[test]
+fn a_list_larger_than_a_frame_is_paged_and_shows_every_file() {
+    // 28,000 names of 255 bytes: about 10 MB of summaries, over the 9 MiB frame limit.
+    const FILES: u32 = 28_000;
+    let dir = tempfile::tempdir().unwrap();
+    let tracker = Tracker::start(&dir.path().join("tracker"), "120s");
+    let started = std::time::Instant::now();
+    let _session = register_many(tracker.addr, FILES);
+    eprintln!("registered {FILES} files in {:?}", started.elapsed());
+    let d = Daemon::start(&dir.path().join("peer"), tracker.addr, &[]);
+    let doc = d.ctl_json(&["list"]);
+    let files = doc["files"].as_array().expect("files");
+    assert_eq!(files.len(), FILES as usize);
+    // In order, each once.
+    let first = format!("{:0>10}-", 0);
+    let last = format!("{:0>10}-", FILES - 1);
+    assert!(files[0]["name"].as_str().unwrap().starts_with(&first));
+    assert!(files[FILES as usize - 1]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with(&last));
+    // The session survived: the daemon is still connected and the list works again.
+    assert!(
+        !d.proc.log().contains("lost the tracker session"),
+        "{}",
+        d.proc.log()
+    );
+    let text = d.ctl(&["list"]).ok();
+    assert!(
+        text.starts_with(&format!("There are currently {FILES} files")),
+        "{}",
+        &text[..200.min(text.len())]
+    );
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use p2p_schema::{
-    is_hex_prefix, Bitfield, ErrorCode, FileId, FileSummary, Holder, Manifest, PeerId,
+    is_hex_prefix, Bitfield, ErrorCode, FileId, FileSummary, Holder, ListCursor, Manifest, PeerId,
     TrackerStats, WireError,
 };
 use serde::{Deserialize, Serialize};
@@ -407,6 +407,35 @@ impl Registry {
         out
     }
 
+    /// One page of [`Self::list`]: at most `limit` files after `after`, and where the next
+    /// page starts (`None` after the last).
+    pub fn list_page(
+        &self,
+        after: Option<&ListCursor>,
+        limit: usize,
+    ) -> (Vec<FileSummary>, Option<ListCursor>) {
+        let state = self.lock();
+        let key = |f: &FileEntry, id: &FileId| (f.manifest.name.clone(), *id);
+        let mut keys: Vec<(String, FileId)> = state
+            .files
+            .iter()
+            .map(|(id, f)| key(f, id))
+            .filter(|k| after.is_none_or(|c| (&k.0, &k.1) > (&c.name, &c.id)))
+            .collect();
+        keys.sort();
+        let more = keys.len() > limit;
+        keys.truncate(limit);
+        let files: Vec<FileSummary> = keys.iter().map(|(_, id)| summary(&state, id)).collect();
+        let next = more
+            .then(|| keys.last())
+            .flatten()
+            .map(|(name, id)| ListCursor {
+                name: name.clone(),
+                id: *id,
+            });
+        (files, next)
+    }
+
     /// Files whose full ID, ID prefix or name is `query`.
     pub fn find(&self, query: &str) -> Vec<FileSummary> {
         let state = self.lock();
@@ -514,6 +543,35 @@ mod tests {
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn pages_give_the_whole_list_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let a = PeerId([1; 16]);
+        reg.hello(a, addr(1));
+        // Some names repeat: the ID breaks the tie.
+        for i in 0..23u8 {
+            let name = format!("f{}", i % 7);
+            reg.register(a, manifest(&name, i, 1000 + usize::from(i)))
+                .unwrap();
+        }
+        let all = reg.list();
+        assert_eq!(all.len(), 23);
+        for limit in [1, 5, 22, 23, 100] {
+            let (mut paged, mut after) = (Vec::new(), None);
+            loop {
+                let (files, next) = reg.list_page(after.as_ref(), limit);
+                assert!(files.len() <= limit);
+                paged.extend(files);
+                match next {
+                    Some(n) => after = Some(n),
+                    None => break,
+                }
+            }
+            assert_eq!(paged, all, "limit {limit}");
+        }
     }
 
     #[test]

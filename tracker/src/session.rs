@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use p2p_schema::{
     ErrorCode, FrameError, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse,
-    WireError, MAX_FRAME, MAX_HELLO_FRAME, PROTOCOL_VERSION,
+    WireError, LIST_PAGE_MAX, LIST_UNPAGED_MAX, MAX_FRAME, MAX_HELLO_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -184,6 +184,7 @@ fn handshake(
             addr,
             heartbeat_ms: (ttl / 3).as_millis() as u64,
             ttl_ms: ttl.as_millis() as u64,
+            list_pages: true,
         },
     ))
 }
@@ -226,9 +227,23 @@ fn handle(
             registry.drop_file(peer, file_id);
             Ok(TrackerResponse::Ok)
         }
-        TrackerRequest::List => Ok(TrackerResponse::Files {
-            files: registry.list(),
-        }),
+        TrackerRequest::List => {
+            // Daemons from before paging: as many as fit a frame.
+            let mut files = registry.list();
+            if files.len() > LIST_UNPAGED_MAX {
+                warn!(
+                    files = files.len(),
+                    "an unpaged list answered with the first {LIST_UNPAGED_MAX} files only"
+                );
+                files.truncate(LIST_UNPAGED_MAX);
+            }
+            Ok(TrackerResponse::Files { files })
+        }
+        TrackerRequest::ListPage { after, limit } => {
+            let limit = limit.clamp(1, LIST_PAGE_MAX) as usize;
+            let (files, next) = registry.list_page(after.as_ref(), limit);
+            Ok(TrackerResponse::FilePage { files, next })
+        }
         TrackerRequest::Find { query } => Ok(TrackerResponse::Files {
             files: registry.find(&query),
         }),
