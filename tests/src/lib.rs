@@ -18,6 +18,9 @@ pub mod fake;
 
 pub use tempfile::TempDir;
 
+/// How long one `p2pctl` command may run in a test before it counts as hung.
+pub const CTL_LIMIT: Duration = Duration::from_secs(120);
+
 /// How long a process may take to print a line we wait for.
 pub const STARTUP: Duration = Duration::from_secs(20);
 
@@ -410,19 +413,45 @@ impl Daemon {
         *self = fresh;
     }
 
-    /// Runs `p2pctl --socket <ours> args...`.
+    /// Runs `p2pctl --socket <ours> args...`. One that runs past [`CTL_LIMIT`] is killed
+    /// and the test fails: a hang is a failure, not a stuck suite.
     pub fn ctl(&self, args: &[&str]) -> CtlOutput {
-        let out = Command::new(bin("p2pctl"))
+        let mut child = Command::new(bin("p2pctl"))
             .arg("--socket")
             .arg(&self.socket)
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("running p2pctl");
+        let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                if let Some(mut r) = r {
+                    let _ = r.read_to_end(&mut out);
+                }
+                String::from_utf8_lossy(&out).into_owned()
+            })
+        };
+        let stdout = drain(child.stdout.take().map(|r| Box::new(r) as _));
+        let stderr = drain(child.stderr.take().map(|r| Box::new(r) as _));
+        let deadline = Instant::now() + CTL_LIMIT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for p2pctl") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("p2pctl {args:?} still running after {CTL_LIMIT:?}: it hangs");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         CtlOutput {
-            status: out.status,
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            status,
+            stdout: stdout.join().expect("p2pctl stdout"),
+            stderr: stderr.join().expect("p2pctl stderr"),
         }
     }
 

@@ -158,3 +158,78 @@ fn a_download_renamed_into_place_just_before_a_crash_is_recognised_not_refetched
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(download(leecher, &id)["state"]["state"], "complete");
 }
+
+/// A tmpfs of `mib` MiB mounted at `dir` for one test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// None (after [`p2p_tests::skip_unless_ci`]) where this process cannot mount one.
+    fn mount(dir: &std::path::Path, mib: u32) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            p2p_tests::skip_unless_ci("mounting a tmpfs (needs root)");
+            return None;
+        }
+        Some(Tmpfs(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_stalls_a_download_visibly_and_freeing_space_lets_it_finish() {
+    let mut swarm = Swarm::new(1, "30s", &[]);
+    swarm.add_daemon(&[]);
+    let small = swarm.path("small");
+    let Some(_tmpfs) = Tmpfs::mount(&small, 24) else {
+        return;
+    };
+    // 12 MiB of the 24 are taken: a 20 MiB download runs out of space part way.
+    let filler = small.join("filler");
+    write_random(&filler, 12 << 20, 46);
+    let file = swarm.path("big.bin");
+    write_random(&file, 20 << 20, 47);
+    let id = swarm.daemons[0].register(&file);
+    let out = small.join("big.bin");
+    let leecher = &swarm.daemons[1];
+
+    // Attached, the command ends with the reason instead of waiting for ever.
+    let stalled = leecher
+        .ctl(&["download", &id, "-o", out.to_str().unwrap()])
+        .fails();
+    let expected = format!("stalled: no space left on device at {}", small.display());
+    assert!(stalled.contains(&expected), "{stalled}");
+    assert!(stalled.contains("more"), "how much is missing: {stalled}");
+    let shown = leecher.ctl(&["status"]).ok();
+    assert!(shown.contains(&expected), "{shown}");
+    let st = download(leecher, &id);
+    assert_eq!(st["state"]["state"], "running", "{st}");
+    assert!(
+        st["blocked"]
+            .as_str()
+            .is_some_and(|b| b.contains("no space")),
+        "{st}"
+    );
+    let have = st["have"].as_u64().expect("have");
+    assert!(have > 0, "nothing was written before the disk filled: {st}");
+
+    // Space is freed: it goes on by itself, and no verified chunk is fetched twice.
+    std::fs::remove_file(&filler).expect("freeing space");
+    leecher.wait_complete(Duration::from_secs(60));
+    assert_eq!(file_sha256(&out), file_sha256(&file));
+    let st = download(leecher, &id);
+    assert_eq!(st["downloaded"], 20 << 20, "{st}");
+    assert!(st["blocked"].is_null(), "{st}");
+}

@@ -341,8 +341,12 @@ fn a_slow_peer_that_keeps_sending_is_waited_for_past_the_request_timeout() {
     let leecher = swarm.add_daemon(&["--request-timeout", "2s"]);
     let file = swarm.path("slow.bin");
     write_random(&file, 8 << 20, 53);
-    let id = swarm.daemons[0].ctl_json(&["register", file.to_str().unwrap(), "--chunk-size", "4194304"])
-        ["file"]["id"]
+    let id = swarm.daemons[0].ctl_json(&[
+        "register",
+        file.to_str().unwrap(),
+        "--chunk-size",
+        "4194304",
+    ])["file"]["id"]
         .as_str()
         .expect("file id")
         .to_string();
