@@ -21,7 +21,7 @@ use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{broadcast, mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::download::Event;
+use crate::download::{Download, Event};
 use crate::node::{Node, Resolve};
 use crate::Error;
 
@@ -159,6 +159,48 @@ async fn connection(
     writer: &mut Writer,
 ) -> Result<(), String> {
     let fail = |code, msg: &str| CtlResponse::Error(WireError::new(code, msg));
+    if !hello(node, reader, writer).await? {
+        return Ok(());
+    }
+    let Some(request) = reader
+        .recv::<CtlRequest>()
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(());
+    };
+    debug!(?request, "command");
+    match request {
+        CtlRequest::Hello { .. } => {
+            send(writer, fail(ErrorCode::BadRequest, "already said hello")).await
+        }
+        CtlRequest::Register { path, chunk_size } => {
+            register(node, writer, &path, chunk_size).await
+        }
+        CtlRequest::Download {
+            query,
+            output,
+            follow,
+        } => download(node, writer, &query, output.as_deref(), follow).await,
+        CtlRequest::List => send(writer, list(node).await).await,
+        CtlRequest::Locate { query } => send(writer, locate(node, query).await).await,
+        CtlRequest::Status => send(writer, CtlResponse::Status(node.status())).await,
+        CtlRequest::Pause { query } => updated(writer, node.pause(&query).await).await,
+        CtlRequest::Resume { query } => updated(writer, node.resume(&query).await).await,
+        CtlRequest::Cancel { query } => updated(writer, node.cancel(&query).await).await,
+        CtlRequest::Unregister { query } => updated(writer, node.unregister(&query).await).await,
+        CtlRequest::Quit => {
+            info!("quit requested");
+            let r = send(writer, CtlResponse::Ok).await;
+            node.request_stop();
+            r
+        }
+    }
+}
+
+/// Takes `p2pctl`'s hello. Returns false if it left before saying anything.
+async fn hello(node: &Node, reader: &mut Reader, writer: &mut Writer) -> Result<bool, String> {
+    let fail = |code, msg: &str| CtlResponse::Error(WireError::new(code, msg));
     match reader
         .recv::<CtlRequest>()
         .await
@@ -189,68 +231,46 @@ async fn connection(
                 .await;
             return Err("no hello".into());
         }
-        None => return Ok(()),
+        None => return Ok(false),
     }
-    let Some(request) = reader
-        .recv::<CtlRequest>()
-        .await
-        .map_err(|e| e.to_string())?
-    else {
-        return Ok(());
+    Ok(true)
+}
+
+/// The files the tracker lists.
+async fn list(node: &Node) -> CtlResponse {
+    match node.tracker.call(p2p_schema::TrackerRequest::List).await {
+        Ok(p2p_schema::TrackerResponse::Files { files }) => CtlResponse::Files { files },
+        Ok(other) => CtlResponse::Error(WireError::new(
+            ErrorCode::Internal,
+            format!("unexpected answer {other:?}"),
+        )),
+        Err(e) => CtlResponse::Error(e),
+    }
+}
+
+/// The holders of the file `query` names, sorted by address.
+async fn locate(node: &Node, query: String) -> CtlResponse {
+    let file = match node.resolve(&query).await {
+        Ok(file) => file,
+        Err(r) => return resolve_failure(query, r),
     };
-    debug!(?request, "command");
-    match request {
-        CtlRequest::Hello { .. } => {
-            send(writer, fail(ErrorCode::BadRequest, "already said hello")).await
+    let located = node
+        .tracker
+        .call(p2p_schema::TrackerRequest::Locate {
+            file_id: file.id,
+            max: 1000,
+        })
+        .await;
+    match located {
+        Ok(p2p_schema::TrackerResponse::Holders { file, mut holders }) => {
+            holders.sort_by_key(|h| h.addr);
+            CtlResponse::Located { file, holders }
         }
-        CtlRequest::Register { path, chunk_size } => {
-            register(node, writer, &path, chunk_size).await
-        }
-        CtlRequest::Download {
-            query,
-            output,
-            follow,
-        } => download(node, writer, &query, output.as_deref(), follow).await,
-        CtlRequest::List => {
-            let reply = match node.tracker.call(p2p_schema::TrackerRequest::List).await {
-                Ok(p2p_schema::TrackerResponse::Files { files }) => CtlResponse::Files { files },
-                Ok(other) => fail(ErrorCode::Internal, &format!("unexpected answer {other:?}")),
-                Err(e) => CtlResponse::Error(e),
-            };
-            send(writer, reply).await
-        }
-        CtlRequest::Locate { query } => {
-            let reply = match node.resolve(&query).await {
-                Ok(file) => match node
-                    .tracker
-                    .call(p2p_schema::TrackerRequest::Locate {
-                        file_id: file.id,
-                        max: 1000,
-                    })
-                    .await
-                {
-                    Ok(p2p_schema::TrackerResponse::Holders { file, mut holders }) => {
-                        holders.sort_by_key(|h| h.addr);
-                        CtlResponse::Located { file, holders }
-                    }
-                    Ok(other) => fail(ErrorCode::Internal, &format!("unexpected answer {other:?}")),
-                    Err(e) => CtlResponse::Error(e),
-                },
-                Err(r) => resolve_failure(query, r),
-            };
-            send(writer, reply).await
-        }
-        CtlRequest::Status => send(writer, CtlResponse::Status(node.status())).await,
-        CtlRequest::Pause { query } => updated(writer, node.pause(&query).await).await,
-        CtlRequest::Resume { query } => updated(writer, node.resume(&query).await).await,
-        CtlRequest::Cancel { query } => updated(writer, node.cancel(&query).await).await,
-        CtlRequest::Unregister { query } => updated(writer, node.unregister(&query).await).await,
-        CtlRequest::Quit => {
-            info!("quit requested");
-            let r = send(writer, CtlResponse::Ok).await;
-            node.request_stop();
-            r
-        }
+        Ok(other) => CtlResponse::Error(WireError::new(
+            ErrorCode::Internal,
+            format!("unexpected answer {other:?}"),
+        )),
+        Err(e) => CtlResponse::Error(e),
     }
 }
 
@@ -330,7 +350,7 @@ async fn download(
         }
     };
     // Subscribe before looking at the state, so no event is missed in between.
-    let mut events = dl.events.subscribe();
+    let events = dl.events.subscribe();
     let started = CtlResponse::Started {
         file: file.clone(),
         output: dl.output.display().to_string(),
@@ -340,6 +360,17 @@ async fn download(
     if !follow {
         return Ok(());
     }
+    follow_download(writer, &dl, &file, events).await
+}
+
+/// Passes a download's progress to `p2pctl` until it completes, fails, stalls, or is
+/// paused or cancelled.
+async fn follow_download(
+    writer: &mut Writer,
+    dl: &Download,
+    file: &p2p_schema::FileSummary,
+    mut events: broadcast::Receiver<Event>,
+) -> Result<(), String> {
     let total = dl.manifest.chunk_count();
     let completed = |peers| CtlResponse::Completed {
         file: file.clone(),

@@ -3,22 +3,30 @@
 //! `p2pctl` over a local socket.
 //!
 //! # Layout
-//! - [`store`]: the sled database (identity, shares, downloads, chunk inventory).
-//! - [`local`]: [`local::LocalFile`], a file whose chunks this daemon can serve.
-//! - [`tracker_client`]: the long-lived tracker session, reconnecting and re-announcing.
-//! - [`register`]: hashing a local file into a manifest, off the async executor.
-//! - [`serve`]: the peer server: chunks to other daemons.
-//! - [`download`]: the download engine: picking, fetching, verifying, committing.
-//! - [`recover`]: re-verifying unrecorded chunks after an unclean stop.
+//! Each part uses only those listed after it (see `ARCHITECTURE.md` at the repository root).
+//! - [`start`]: start-up and shutdown: builds the parts, runs them, stops them in order.
 //! - [`control`]: the control socket and the commands `p2pctl` sends.
+//! - [`serve`]: the peer server: chunks to other daemons, its limits and hold-back policy.
+//! - [`node`]: [`node::Node`], the catalog of local files, the download manager, and
+//!   bringing back an earlier run's state.
+//! - [`download`]: one download: coordinator, workers, picker, committer, stalls.
+//! - [`context`]: what every part shares: settings, identity, database, tracker session.
+//! - [`local`]: [`local::LocalFile`], a file whose chunks this daemon can serve.
+//! - [`part`]: a download's partial file: exclusive creation, no-replace rename.
+//! - [`register`]: hashing a local file into a manifest, off the async executor.
+//! - [`recover`]: re-verifying unrecorded chunks after an unclean stop.
+//! - [`tracker_client`]: the long-lived tracker session, reconnecting and re-announcing.
+//! - [`store`]: the sled database (identity, shares, downloads, chunk inventory).
+//! - [`fileio`]: every OS-specific file call (positioned I/O, `sendfile`, direct I/O).
 //! - [`settings`]: flags, environment, configuration file and defaults, merged.
-//! - [`node`]: [`node::Node`], the state all of the above share, and [`run`].
 //!
 //! See `daemon/STATE.md` for the chunk state machine and the crash-consistency ordering.
 
 pub mod aligned;
+pub mod context;
 pub mod control;
 pub mod download;
+pub mod fileio;
 pub mod local;
 pub mod node;
 pub mod part;
@@ -26,6 +34,7 @@ pub mod recover;
 pub mod register;
 pub mod serve;
 pub mod settings;
+pub mod start;
 pub mod store;
 pub mod tracker_client;
 
@@ -33,7 +42,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use node::{run, Node};
+pub use node::Node;
+pub use start::run;
 
 /// Locks `m`. A panic while it was held does not make its data unusable here (every
 /// critical section leaves it consistent), so poisoning is ignored.

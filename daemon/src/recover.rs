@@ -9,7 +9,7 @@ use std::fs::File;
 
 use p2p_schema::{sha256, Bitfield, Manifest};
 
-use crate::serve::read_exact_at;
+use crate::fileio::read_exact_at;
 
 /// What the scan found among the chunks not recorded as held.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -103,9 +103,9 @@ mod tests {
             .unwrap();
         file.set_len(8192).unwrap();
         // Chunk 1 recorded, chunk 3 written whole, chunk 5 half written, the rest holes.
-        crate::serve::write_all_at(&file, &data[1024..2048], 1024).unwrap();
-        crate::serve::write_all_at(&file, &data[3072..4096], 3072).unwrap();
-        crate::serve::write_all_at(&file, &data[5120..5632], 5120).unwrap();
+        crate::fileio::write_all_at(&file, &data[1024..2048], 1024).unwrap();
+        crate::fileio::write_all_at(&file, &data[3072..4096], 3072).unwrap();
+        crate::fileio::write_all_at(&file, &data[5120..5632], 5120).unwrap();
         (&file).flush().unwrap();
         let mut have = Bitfield::new(8);
         have.set(1);

@@ -39,8 +39,37 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// [`LocalFile::may_send`]: crate::local::LocalFile::may_send
 const SPREAD: Duration = Duration::from_secs(1);
 
+/// The peer server's own state: its upload limits, and who is fetching from it now.
+pub struct Uploads {
+    /// Bounds chunk reads in progress for uploads (memory), where `sendfile` is not available.
+    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    slots: Semaphore,
+    /// Bounds upload bandwidth, if configured.
+    limit: RateLimit,
+    /// Peers connected to our peer server now, with their connection counts.
+    fetching: Mutex<HashMap<PeerId, u32>>,
+    /// Bumped each time the last of them goes (see `LocalFile::may_send`).
+    epoch: std::sync::atomic::AtomicU64,
+}
+
+impl Uploads {
+    pub fn new(config: &crate::Config) -> Uploads {
+        Uploads {
+            slots: Semaphore::new(config.max_uploads.max(1)),
+            limit: RateLimit::new(config.upload_rate),
+            fetching: Mutex::default(),
+            epoch: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
 /// Accepts peer connections until `stop` becomes true.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    node: Arc<Node>,
+    uploads: Arc<Uploads>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
@@ -65,11 +94,11 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let node = node.clone();
+        let (node, uploads) = (node.clone(), uploads.clone());
         let stop = stop.clone();
         tokio::spawn(
             async move {
-                if let Err(e) = connection(node, stream, stop).await {
+                if let Err(e) = connection(node, &uploads, stream, stop).await {
                     debug!("peer connection ended: {e}");
                 }
                 drop(ip_slot);
@@ -80,8 +109,12 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, mut stop: watch::Rece
     }
 }
 
+type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
+type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
+
 async fn connection(
     node: Arc<Node>,
+    uploads: &Uploads,
     stream: TcpStream,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), String> {
@@ -89,41 +122,12 @@ async fn connection(
     // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
     let mut reader = FrameReader::new(r, MAX_HELLO_FRAME);
     let mut writer = FrameWriter::new(w);
-    let hello = tokio::time::timeout(Duration::from_secs(10), reader.recv::<PeerRequest>())
-        .await
-        .map_err(|_| "no hello in time".to_string())?
-        .map_err(|e| e.to_string())?;
-    let peer = match hello {
-        Some(PeerRequest::Hello {
-            version, peer_id, ..
-        }) if version == PROTOCOL_VERSION => {
-            let welcome = PeerResponse::Welcome {
-                version: PROTOCOL_VERSION,
-                peer_id: node.peer_id,
-            };
-            writer.send(&welcome).await.map_err(|e| e.to_string())?;
-            reader.set_max(MAX_PEER_FRAME);
-            peer_id
-        }
-        Some(PeerRequest::Hello { version, .. }) => {
-            let e = WireError::new(
-                ErrorCode::UnsupportedVersion,
-                format!("protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})"),
-            );
-            let _ = writer.send(&PeerResponse::Error(e)).await;
-            return Err("unsupported version".into());
-        }
-        Some(_) => {
-            let e = WireError::new(ErrorCode::BadRequest, "the first message must be a hello");
-            let _ = writer.send(&PeerResponse::Error(e)).await;
-            return Err("no hello".into());
-        }
-        None => return Ok(()),
+    let Some(peer) = hello(&node, &mut reader, &mut writer).await? else {
+        return Ok(());
     };
-    let _fetching = Fetching::new(&node, peer);
+    let _fetching = Fetching::new(uploads, peer);
 
-    #[cfg(not(target_os = "linux"))]
-    let mut buf = Vec::new();
+    let mut buf = SendBuf::default();
     let mut budget = Budget::new();
     loop {
         // Throttle a peer that floods us with requests.
@@ -145,64 +149,12 @@ async fn connection(
         };
         match request {
             PeerRequest::GetChunk { file_id, index } => {
-                let (local, offset, len) = match locate_chunk(&node, &file_id, index) {
-                    Ok(found) => found,
-                    Err(e) => {
-                        writer
-                            .send(&PeerResponse::Error(e))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        continue;
-                    }
+                let chunk = Chunk {
+                    peer,
+                    file_id,
+                    index,
                 };
-                let fetching = |p: &PeerId| lock(&node.fetching).contains_key(p);
-                let epoch = node.fetch_epoch.load(std::sync::atomic::Ordering::Relaxed);
-                if !local.may_send(index, peer, SPREAD, epoch, fetching) {
-                    let busy = WireError::new(
-                        ErrorCode::Busy,
-                        format!("chunk {index} was just sent to another peer; ask it"),
-                    );
-                    writer
-                        .send(&PeerResponse::Error(busy))
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    continue;
-                }
-                let header = PeerResponse::Chunk { index, len };
-                #[cfg(target_os = "linux")]
-                {
-                    writer.feed(&header).await.map_err(|e| e.to_string())?;
-                    writer.flush().await.map_err(|e| e.to_string())?;
-                    let socket: &tokio::net::TcpStream = writer.get_ref().as_ref();
-                    // Paced in pieces under an upload limit, so a slow uplink still sends
-                    // steadily (the asker times out on silence, not on a slow chunk).
-                    let piece = if node.upload_limit.is_limited() {
-                        PACE_PIECE
-                    } else {
-                        len
-                    };
-                    let mut sent = 0;
-                    while sent < len {
-                        let n = piece.min(len - sent);
-                        node.upload_limit.wait(n as usize).await;
-                        send_file(socket, &local.handle(), offset + u64::from(sent), n)
-                            .await
-                            .map_err(|e| format!("sending chunk {index}: {e}"))?;
-                        sent += n;
-                    }
-                }
-                #[cfg(not(target_os = "linux"))]
-                {
-                    node.upload_limit.wait(len as usize).await;
-                    buf = read_chunk(&node, &local, offset, len, std::mem::take(&mut buf)).await?;
-                    writer
-                        .send_with_payload(&header, &buf)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
-                local.add_uploaded(u64::from(len));
-                // The spread counts from when the peer has the whole chunk.
-                local.sent(index, peer);
+                send_chunk(&node, uploads, &mut writer, chunk, &mut buf).await?;
             }
             PeerRequest::GetHave { file_id } => {
                 let reply = match node.local_file(&file_id) {
@@ -224,30 +176,154 @@ async fn connection(
     }
 }
 
-/// Counts a peer in [`Node::fetching`] while one of its connections lasts.
+/// Takes the hello: the peer's ID if it speaks our version (then the frame limit opens up),
+/// `None` if it left before saying anything.
+async fn hello(
+    node: &Node,
+    reader: &mut Reader,
+    writer: &mut Writer,
+) -> Result<Option<PeerId>, String> {
+    let hello = tokio::time::timeout(Duration::from_secs(10), reader.recv::<PeerRequest>())
+        .await
+        .map_err(|_| "no hello in time".to_string())?
+        .map_err(|e| e.to_string())?;
+    match hello {
+        Some(PeerRequest::Hello {
+            version, peer_id, ..
+        }) if version == PROTOCOL_VERSION => {
+            let welcome = PeerResponse::Welcome {
+                version: PROTOCOL_VERSION,
+                peer_id: node.peer_id,
+            };
+            writer.send(&welcome).await.map_err(|e| e.to_string())?;
+            reader.set_max(MAX_PEER_FRAME);
+            Ok(Some(peer_id))
+        }
+        Some(PeerRequest::Hello { version, .. }) => {
+            let e = WireError::new(
+                ErrorCode::UnsupportedVersion,
+                format!("protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})"),
+            );
+            let _ = writer.send(&PeerResponse::Error(e)).await;
+            Err("unsupported version".into())
+        }
+        Some(_) => {
+            let e = WireError::new(ErrorCode::BadRequest, "the first message must be a hello");
+            let _ = writer.send(&PeerResponse::Error(e)).await;
+            Err("no hello".into())
+        }
+        None => Ok(None),
+    }
+}
+
+/// A chunk asked for, and by whom.
+struct Chunk {
+    peer: PeerId,
+    file_id: p2p_schema::FileId,
+    index: u32,
+}
+
+/// The buffer a chunk is read into where `sendfile` is not available (unused where it is).
+type SendBuf = Vec<u8>;
+
+/// Answers a `GetChunk`: the chunk if it may be served now, else a refusal (not held, or
+/// held back for the spread: `Busy`).
+async fn send_chunk(
+    node: &Node,
+    uploads: &Uploads,
+    writer: &mut Writer,
+    chunk: Chunk,
+    buf: &mut SendBuf,
+) -> Result<(), String> {
+    let Chunk {
+        peer,
+        file_id,
+        index,
+    } = chunk;
+    let (local, offset, len) = match locate_chunk(node, &file_id, index) {
+        Ok(found) => found,
+        Err(e) => {
+            return writer
+                .send(&PeerResponse::Error(e))
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    let fetching = |p: &PeerId| lock(&uploads.fetching).contains_key(p);
+    let epoch = uploads.epoch.load(std::sync::atomic::Ordering::Relaxed);
+    if !local.may_send(index, peer, SPREAD, epoch, fetching) {
+        let busy = WireError::new(
+            ErrorCode::Busy,
+            format!("chunk {index} was just sent to another peer; ask it"),
+        );
+        return writer
+            .send(&PeerResponse::Error(busy))
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let header = PeerResponse::Chunk { index, len };
+    #[cfg(target_os = "linux")]
+    {
+        let _ = buf;
+        writer.feed(&header).await.map_err(|e| e.to_string())?;
+        writer.flush().await.map_err(|e| e.to_string())?;
+        let socket: &tokio::net::TcpStream = writer.get_ref().as_ref();
+        // Paced in pieces under an upload limit, so a slow uplink still sends steadily (the
+        // asker times out on silence, not on a slow chunk).
+        let piece = if uploads.limit.is_limited() {
+            PACE_PIECE
+        } else {
+            len
+        };
+        let mut sent = 0;
+        while sent < len {
+            let n = piece.min(len - sent);
+            uploads.limit.wait(n as usize).await;
+            crate::fileio::send_file(socket, &local.handle(), offset + u64::from(sent), n)
+                .await
+                .map_err(|e| format!("sending chunk {index}: {e}"))?;
+            sent += n;
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        uploads.limit.wait(len as usize).await;
+        *buf = read_chunk(uploads, &local, offset, len, std::mem::take(buf)).await?;
+        writer
+            .send_with_payload(&header, buf)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    local.add_uploaded(u64::from(len));
+    // The spread counts from when the peer has the whole chunk.
+    local.sent(index, peer);
+    Ok(())
+}
+
+/// Counts a peer in [`Uploads::fetching`] while one of its connections lasts.
 struct Fetching<'a> {
-    node: &'a Node,
+    uploads: &'a Uploads,
     peer: PeerId,
 }
 
 impl<'a> Fetching<'a> {
-    fn new(node: &'a Node, peer: PeerId) -> Self {
-        *lock(&node.fetching).entry(peer).or_insert(0) += 1;
-        Fetching { node, peer }
+    fn new(uploads: &'a Uploads, peer: PeerId) -> Self {
+        *lock(&uploads.fetching).entry(peer).or_insert(0) += 1;
+        Fetching { uploads, peer }
     }
 }
 
 impl Drop for Fetching<'_> {
     fn drop(&mut self) {
-        let mut fetching = lock(&self.node.fetching);
+        let mut fetching = lock(&self.uploads.fetching);
         if let Some(n) = fetching.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
                 fetching.remove(&self.peer);
                 if fetching.is_empty() {
                     // Idle: whoever fetches next starts a new pass over our files.
-                    self.node
-                        .fetch_epoch
+                    self.uploads
+                        .epoch
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -289,61 +365,17 @@ fn locate_chunk(
     Ok((local, offset, len))
 }
 
-/// Sends `len` bytes of `file` from `offset` straight from the page cache to the socket
-/// (`sendfile`: no copy through this process, no buffer). Waits for the socket as needed; a
-/// read of data not in the page cache blocks this worker thread briefly.
-#[cfg(target_os = "linux")]
-async fn send_file(
-    socket: &tokio::net::TcpStream,
-    file: &std::fs::File,
-    offset: u64,
-    len: u32,
-) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let (out_fd, in_fd) = (socket.as_raw_fd(), file.as_raw_fd());
-    let mut off = offset as libc::off_t;
-    let mut left = len as usize;
-    while left > 0 {
-        socket.writable().await?;
-        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
-            // SAFETY: both descriptors are open for the duration of the call; `off` is ours.
-            let n = unsafe { libc::sendfile(out_fd, in_fd, &mut off, left) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
-        match sent {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "the file is shorter than its manifest",
-                ))
-            }
-            Ok(n) => left -= n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Reads a chunk into `buf` on a blocking thread (where `sendfile` is not available).
 #[cfg(not(target_os = "linux"))]
 async fn read_chunk(
-    node: &Node,
+    uploads: &Uploads,
     local: &Arc<crate::local::LocalFile>,
     offset: u64,
     len: u32,
     mut buf: Vec<u8>,
 ) -> Result<Vec<u8>, String> {
     // Bound the memory held by reads in progress across all connections.
-    let _permit = node
-        .upload_slots
-        .acquire()
-        .await
-        .map_err(|e| e.to_string())?;
+    let _permit = uploads.slots.acquire().await.map_err(|e| e.to_string())?;
     let file = local.handle();
     tokio::task::spawn_blocking(move || {
         buf.resize(len as usize, 0);
@@ -415,51 +447,6 @@ impl Budget {
             self.last = Instant::now();
         }
         self.tokens -= 1.0;
-    }
-}
-
-/// Positional read of exactly `buf.len()` bytes.
-pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
-    }
-    #[cfg(windows)]
-    {
-        let mut done = 0;
-        while done < buf.len() {
-            let n = std::os::windows::fs::FileExt::seek_read(
-                file,
-                &mut buf[done..],
-                offset + done as u64,
-            )?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            done += n;
-        }
-        Ok(())
-    }
-}
-
-/// Positional write of all of `buf`.
-pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
-    }
-    #[cfg(windows)]
-    {
-        let mut done = 0;
-        while done < buf.len() {
-            let n = std::os::windows::fs::FileExt::seek_write(
-                file,
-                &buf[done..],
-                offset + done as u64,
-            )?;
-            done += n;
-        }
-        Ok(())
     }
 }
 

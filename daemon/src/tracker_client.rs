@@ -338,10 +338,100 @@ enum SessionEnd {
     Lost(String),
 }
 
+/// Answers awaited from the tracker, in request order: a reply channel, or `None` for a
+/// notification (whose answer is only logged if it is an error).
+type Pending = Arc<Mutex<VecDeque<Option<Reply>>>>;
+
+/// Reads the tracker's answers and hands each to its waiter, until the connection fails;
+/// returns why.
+async fn read_answers(mut reader: Reader, pending: Pending, address: String) -> String {
+    loop {
+        let response = match reader.recv::<TrackerResponse>().await {
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => return "the tracker closed the connection".to_string(),
+            // The whole frame was read, so the stream is still in step: this answer is
+            // an error for its caller, and the session goes on.
+            Err(e @ (FrameError::Decode(_) | FrameError::Trailing(_))) => {
+                warn!(tracker = %address, error = %e, "the tracker sent a malformed answer");
+                Err(WireError::new(
+                    ErrorCode::Internal,
+                    format!("the tracker {address} sent a malformed answer: {e}"),
+                ))
+            }
+            Err(e) => return e.to_string(),
+        };
+        let waiter = pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front();
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                match waiter {
+                    Some(Some(reply)) => {
+                        let _ = reply.send(Err(e));
+                    }
+                    Some(None) => {}
+                    None => return "the tracker sent an unsolicited message".to_string(),
+                }
+                continue;
+            }
+        };
+        match waiter {
+            Some(Some(reply)) => {
+                let _ = reply.send(Ok(response));
+            }
+            Some(None) => {
+                if let TrackerResponse::Error(e) = response {
+                    debug!(error = %e, "tracker refused a notification");
+                }
+            }
+            None => return "the tracker sent an unsolicited message".to_string(),
+        }
+    }
+}
+
+/// Sends what we hold (after a reconnect the tracker may have forgotten us) and waits until
+/// the tracker has taken it in. Returns how many announcements went out.
+async fn reannounce(
+    writer: &mut Writer,
+    announce: &Announce,
+    push: &impl Fn(Option<Reply>),
+    reader_task: &mut tokio::task::JoinHandle<String>,
+) -> Result<usize, SessionEnd> {
+    let announcements = announce();
+    let (done_tx, done_rx) = oneshot::channel();
+    let mut done_tx = Some(done_tx);
+    let count = announcements.len();
+    for (i, request) in announcements.into_iter().enumerate() {
+        push(if i + 1 == count { done_tx.take() } else { None });
+        writer
+            .feed(&request)
+            .await
+            .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    }
+    writer
+        .flush()
+        .await
+        .map_err(|e| SessionEnd::Lost(e.to_string()))?;
+    if count > 0 {
+        tokio::select! {
+            _ = done_rx => {}
+            why = reader_task => {
+                return Err(SessionEnd::Lost(why.unwrap_or_else(|e| e.to_string())));
+            }
+            () = tokio::time::sleep(CALL_TIMEOUT) => {
+                return Err(SessionEnd::Lost("the tracker did not take our announcements in time".into()));
+            }
+        }
+    }
+    Ok(count)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_session(
     (address, advertised): (&str, SocketAddr),
-    mut reader: Reader,
+    reader: Reader,
     mut writer: Writer,
     heartbeat: Duration,
     announce: &Announce,
@@ -349,7 +439,7 @@ async fn run_session(
     connected: &watch::Sender<bool>,
     stop: &mut watch::Receiver<bool>,
 ) -> SessionEnd {
-    let pending: Arc<Mutex<VecDeque<Option<Reply>>>> = Arc::default();
+    let pending: Pending = Arc::default();
     let push = |reply: Option<Reply>| {
         pending
             .lock()
@@ -358,84 +448,17 @@ async fn run_session(
     };
 
     // Responses are read by their own task: a frame read must never be cancelled half-way.
-    let reader_pending = pending.clone();
-    let reader_address = address.to_string();
-    let mut reader_task = tokio::spawn(async move {
-        loop {
-            let response = match reader.recv::<TrackerResponse>().await {
-                Ok(Some(r)) => Ok(r),
-                Ok(None) => return "the tracker closed the connection".to_string(),
-                // The whole frame was read, so the stream is still in step: this answer is
-                // an error for its caller, and the session goes on.
-                Err(e @ (FrameError::Decode(_) | FrameError::Trailing(_))) => {
-                    warn!(tracker = %reader_address, error = %e, "the tracker sent a malformed answer");
-                    Err(WireError::new(
-                        ErrorCode::Internal,
-                        format!("the tracker {reader_address} sent a malformed answer: {e}"),
-                    ))
-                }
-                Err(e) => return e.to_string(),
-            };
-            let waiter = reader_pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .pop_front();
-            let response = match response {
-                Ok(r) => r,
-                Err(e) => {
-                    match waiter {
-                        Some(Some(reply)) => {
-                            let _ = reply.send(Err(e));
-                        }
-                        Some(None) => {}
-                        None => return "the tracker sent an unsolicited message".to_string(),
-                    }
-                    continue;
-                }
-            };
-            match waiter {
-                Some(Some(reply)) => {
-                    let _ = reply.send(Ok(response));
-                }
-                Some(None) => {
-                    if let TrackerResponse::Error(e) = response {
-                        debug!(error = %e, "tracker refused a notification");
-                    }
-                }
-                None => return "the tracker sent an unsolicited message".to_string(),
-            }
-        }
-    });
+    let mut reader_task = tokio::spawn(read_answers(reader, pending.clone(), address.to_string()));
 
     // Re-announce before anything else (the tracker may have forgotten us), and wait until
     // it has taken it in: only then are we "connected" for others to find.
-    let announcements = announce();
-    let (done_tx, done_rx) = oneshot::channel();
-    let mut done_tx = Some(done_tx);
-    let count = announcements.len();
-    for (i, request) in announcements.into_iter().enumerate() {
-        push(if i + 1 == count { done_tx.take() } else { None });
-        if let Err(e) = writer.feed(&request).await {
+    let count = match reannounce(&mut writer, announce, &push, &mut reader_task).await {
+        Ok(count) => count,
+        Err(end) => {
             reader_task.abort();
-            return SessionEnd::Lost(e.to_string());
+            return end;
         }
-    }
-    if let Err(e) = writer.flush().await {
-        reader_task.abort();
-        return SessionEnd::Lost(e.to_string());
-    }
-    if count > 0 {
-        tokio::select! {
-            _ = done_rx => {}
-            why = &mut reader_task => {
-                return SessionEnd::Lost(why.unwrap_or_else(|e| e.to_string()));
-            }
-            () = tokio::time::sleep(CALL_TIMEOUT) => {
-                reader_task.abort();
-                return SessionEnd::Lost("the tracker did not take our announcements in time".into());
-            }
-        }
-    }
+    };
     info!(tracker = %address, advertised = %advertised, announced = count, "connected to the tracker");
     let _ = connected.send(true);
 

@@ -1,0 +1,127 @@
+//! [`Picker`]: which chunk a worker asks its peer for next.
+
+use super::*;
+
+/// Which chunks are done, in flight and how rare: shared by a download's workers.
+pub(super) struct Picker {
+    /// Verified and written (maybe not yet durable).
+    pub(super) done: Bitfield,
+    pub(super) in_flight: Vec<u8>,
+    /// How many connected peers hold each chunk.
+    pub(super) availability: Vec<u16>,
+    pub(super) remaining: u32,
+}
+
+impl Picker {
+    pub(super) fn new(have: Bitfield) -> Picker {
+        let n = have.len() as usize;
+        Picker {
+            remaining: have.len() - have.count(),
+            done: have,
+            in_flight: vec![0; n],
+            availability: vec![0; n],
+        }
+    }
+
+    /// The next chunk to ask a peer holding `has` for: the rarest free chunk (random
+    /// tie-break), or in the end game a chunk in flight elsewhere that the asker has not
+    /// asked for nor received (`mine`: asked, or received and still being verified).
+    pub(super) fn pick(&mut self, has: &Bitfield, mine: impl Fn(u32) -> bool) -> Option<u32> {
+        let n = self.done.len();
+        if n == 0 || self.remaining == 0 {
+            return None;
+        }
+        let start = fastrand::u32(..n);
+        let mut best: Option<(u16, u32)> = None;
+        for k in 0..n {
+            let i = (start + k) % n;
+            if self.done.get(i) || !has.get(i) || self.in_flight[i as usize] > 0 {
+                continue;
+            }
+            let a = self.availability[i as usize];
+            if best.is_none_or(|(b, _)| a < b) {
+                best = Some((a, i));
+                if a <= 1 {
+                    break;
+                }
+            }
+        }
+        let chosen = best.map(|(_, i)| i).or_else(|| {
+            (0..n).map(|k| (start + k) % n).find(|&i| {
+                !self.done.get(i) && has.get(i) && self.in_flight[i as usize] < 2 && !mine(i)
+            })
+        })?;
+        self.in_flight[chosen as usize] += 1;
+        Some(chosen)
+    }
+
+    /// A request for chunk `i` ended without it.
+    pub(super) fn release(&mut self, i: u32) {
+        if let Some(c) = self.in_flight.get_mut(i as usize) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    /// Chunk `i` arrived verified. Returns whether it was new.
+    pub(super) fn finish(&mut self, i: u32) -> bool {
+        self.release(i);
+        let new = self.done.set(i);
+        if new {
+            self.remaining -= 1;
+        }
+        new
+    }
+
+    pub(super) fn add_availability(&mut self, has: &Bitfield, delta: i32) {
+        for i in has.iter() {
+            if let Some(a) = self.availability.get_mut(i as usize) {
+                *a = (i32::from(*a) + delta).clamp(0, i32::from(u16::MAX)) as u16;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picker_prefers_rare_chunks_and_enters_end_game() {
+        let mut p = Picker::new(Bitfield::new(4));
+        let mut first_two = Bitfield::new(4);
+        first_two.set(0);
+        first_two.set(1);
+        let mut only1 = Bitfield::new(4);
+        only1.set(1);
+        // Two peers: one holds 0 and 1, the other only 1; so 0 is the rarer.
+        p.add_availability(&first_two, 1);
+        p.add_availability(&only1, 1);
+        let rare = first_two;
+        // Peer holds 0 and 1; 0 has availability 1, 1 has 2: 0 first.
+        assert_eq!(p.pick(&rare, |_| false), Some(0));
+        assert_eq!(p.pick(&rare, |_| false), Some(1));
+        // Both in flight: end game hands out a second copy, but not to the same asker.
+        let asked: VecDeque<u32> = [0, 1].into();
+        assert_eq!(p.pick(&rare, |i| asked.contains(&i)), None);
+        let second = p.pick(&rare, |_| false).unwrap();
+        assert!(second == 0 || second == 1);
+        assert!(p.finish(0));
+        assert!(!p.finish(0), "a duplicate is not new");
+        assert_eq!(p.remaining, 3);
+    }
+
+    #[test]
+    fn picker_never_hands_out_done_or_unheld_chunks() {
+        let mut have = Bitfield::new(8);
+        have.set(3);
+        let mut p = Picker::new(have);
+        let mut peer = Bitfield::new(8);
+        peer.set(3);
+        peer.set(5);
+        p.add_availability(&peer, 1);
+        assert_eq!(p.pick(&peer, |_| false), Some(5));
+        p.finish(5);
+        assert_eq!(p.pick(&peer, |_| false), None);
+        assert_eq!(p.remaining, 6);
+    }
+}

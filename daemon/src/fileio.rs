@@ -1,0 +1,151 @@
+//! File I/O with the platform's help where it has it: positioned reads and writes,
+//! `sendfile`, direct I/O, early write-back, free space. Every OS-specific call of the daemon's
+//! data path lives here, each with a portable fallback.
+
+/// Positional read of exactly `buf.len()` bytes.
+pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = std::os::windows::fs::FileExt::seek_read(
+                file,
+                &mut buf[done..],
+                offset + done as u64,
+            )?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Positional write of all of `buf`.
+pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::write_all_at(file, buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = std::os::windows::fs::FileExt::seek_write(
+                file,
+                &buf[done..],
+                offset + done as u64,
+            )?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+/// Sends `len` bytes of `file` from `offset` straight from the page cache to the socket
+/// (`sendfile`: no copy through this process, no buffer). Waits for the socket as needed; a
+/// read of data not in the page cache blocks this worker thread briefly.
+#[cfg(target_os = "linux")]
+pub async fn send_file(
+    socket: &tokio::net::TcpStream,
+    file: &std::fs::File,
+    offset: u64,
+    len: u32,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (out_fd, in_fd) = (socket.as_raw_fd(), file.as_raw_fd());
+    let mut off = offset as libc::off_t;
+    let mut left = len as usize;
+    while left > 0 {
+        socket.writable().await?;
+        let sent = socket.try_io(tokio::io::Interest::WRITABLE, || {
+            // SAFETY: both descriptors are open for the duration of the call; `off` is ours.
+            let n = unsafe { libc::sendfile(out_fd, in_fd, &mut off, left) };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        });
+        match sent {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file is shorter than its manifest",
+                ))
+            }
+            Ok(n) => left -= n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Bytes available to us on the file system holding `dir`, where the platform tells.
+pub fn available_space(dir: &std::path::Path) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: a NUL-terminated path and a buffer of the right type, both live across it.
+        let r = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+        if r != 0 {
+            return None;
+        }
+        // SAFETY: statvfs succeeded, so it filled the buffer.
+        let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)]
+        Some(st.f_bavail as u64 * st.f_frsize as u64)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = dir;
+        None
+    }
+}
+
+/// Opens `part` for direct I/O, if the platform and file system allow it.
+pub fn open_direct(part: &std::path::Path) -> Option<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(part)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = part;
+        None
+    }
+}
+
+/// Asks the kernel to start writing a freshly written range to disk now, without waiting, so
+/// that the committer's `fdatasync` finds little left to do (streaming writes otherwise pile
+/// up as dirty pages and are flushed all at once).
+pub fn start_writeback(file: &std::fs::File, offset: u64, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a hint on a descriptor we own; no memory is passed.
+        unsafe {
+            libc::sync_file_range(
+                file.as_raw_fd(),
+                offset as libc::off64_t,
+                len as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, offset, len);
+}

@@ -1,0 +1,388 @@
+//! [`Node`]: the catalog of files this daemon can serve (shares and partial downloads), the
+//! download manager (`downloads.rs`), bringing back an earlier run's state (`load.rs`), and the
+//! operations behind every control command. [`crate::start`] brings it up and down.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use p2p_schema::{
+    Bitfield, DaemonInfo, DownloadState, ErrorCode, FileId, FileSummary, Manifest, ShareStatus,
+    StatusReport, TrackerRequest, TrackerResponse, WireError,
+};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::context::Context;
+use crate::download::{self, Download};
+use crate::local::LocalFile;
+use crate::lock;
+use crate::part::{create_part, open_part, part_error};
+use crate::register::{hash_file, share_name};
+use crate::store::{DownloadRecord, ShareRecord};
+use crate::Error;
+
+pub type Files = Arc<RwLock<HashMap<FileId, Arc<LocalFile>>>>;
+
+mod downloads;
+mod load;
+
+/// The catalog of local files (shares and partial downloads, what can be served), the
+/// downloads, and the operations behind every control command. Its [`Context`] (settings,
+/// identity, database, tracker session) is reached through it.
+pub struct Node {
+    ctx: Arc<Context>,
+    files: Files,
+    downloads: Mutex<HashMap<FileId, Arc<Download>>>,
+    /// One gate per file a `download` command is starting: a second command for the same
+    /// file waits for the first, then finds its download (check-and-insert is atomic).
+    starting: Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl std::ops::Deref for Node {
+    type Target = Context;
+
+    fn deref(&self) -> &Context {
+        &self.ctx
+    }
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> WireError {
+    WireError::new(code, message)
+}
+
+impl Node {
+    /// A node over `ctx`, holding `files` (announced to the tracker from there), with no
+    /// downloads yet (`Node::load` brings back those of an earlier run).
+    pub fn new(ctx: Arc<Context>, files: Files) -> Node {
+        Node {
+            ctx,
+            files,
+            downloads: Mutex::default(),
+            starting: Mutex::default(),
+        }
+    }
+
+    /// The shared context, for the parts that need nothing else.
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Every download, for shutdown.
+    pub fn downloads(&self) -> Vec<Arc<Download>> {
+        lock(&self.downloads).values().cloned().collect()
+    }
+
+    /// The file with ID `id`, if this daemon holds any of it.
+    pub fn local_file(&self, id: &FileId) -> Option<Arc<LocalFile>> {
+        self.files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn insert_file(&self, local: Arc<LocalFile>) {
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(local.id, local);
+    }
+
+    fn download(&self, id: &FileId) -> Option<Arc<Download>> {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Facts for `p2pctl`.
+    pub fn info(&self) -> DaemonInfo {
+        DaemonInfo {
+            peer_id: self.peer_id,
+            listen: self.listen,
+            tracker: self.tracker.address().to_string(),
+            download_dir: self.config.download_dir.display().to_string(),
+            agent: p2p_schema::agent("p2pd"),
+        }
+    }
+
+    /// Hashes the file at `path` and shares it. Hashing progress goes to `progress`.
+    pub async fn register(
+        &self,
+        path: &str,
+        chunk_size: Option<u32>,
+        progress: mpsc::Sender<(u64, u64)>,
+    ) -> Result<FileSummary, WireError> {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("{}: the daemon needs an absolute path", path.display()),
+            ));
+        }
+        let name = share_name(&path)?;
+        let hashed = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                hash_file(&path, name, chunk_size, |done, total| {
+                    let _ = progress.try_send((done, total));
+                })
+            })
+            .await
+            .map_err(|e| err(ErrorCode::Internal, e.to_string()))??
+        };
+        let manifest = hashed.manifest;
+        let id = manifest.file_id();
+        let path_str = path
+            .to_str()
+            .ok_or_else(|| err(ErrorCode::BadRequest, "the path is not valid UTF-8"))?
+            .to_string();
+        let record = ShareRecord::new(manifest.clone(), path_str, hashed.identity);
+        self.store
+            .put_share(&id, &record)
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        self.store
+            .flush()
+            .await
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        let chunks = manifest.chunk_count();
+        let manifest = Arc::new(manifest);
+        let existing_ok = self
+            .local_file(&id)
+            .is_some_and(|f| f.is_complete() && f.problem().is_none());
+        if !existing_ok {
+            let local = LocalFile::new(
+                manifest.clone(),
+                hashed.file,
+                path.clone(),
+                Bitfield::full(chunks),
+            );
+            local.set_source(hashed.identity);
+            self.insert_file(Arc::new(local));
+        }
+        info!(file = %id.short(), path = %path.display(), size = manifest.size, "file shared");
+        match self
+            .tracker
+            .call(TrackerRequest::Register {
+                manifest: (*manifest).clone(),
+            })
+            .await
+        {
+            Ok(TrackerResponse::Registered { file }) => Ok(file),
+            Ok(other) => Err(err(
+                ErrorCode::Internal,
+                format!("unexpected tracker answer {other:?}"),
+            )),
+            Err(e) if e.code == ErrorCode::TrackerUnavailable => Err(err(
+                e.code,
+                format!(
+                    "{} is shared here but not yet announced: {}; it will be announced when the tracker is back",
+                    manifest.name, e.message
+                ),
+            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Resolves a name, ID or unique ID prefix to one file on the network.
+    pub async fn resolve(&self, query: &str) -> Result<FileSummary, Resolve> {
+        let files = match self
+            .tracker
+            .call(TrackerRequest::Find {
+                query: query.to_string(),
+            })
+            .await
+        {
+            Ok(TrackerResponse::Files { files }) => files,
+            Ok(other) => {
+                return Err(Resolve::Error(err(
+                    ErrorCode::Internal,
+                    format!("unexpected tracker answer {other:?}"),
+                )))
+            }
+            Err(e) => return Err(Resolve::Error(e)),
+        };
+        match <[FileSummary; 1]>::try_from(files) {
+            Ok([file]) => Ok(file),
+            Err(files) if files.is_empty() => Err(Resolve::Error(err(
+                ErrorCode::NotFound,
+                format!(
+                    "no file named {query:?} (nor with that ID) on the network; see 'p2pctl list'"
+                ),
+            ))),
+            Err(files) => Err(Resolve::Ambiguous(files)),
+        }
+    }
+
+    /// The local download or share matching `query` (a name, ID or unique ID prefix).
+    fn find_local(&self, query: &str) -> Result<FileId, WireError> {
+        let q = query.to_ascii_lowercase();
+        let by_id = p2p_schema::is_hex_prefix(&q);
+        let mut ids: Vec<(FileId, String)> = self
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|f| (f.id, f.manifest.name.clone()))
+            .chain(
+                self.downloads
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|d| (d.id, d.manifest.name.clone())),
+            )
+            .filter(|(id, name)| name == query || (by_id && id.to_hex().starts_with(&q)))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        match ids.as_slice() {
+            [] => Err(err(
+                ErrorCode::NotFound,
+                format!("this daemon has no file or download {query:?}; see 'p2pctl status'"),
+            )),
+            [(id, _)] => Ok(*id),
+            many => Err(err(
+                ErrorCode::Ambiguous,
+                format!(
+                    "{query:?} matches {} files here; use an ID: {}",
+                    many.len(),
+                    many.iter()
+                        .map(|(id, _)| id.to_hex())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Stops sharing a file (a registered one or a finished download); the file itself stays.
+    pub async fn unregister(&self, query: &str) -> Result<FileSummary, WireError> {
+        let id = self.find_local(query)?;
+        if let Some(dl) = self.download(&id) {
+            if dl.state() != DownloadState::Complete {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{} is still being downloaded; use 'p2pctl cancel'",
+                        dl.manifest.name
+                    ),
+                ));
+            }
+        }
+        let manifest = self
+            .local_file(&id)
+            .map(|f| f.manifest.clone())
+            .ok_or_else(|| err(ErrorCode::NotFound, "not shared here"))?;
+        self.forget(&id).await?;
+        info!(file = %id.short(), "stopped sharing");
+        Ok(local_summary(&manifest))
+    }
+
+    /// Forgets everything about file `id`: records, chunks, serving, the tracker's holding.
+    async fn forget(&self, id: &FileId) -> Result<(), WireError> {
+        self.files
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let io = |e: Error| err(ErrorCode::Io, e.to_string());
+        self.store.remove_share(id).map_err(io)?;
+        self.store.remove_download(id).map_err(io)?;
+        self.store.clear_chunks(id).map_err(io)?;
+        self.store.flush().await.map_err(io)?;
+        self.tracker.notify(TrackerRequest::Drop { file_id: *id });
+        Ok(())
+    }
+
+    /// What this daemon shares and downloads.
+    pub fn status(&self) -> StatusReport {
+        let mut shares: Vec<ShareStatus> = self
+            .files
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|f| f.is_complete())
+            .map(|f| ShareStatus {
+                id: f.id,
+                name: f.manifest.name.clone(),
+                size: f.manifest.size,
+                chunks: f.manifest.chunk_count(),
+                path: f.path().display().to_string(),
+                uploaded: f.uploaded.load(std::sync::atomic::Ordering::Relaxed),
+                problem: f.problem(),
+            })
+            .collect();
+        shares.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        let mut downloads: Vec<_> = self
+            .downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|d| d.status())
+            .collect();
+        downloads.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        StatusReport {
+            info: self.info(),
+            tracker_connected: self.tracker.is_connected(),
+            shares,
+            downloads,
+        }
+    }
+}
+
+/// A summary of a local file, for replies that need no tracker.
+fn local_summary(m: &Manifest) -> FileSummary {
+    FileSummary {
+        id: m.file_id(),
+        name: m.name.clone(),
+        size: m.size,
+        chunk_size: m.chunk_size,
+        chunks: m.chunk_count(),
+        seeders: 0,
+        holders: 0,
+    }
+}
+
+fn utf8(p: &Path) -> Result<String, WireError> {
+    p.to_str().map(str::to_string).ok_or_else(|| {
+        err(
+            ErrorCode::BadRequest,
+            format!("{}: paths must be valid UTF-8", p.display()),
+        )
+    })
+}
+
+/// Why a query did not resolve to one file.
+pub enum Resolve {
+    Ambiguous(Vec<FileSummary>),
+    Error(WireError),
+}
+
+/// What to announce after (re)connecting: complete files first (registering them), then
+/// partial holdings.
+pub fn announce_all(files: &Files) -> Vec<TrackerRequest> {
+    let files = files.read().unwrap_or_else(|p| p.into_inner());
+    let (stale, usable): (Vec<_>, Vec<_>) = files.values().partition(|f| f.problem().is_some());
+    let (complete, partial): (Vec<_>, Vec<_>) = usable.into_iter().partition(|f| f.is_complete());
+    // The tracker may still list files we no longer serve (from before a restart).
+    let mut out: Vec<TrackerRequest> = stale
+        .into_iter()
+        .map(|f| TrackerRequest::Drop { file_id: f.id })
+        .collect();
+    out.extend(complete.into_iter().map(|f| TrackerRequest::Register {
+        manifest: (*f.manifest).clone(),
+    }));
+    out.extend(
+        partial
+            .into_iter()
+            .map(|f| (f.id, f.have()))
+            .filter(|(_, have)| have.count() > 0)
+            .map(|(file_id, chunks)| TrackerRequest::Have { file_id, chunks }),
+    );
+    out
+}

@@ -1,0 +1,126 @@
+//! Start-up and shutdown of the daemon: builds the parts, runs them, and stops them in order.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::info;
+
+use crate::context::Context;
+use crate::control::ControlListener;
+use crate::node::{announce_all, Files, Node};
+use crate::serve::Uploads;
+use crate::store::Store;
+use crate::tracker_client::{Announce, Identity, TrackerClient};
+use crate::{Config, Error};
+
+/// Runs the daemon until `shutdown` resolves or `p2pctl quit` asks it to stop: serves peers
+/// on `peers`, commands on `control`, and keeps the tracker session. `ready` is called once
+/// it serves (with a one-line status). Then leaves the network, flushes state and removes
+/// the socket.
+pub async fn run(
+    config: Config,
+    peers: TcpListener,
+    control: ControlListener,
+    shutdown: impl Future<Output = ()>,
+    ready: impl FnOnce(&str),
+) -> Result<(), Error> {
+    // Opening may wait for the database's lock: off the executor.
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| Error::Other(format!("opening the state database: {e}")))??;
+    let clean = store.take_clean_flag().await?;
+    let peer_id = store.peer_id()?;
+    if !clean {
+        info!("the previous run did not stop cleanly: unrecorded chunks will be re-verified");
+    }
+    let bound = peers
+        .local_addr()
+        .map_err(|e| Error::io("reading the bound peer address", e))?;
+    let listen = config.advertise.unwrap_or(bound);
+    let (stop, stop_rx) = watch::channel(false);
+    let files: Files = Arc::default();
+    let announce: Announce = {
+        let files = files.clone();
+        Arc::new(move || announce_all(&files))
+    };
+    let identity = Identity {
+        peer_id,
+        listen,
+        secret: config.secret.clone(),
+    };
+    // The session waits until what we hold is loaded: its first announcement must be whole.
+    let (loaded, gate) = tokio::sync::oneshot::channel();
+    let (tracker, tracker_task) = TrackerClient::start(
+        config.tracker.clone(),
+        identity,
+        announce,
+        gate,
+        stop_rx.clone(),
+    );
+    let uploads = Arc::new(Uploads::new(&config));
+    let ctx = Arc::new(Context::new(config, peer_id, listen, store, tracker, stop));
+    let node = Arc::new(Node::new(ctx, files));
+    node.load(clean).await;
+    let _ = loaded.send(());
+    let server = tokio::spawn(crate::serve::serve(
+        node.clone(),
+        uploads,
+        peers,
+        stop_rx.clone(),
+    ));
+    let socket = node.config.socket.clone();
+    let controller = tokio::spawn(crate::control::serve(
+        node.clone(),
+        control,
+        stop_rx.clone(),
+    ));
+    let status = format!(
+        "serving peers on {bound}, control socket {}",
+        socket.display()
+    );
+    info!(peer_id = %peer_id.short(), "p2pd ready: {status}");
+    ready(&status);
+
+    let mut stopping = stop_rx.clone();
+    tokio::select! {
+        () = shutdown => {}
+        _ = stopping.wait_for(|s| *s) => {}
+    }
+    info!("shutting down");
+    let tasks = Running {
+        tracker: tracker_task,
+        server,
+        controller,
+    };
+    shut_down(&node, tasks).await?;
+    info!("stopped");
+    Ok(())
+}
+
+/// The daemon's long-running tasks besides its downloads.
+struct Running {
+    tracker: tokio::task::JoinHandle<()>,
+    server: tokio::task::JoinHandle<()>,
+    controller: tokio::task::JoinHandle<()>,
+}
+
+/// Stops everything in order: tell systemd, signal every part, let the tracker session say
+/// Bye (bounded: a dead tracker cannot hold us up), stop accepting peers and commands, let
+/// downloads commit what they wrote, then flush and mark the state clean.
+async fn shut_down(node: &Node, tasks: Running) -> Result<(), Error> {
+    p2p_schema::service::notify_stopping();
+    node.request_stop();
+    let _ = tokio::time::timeout(Duration::from_secs(3), tasks.tracker).await;
+    let _ = tasks.server.await;
+    let _ = tasks.controller.await;
+    for dl in node.downloads() {
+        let _ = tokio::time::timeout(Duration::from_secs(5), dl.join()).await;
+    }
+    node.store.flush().await?;
+    node.store.mark_clean().await?;
+    Ok(())
+}
