@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use p2p_schema::PeerId;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::store::Store;
 use crate::tracker_client::TrackerClient;
@@ -18,7 +18,8 @@ pub struct Context {
     pub listen: SocketAddr,
     pub store: Store,
     pub tracker: TrackerClient,
-    stop: watch::Sender<bool>,
+    /// Cancelled when the daemon stops; every task's token is a child of it.
+    stop: CancellationToken,
 }
 
 impl Context {
@@ -28,7 +29,7 @@ impl Context {
         listen: SocketAddr,
         store: Store,
         tracker: TrackerClient,
-        stop: watch::Sender<bool>,
+        stop: CancellationToken,
     ) -> Context {
         Context {
             config,
@@ -40,13 +41,14 @@ impl Context {
         }
     }
 
-    /// A receiver that turns true when the daemon is stopping.
-    pub fn stop_signal(&self) -> watch::Receiver<bool> {
-        self.stop.subscribe()
+    /// The daemon's stop token: cancelled when it stops. Parts that stop on their own too
+    /// (a download) take a child of it.
+    pub fn stop_token(&self) -> &CancellationToken {
+        &self.stop
     }
 
     /// Starts an orderly shutdown (what `p2pctl quit` and signals do).
     pub fn request_stop(&self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
     }
 }

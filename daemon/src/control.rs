@@ -18,7 +18,8 @@ use p2p_schema::{
     PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::download::{Download, Event};
@@ -125,10 +126,10 @@ type Reader = FrameReader<ReadHalf<Stream>>;
 type Writer = FrameWriter<WriteHalf<Stream>>;
 
 /// Accepts `p2pctl` connections until `stop` becomes true; the socket is removed on return.
-pub async fn serve(node: Arc<Node>, control: ControlListener, mut stop: watch::Receiver<bool>) {
+pub async fn serve(node: Arc<Node>, control: ControlListener, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
-            _ = stop.changed() => break,
+            () = stop.cancelled() => break,
             a = control.listener.accept() => a,
         };
         match accepted {

@@ -17,7 +17,8 @@ use p2p_schema::{
     MAX_HELLO_FRAME, MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::lock;
@@ -68,13 +69,13 @@ pub async fn serve(
     node: Arc<Node>,
     uploads: Arc<Uploads>,
     listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let accepted = tokio::select! {
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
             a = listener.accept() => a,
         };
         let (stream, remote) = match accepted {
@@ -116,7 +117,7 @@ async fn connection(
     node: Arc<Node>,
     uploads: &Uploads,
     stream: TcpStream,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) -> Result<(), String> {
     let (r, w) = stream.into_split();
     // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
@@ -133,7 +134,7 @@ async fn connection(
         // Throttle a peer that floods us with requests.
         budget.spend().await;
         let request = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            () = stop.cancelled() => return Ok(()),
             r = tokio::time::timeout(IDLE_TIMEOUT, reader.recv::<PeerRequest>()) => r,
         };
         let request = match request {

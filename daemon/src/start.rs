@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use crate::context::Context;
@@ -41,7 +41,7 @@ pub async fn run(
         .local_addr()
         .map_err(|e| Error::io("reading the bound peer address", e))?;
     let listen = config.advertise.unwrap_or(bound);
-    let (stop, stop_rx) = watch::channel(false);
+    let stop = CancellationToken::new();
     let files: Files = Arc::default();
     let announce: Announce = {
         let files = files.clone();
@@ -59,10 +59,17 @@ pub async fn run(
         identity,
         announce,
         gate,
-        stop_rx.clone(),
+        stop.clone(),
     );
     let uploads = Arc::new(Uploads::new(&config));
-    let ctx = Arc::new(Context::new(config, peer_id, listen, store, tracker, stop));
+    let ctx = Arc::new(Context::new(
+        config,
+        peer_id,
+        listen,
+        store,
+        tracker,
+        stop.clone(),
+    ));
     let node = Arc::new(Node::new(ctx, files));
     node.load(clean).await;
     let _ = loaded.send(());
@@ -70,14 +77,10 @@ pub async fn run(
         node.clone(),
         uploads,
         peers,
-        stop_rx.clone(),
+        stop.clone(),
     ));
     let socket = node.config.socket.clone();
-    let controller = tokio::spawn(crate::control::serve(
-        node.clone(),
-        control,
-        stop_rx.clone(),
-    ));
+    let controller = tokio::spawn(crate::control::serve(node.clone(), control, stop.clone()));
     let status = format!(
         "serving peers on {bound}, control socket {}",
         socket.display()
@@ -85,10 +88,9 @@ pub async fn run(
     info!(peer_id = %peer_id.short(), "p2pd ready: {status}");
     ready(&status);
 
-    let mut stopping = stop_rx.clone();
     tokio::select! {
         () = shutdown => {}
-        _ = stopping.wait_for(|s| *s) => {}
+        () = stop.cancelled() => {}
     }
     info!("shutting down");
     let tasks = Running {

@@ -19,6 +19,7 @@ use p2p_schema::{
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 type Reply = oneshot::Sender<Result<TrackerResponse, WireError>>;
@@ -71,7 +72,7 @@ impl TrackerClient {
         identity: Identity,
         announce: Announce,
         gate: oneshot::Receiver<()>,
-        stop: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> (TrackerClient, tokio::task::JoinHandle<()>) {
         let (calls_tx, calls_rx) = mpsc::channel(1024);
         let address_for_task = address.clone();
@@ -79,10 +80,10 @@ impl TrackerClient {
         let list_pages = Arc::new(AtomicBool::new(false));
         let pages_for_task = list_pages.clone();
         let task = tokio::spawn(async move {
-            let mut early_stop = stop.clone();
+            let early_stop = stop.clone();
             tokio::select! {
                 _ = gate => {}
-                _ = early_stop.wait_for(|s| *s) => return,
+                () = early_stop.cancelled() => return,
             }
             session_loop(
                 address_for_task,
@@ -222,12 +223,12 @@ async fn session_loop(
     announce: Announce,
     mut calls: mpsc::Receiver<Call>,
     (connected, list_pages): (watch::Sender<bool>, Arc<AtomicBool>),
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u32;
     loop {
-        if *stop.borrow() {
+        if stop.is_cancelled() {
             return;
         }
         match connect(&address, &identity).await {
@@ -243,7 +244,7 @@ async fn session_loop(
                     &announce,
                     &mut calls,
                     &connected,
-                    &mut stop,
+                    &stop,
                 )
                 .await;
                 let _ = connected.send(false);
@@ -274,7 +275,7 @@ async fn session_loop(
             }
         }
         tokio::select! {
-            _ = stop.changed() => {}
+            () = stop.cancelled() => {}
             () = tokio::time::sleep(backoff + jitter(backoff)) => {}
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -437,7 +438,7 @@ async fn run_session(
     announce: &Announce,
     calls: &mut mpsc::Receiver<Call>,
     connected: &watch::Sender<bool>,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> SessionEnd {
     let pending: Pending = Arc::default();
     let push = |reply: Option<Reply>| {
@@ -466,7 +467,7 @@ async fn run_session(
     tick.reset();
     let end = loop {
         tokio::select! {
-            _ = stop.changed() => {
+            () = stop.cancelled() => {
                 // Leave the network: the tracker drops our holdings at once.
                 let (tx, rx) = oneshot::channel();
                 push(Some(tx));

@@ -29,7 +29,7 @@ use p2p_schema::{
 };
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn, Instrument};
@@ -127,8 +127,9 @@ pub struct Download {
     refetched: u64,
     recent: Mutex<VecDeque<(Instant, u64, SocketAddr)>>,
     sources: Mutex<HashSet<SocketAddr>>,
-    /// Set to stop this download alone (pause, cancel).
-    halt: watch::Sender<bool>,
+    /// The stop token of the download's current run: a child of the daemon's, cancelled to
+    /// stop this download alone (pause, cancel).
+    halt: Mutex<CancellationToken>,
     /// The partial file opened for direct I/O (`O_DIRECT`), where the file system allows:
     /// aligned chunks are written through it, bypassing the page cache.
     direct: Option<Arc<std::fs::File>>,
@@ -139,27 +140,6 @@ pub struct Download {
     blocked: Mutex<Option<String>>,
     /// Wakes a stalled download to try again at once (`resume`).
     retry: Notify,
-}
-
-/// Fires when the daemon stops or the download is halted on its own.
-pub struct Halt {
-    daemon: watch::Receiver<bool>,
-    download: watch::Receiver<bool>,
-}
-
-impl Halt {
-    /// Has either fired?
-    pub fn is_set(&self) -> bool {
-        *self.daemon.borrow() || *self.download.borrow()
-    }
-
-    /// Resolves once either fires (at once if one has). Cancellation safe.
-    pub async fn wait(&mut self) {
-        tokio::select! {
-            _ = self.daemon.wait_for(|s| *s) => {}
-            _ = self.download.wait_for(|s| *s) => {}
-        }
-    }
 }
 
 impl Download {
@@ -189,18 +169,10 @@ impl Download {
             stalled: AtomicU32::new(0),
             recent: Mutex::new(VecDeque::new()),
             sources: Mutex::new(HashSet::new()),
-            halt: watch::channel(false).0,
+            halt: Mutex::new(CancellationToken::new()),
             task: tokio::sync::Mutex::new(None),
             blocked: Mutex::new(None),
             retry: Notify::new(),
-        }
-    }
-
-    /// What stops this download's tasks.
-    pub fn halt(&self, node: &Context) -> Halt {
-        Halt {
-            daemon: node.stop_signal(),
-            download: self.halt.subscribe(),
         }
     }
 
@@ -211,9 +183,10 @@ impl Download {
         if task.as_ref().is_some_and(|t| !t.is_finished()) {
             return false;
         }
-        let _ = self.halt.send_replace(false);
+        let stop = node.stop_token().child_token();
+        *lock(&self.halt) = stop.clone();
         self.set_state(node, DownloadState::Running);
-        *task = Some(tokio::spawn(run(node.clone(), self.clone())));
+        *task = Some(tokio::spawn(run(node.clone(), self.clone(), stop)));
         true
     }
 
@@ -222,7 +195,7 @@ impl Download {
     pub async fn stop(&self, node: &Context, state: DownloadState) {
         let mut task = self.task.lock().await;
         self.set_state(node, state);
-        let _ = self.halt.send_replace(true);
+        lock(&self.halt).cancel();
         if let Some(t) = task.take() {
             join_logged(t, &self.manifest.name).await;
         }
@@ -334,7 +307,7 @@ struct Swarm {
     window: usize,
     /// Set when the download ends (complete, stopped or failed): workers still waiting on
     /// slow peers give up.
-    finished: watch::Sender<bool>,
+    finished: CancellationToken,
     /// The workers: joined before the committer is closed and before the file is finished.
     tasks: TaskTracker,
 }
@@ -364,14 +337,15 @@ async fn join_logged(mut task: tokio::task::JoinHandle<()>, name: &str) {
     }
 }
 
-/// Drives `dl` until it is complete, fails, or the daemon stops. A download stalled by a
-/// write error (a full disk, a read-only or failing file system) says why, waits until it
-/// can go on (space freed, `resume`, or a retry for other errors), and goes on.
-async fn run(node: Arc<Context>, dl: Arc<Download>) {
+/// Drives `dl` until it is complete, fails, or `stop` is cancelled (the daemon stops, or
+/// the download is paused or cancelled). A download stalled by a write error (a full disk, a
+/// read-only or failing file system) says why, waits until it can go on (space freed,
+/// `resume`, or a retry for other errors), and goes on.
+async fn run(node: Arc<Context>, dl: Arc<Download>, stop: CancellationToken) {
     let span = tracing::info_span!("download", file = %dl.id.short(), name = %dl.manifest.name);
     async move {
         loop {
-            match drive(node.clone(), dl.clone()).await {
+            match drive(node.clone(), dl.clone(), &stop).await {
                 Ok(Driven::Complete) => {}
                 Ok(Driven::Stopped) => info!(state = ?dl.state(), "download stopped"),
                 Ok(Driven::Stalled(e)) => {
@@ -379,7 +353,7 @@ async fn run(node: Arc<Context>, dl: Arc<Download>) {
                     warn!("download stalled: {why}");
                     *lock(&dl.blocked) = Some(why.clone());
                     let _ = dl.events.send(Event::Stalled(why));
-                    let went_on = wait_to_go_on(&node, &dl, &e).await;
+                    let went_on = wait_to_go_on(&dl, &e, &stop).await;
                     *lock(&dl.blocked) = None;
                     if went_on {
                         info!("download goes on after a stall");
@@ -409,8 +383,11 @@ enum Driven {
     Stalled(WriteError),
 }
 
-async fn drive(node: Arc<Context>, dl: Arc<Download>) -> Result<Driven, String> {
-    let mut stop = dl.halt(&node);
+async fn drive(
+    node: Arc<Context>,
+    dl: Arc<Download>,
+    stop: &CancellationToken,
+) -> Result<Driven, String> {
     let chunk_size = u64::from(dl.manifest.chunk_size.max(1));
     let window = (WINDOW_BYTES / chunk_size).clamp(2, node.config.max_in_flight.max(2) as u64);
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();
@@ -426,7 +403,7 @@ async fn drive(node: Arc<Context>, dl: Arc<Download>) -> Result<Driven, String> 
         write_error: Mutex::default(),
         fresh: Mutex::default(),
         window: window as usize,
-        finished: watch::channel(false).0,
+        finished: stop.child_token(),
         tasks: TaskTracker::new(),
     });
     info!(
@@ -436,10 +413,10 @@ async fn drive(node: Arc<Context>, dl: Arc<Download>) -> Result<Driven, String> 
     );
     let close = CancellationToken::new();
     let mut committer = tokio::spawn(commit_loop(swarm.clone(), commit_rx, close.clone()));
-    let ended = coordinate(&node, &dl, &swarm, &mut stop, &committer).await;
+    let ended = coordinate(&node, &dl, &swarm, stop, &committer).await;
     // Whatever ended it, no worker and no chunk write of this download outlives it: stop and
     // join them all, then let the committer make durable what they wrote, and end.
-    let _ = swarm.finished.send_replace(true);
+    swarm.finished.cancel();
     swarm.tasks.close();
     swarm.tasks.wait().await;
     close.cancel();
@@ -479,12 +456,12 @@ async fn coordinate(
     node: &Arc<Context>,
     dl: &Arc<Download>,
     swarm: &Arc<Swarm>,
-    stop: &mut Halt,
+    stop: &CancellationToken,
     committer: &tokio::task::JoinHandle<bool>,
 ) -> Ended {
     let mut backoff = Duration::from_millis(200);
     while !dl.local.is_complete() {
-        if stop.is_set() {
+        if stop.is_cancelled() {
             return Ended::Stopped;
         }
         if committer.is_finished() {
@@ -496,7 +473,7 @@ async fn coordinate(
         if swarm.picker().remaining == 0 {
             // Every chunk is in; the committer is making the last ones durable.
             tokio::select! {
-                () = stop.wait() => {}
+                () = stop.cancelled() => {}
                 () = swarm.progress.notified() => {}
                 () = tokio::time::sleep(COMMIT_INTERVAL) => {}
             }
@@ -529,7 +506,7 @@ async fn coordinate(
             }
         }
         tokio::select! {
-            () = stop.wait() => {}
+            () = stop.cancelled() => {}
             () = swarm.progress.notified() => {}
             () = tokio::time::sleep(wait) => {}
         }

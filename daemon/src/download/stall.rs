@@ -36,12 +36,11 @@ pub(super) const STALL_RETRY: Duration = Duration::from_secs(10);
 /// Waits until a stalled download may go on: space freed for what it still needs (a full
 /// disk), [`STALL_RETRY`] passed (other errors), or `resume`. Returns false if it was
 /// stopped meanwhile.
-pub(super) async fn wait_to_go_on(node: &Context, dl: &Download, e: &WriteError) -> bool {
-    let mut stop = dl.halt(node);
+pub(super) async fn wait_to_go_on(dl: &Download, e: &WriteError, stop: &CancellationToken) -> bool {
     let started = Instant::now();
     loop {
         tokio::select! {
-            () = stop.wait() => return false,
+            () = stop.cancelled() => return false,
             () = dl.retry.notified() => return true,
             () = tokio::time::sleep(STALL_RECHECK) => {}
         }

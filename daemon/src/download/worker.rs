@@ -34,14 +34,12 @@ pub(super) fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
         async move {
             let peer = holder.peer_id;
             let mut worker = Worker::new(swarm.clone(), holder.addr, peer);
-            let mut stop = swarm.dl.halt(&swarm.node);
-            let mut finished = swarm.finished.subscribe();
-            // Cut short wherever it waits once the download ends: only the chunk writes it
-            // started must be waited for, and `drain` does that.
+            // Cut short wherever it waits once the download ends (or is stopped: `finished`
+            // is a child of its stop token): only the chunk writes it started must be waited
+            // for, and `drain` does that.
             let result = tokio::select! {
                 r = worker.run(chunks) => r,
-                () = stop.wait() => Ok(()),
-                _ = finished.wait_for(|f| *f) => Ok(()),
+                () = swarm.finished.cancelled() => Ok(()),
             };
             // Chunks still being verified are taken in before the worker lets go of them.
             let drained = worker.drain().await;
