@@ -332,3 +332,19 @@ macro_rules! service_settings {
         }
     };
 }
+
+/// Implements `or` for a settings struct whose fields are all `Option`s: each field from
+/// `self`, or else from `other`. This is how flags, the configuration file and the defaults
+/// are layered. Name every field: the struct literal it expands to does not compile if one is
+/// missing.
+#[macro_export]
+macro_rules! settings_or {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl $ty {
+            /// Each field from `self`, or else from `other`.
+            pub fn or(self, other: $ty) -> $ty {
+                $ty { $($field: self.$field.or(other.$field)),* }
+            }
+        }
+    };
+}

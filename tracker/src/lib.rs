@@ -36,6 +36,9 @@ pub enum Error {
     Open(#[from] p2p_schema::store::OpenError),
 }
 
+/// A peer not heard from for this long is dropped, unless configured otherwise.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+
 /// Settings of a running tracker.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -53,7 +56,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            ttl: Duration::from_secs(30),
+            ttl: DEFAULT_TTL,
             secret: None,
             max_holders: 200,
             max_connections: 4096,

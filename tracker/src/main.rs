@@ -78,9 +78,7 @@ fn main() -> ExitCode {
         Ok(started) => started,
         Err(code) => return code,
     };
-    let listen = settings
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    let listen = settings.listen();
     let data_dir = settings.data_dir.clone().unwrap_or_default();
     let result = settings
         .to_config()

@@ -500,11 +500,6 @@ impl Registry {
         }
     }
 
-    /// Number of peers on the network.
-    pub fn peer_count(&self) -> usize {
-        self.lock().peers.len()
-    }
-
     /// Writes everything to disk (fsync).
     pub async fn flush(&self) -> Result<(), Error> {
         self.persist();
