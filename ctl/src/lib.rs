@@ -197,7 +197,7 @@ pub fn format_locate(holders: &[Holder]) -> String {
     out
 }
 
-pub use p2p_schema::human_bytes;
+use p2p_service::human_bytes;
 
 /// The `status` report in prose.
 pub fn format_status(s: &StatusReport) -> String {
@@ -333,12 +333,5 @@ mod tests {
         assert!(line.contains(&FileId([0x3f; 32]).to_hex()));
         assert!(line.contains(&FileId([0xaa; 32]).to_hex()));
         assert!(!line.contains('\n'));
-    }
-
-    #[test]
-    fn bytes() {
-        assert_eq!(human_bytes(10), "10 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

@@ -89,7 +89,7 @@ enum Command {
         #[arg(short, long)]
         watch: bool,
         /// How often --watch refreshes.
-        #[arg(long, default_value = "1s", value_parser = p2p_schema::parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = p2p_service::parse_duration)]
         interval: std::time::Duration,
     },
     /// Make the daemon leave the network and exit.
@@ -242,7 +242,7 @@ fn man() -> Result<(), CtlError> {
 /// The socket to use when none is given: the first that exists of the user service's, the
 /// system service's and the default data directory's.
 fn default_socket() -> PathBuf {
-    let candidates = p2p_schema::default_socket_candidates();
+    let candidates = p2p_service::default_socket_candidates();
     candidates
         .iter()
         .find(|p| p.exists())

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use p2p_schema::service::{self, Readiness};
 use p2p_schema::{FrameReader, FrameWriter, TrackerRequest, TrackerResponse, MAX_FRAME};
+use p2p_service::lifecycle::{self as service, Readiness};
 use p2p_tracker::settings::Settings;
 use p2p_tracker::Registry;
 use tracing::info;

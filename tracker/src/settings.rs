@@ -52,7 +52,7 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
 }
 
-p2p_schema::settings_or!(Settings {
+p2p_service::settings_or!(Settings {
     listen,
     data_dir,
     ttl,
@@ -84,7 +84,7 @@ impl Settings {
         let data_dir = given
             .data_dir
             .clone()
-            .unwrap_or_else(|| p2p_schema::data_dir_for("p2p-tracker"));
+            .unwrap_or_else(|| p2p_service::data_dir_for("p2p-tracker"));
         let data_dir = absolute(&data_dir)?;
         let mut s = given.or(Settings::defaults(&data_dir));
         s.data_dir = Some(data_dir);
@@ -95,7 +95,7 @@ impl Settings {
             *p = absolute(p)?;
         }
         if let Some(t) = &s.ttl {
-            p2p_schema::parse_duration(t).map_err(|e| format!("ttl: {e}"))?;
+            p2p_service::parse_duration(t).map_err(|e| format!("ttl: {e}"))?;
         }
         Ok(s)
     }
@@ -109,18 +109,18 @@ impl Settings {
     pub fn to_config(&self) -> Result<Config, String> {
         let mut config = Config::default();
         if let Some(t) = &self.ttl {
-            config.ttl = p2p_schema::parse_duration(t)?;
+            config.ttl = p2p_service::parse_duration(t)?;
         }
         config.secret = match (&self.secret, &self.secret_file) {
             (Some(s), _) => Some(s.clone()),
-            (None, Some(path)) => Some(p2p_schema::read_secret(path)?),
+            (None, Some(path)) => Some(p2p_service::read_secret(path)?),
             (None, None) => None,
         };
         Ok(config)
     }
 }
 
-p2p_schema::service_settings!(Settings, "p2p-tracker");
+p2p_service::service_settings!(Settings, "p2p-tracker");
 
 fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
