@@ -3,11 +3,10 @@
 //! otherwise use (aria2c over BitTorrent and HTTP, curl), run on the same files in the same
 //! run where they are installed.
 //!
-//! Run it with `bench/run` (builds release first). Flags: `--quick` (smaller files, one
-//! repetition), `--reps N` (loopback repetitions, default 5), `--ns-reps N` (namespace
-//! repetitions, default 3), `--dir DIR` (where the test files go; default the temporary
-//! directory), `--skip-S` for a section S (`loopback`, `others`, `namespaces`, `crowd`,
-//! `memory`, `tracker`), or `--only S`.
+//! Run it with `bench/run` (builds release first); `p2p-bench --help` lists the flags:
+//! `--quick` (smaller files, one repetition), `--reps N`, `--ns-reps N`, `--dir DIR`,
+//! `--skip-S` for a section S (`loopback`, `others`, `namespaces`, `crowd`, `memory`,
+//! `tracker`), or `--only S`.
 
 mod lab;
 mod measure;
@@ -18,6 +17,7 @@ mod tracker_load;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use clap::Parser;
 use lab::Net;
 
 const MIB: u64 = 1 << 20;
@@ -36,6 +36,59 @@ pub fn tick() {
     let _ = std::io::stderr().flush();
 }
 
+/// The benchmark: this project against aria2c (BitTorrent and HTTP) and curl, on loopback and
+/// in network namespaces with limited uplinks. Run it with `bench/run`, which builds release
+/// binaries first.
+#[derive(Parser, Debug)]
+#[command(about, long_about = None)]
+struct Args {
+    /// Smaller files, one repetition.
+    #[arg(long)]
+    quick: bool,
+    /// Loopback repetitions [default: 5, 1 with --quick].
+    #[arg(long)]
+    reps: Option<usize>,
+    /// Namespace repetitions [default: 3, 1 with --quick].
+    #[arg(long)]
+    ns_reps: Option<usize>,
+    /// Where the test files go [default: the temporary directory].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Skip the loopback section.
+    #[arg(long)]
+    skip_loopback: bool,
+    /// Skip the other tools (aria2c, nginx, curl, openssl).
+    #[arg(long)]
+    skip_others: bool,
+    /// Skip the namespace section (3 sources behind limited uplinks).
+    #[arg(long)]
+    skip_namespaces: bool,
+    /// Skip the crowd section (1 seeder, 10 leechers).
+    #[arg(long)]
+    skip_crowd: bool,
+    /// Skip the memory section (a large file's peak RSS).
+    #[arg(long)]
+    skip_memory: bool,
+    /// Skip the tracker section (many peers, half-open connections).
+    #[arg(long)]
+    skip_tracker: bool,
+    /// Run this section only.
+    #[arg(long, value_enum)]
+    only: Option<Section>,
+}
+
+/// The sections `--only` can name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Section {
+    Loopback,
+    Others,
+    Namespaces,
+    Crowd,
+    Memory,
+    Tracker,
+}
+
+/// What to run, from the arguments.
 struct Options {
     reps: usize,
     ns_reps: usize,
@@ -49,36 +102,22 @@ struct Options {
     loopback: bool,
 }
 
-fn options() -> Options {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let value = |flag: &str| {
-        args.iter()
-            .position(|a| a == flag)
-            .and_then(|i| args.get(i + 1).cloned())
-    };
-    let only = value("--only");
-    let has = |flag: &str| {
-        args.iter().any(|a| a == flag)
-            || only
-                .as_deref()
-                .is_some_and(|o| flag.strip_prefix("--skip-") != Some(o))
-    };
-    let quick = args.iter().any(|a| a == "--quick");
-    Options {
-        reps: value("--reps")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(if quick { 1 } else { 5 }),
-        ns_reps: value("--ns-reps")
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(if quick { 1 } else { 3 }),
-        quick,
-        dir: value("--dir").map(PathBuf::from),
-        others: !has("--skip-others"),
-        namespaces: !has("--skip-namespaces"),
-        crowd: !has("--skip-crowd"),
-        memory: !has("--skip-memory"),
-        tracker: !has("--skip-tracker"),
-        loopback: !has("--skip-loopback"),
+impl From<Args> for Options {
+    fn from(a: Args) -> Options {
+        // A section runs unless skipped, or unless `--only` names another.
+        let on = |section: Section, skipped: bool| !skipped && a.only.is_none_or(|o| o == section);
+        Options {
+            reps: a.reps.unwrap_or(if a.quick { 1 } else { 5 }),
+            ns_reps: a.ns_reps.unwrap_or(if a.quick { 1 } else { 3 }),
+            quick: a.quick,
+            others: on(Section::Others, a.skip_others),
+            namespaces: on(Section::Namespaces, a.skip_namespaces),
+            crowd: on(Section::Crowd, a.skip_crowd),
+            memory: on(Section::Memory, a.skip_memory),
+            tracker: on(Section::Tracker, a.skip_tracker),
+            loopback: on(Section::Loopback, a.skip_loopback),
+            dir: a.dir,
+        }
     }
 }
 
@@ -95,6 +134,30 @@ struct Row {
     overhead: Option<f64>,
     /// For our rows: the best other verifying tool's time over ours.
     ratio: Option<f64>,
+}
+
+impl Row {
+    /// A row as measured; the derived columns are filled in by [`derive`].
+    fn new(
+        scenario: &str,
+        tool: &str,
+        verified: bool,
+        ours: bool,
+        bytes: u64,
+        sample: Sample,
+    ) -> Row {
+        Row {
+            scenario: scenario.into(),
+            tool: tool.into(),
+            verified,
+            ours,
+            bytes,
+            sample,
+            marginal: None,
+            overhead: None,
+            ratio: None,
+        }
+    }
 }
 
 const OURS: &str = "p2p (this project)";
@@ -197,35 +260,20 @@ fn other(
     match run() {
         Ok(sample) => {
             eprintln!(" {:.2} s", sample.seconds);
-            rows.push(Row {
-                scenario: scenario.into(),
-                tool: tool.into(),
-                verified,
-                ours: false,
-                bytes,
-                sample,
-                marginal: None,
-                overhead: None,
-                ratio: None,
-            });
+            rows.push(Row::new(scenario, tool, verified, false, bytes, sample));
         }
         Err(e) => eprintln!(" failed, left out of the table: {e}"),
     }
 }
 
 fn main() {
-    let opts = options();
+    let opts = Options::from(Args::parse());
     let base = opts
         .dir
         .clone()
         .unwrap_or_else(std::env::temp_dir)
         .join(format!("p2p-bench-{}", std::process::id()));
     let files = scratch(&base, "files");
-    let sizes: [u64; 2] = if opts.quick {
-        [64 * MIB, 256 * MIB]
-    } else {
-        [256 * MIB, 1024 * MIB]
-    };
     eprintln!(
         "p2p benchmark: release binaries in {}, files in {}, {} loopback and {} namespace repetitions",
         p2p_tests::bin_dir().display(),
@@ -244,89 +292,7 @@ fn main() {
             missing.join(", ")
         ));
     }
-
-    let mut rows = Vec::new();
-    let mut big_file = PathBuf::new();
-    for &size in &sizes {
-        let file = files.join(format!("file-{}m.bin", size / MIB));
-        big_file = file.clone();
-        if !opts.loopback && !opts.namespaces {
-            continue;
-        }
-        p2p_tests::write_random(&file, size as usize, size);
-        settle(&file);
-        if !opts.loopback {
-            continue;
-        }
-        for seeders in [3, 1] {
-            let scenario = if seeders == 3 {
-                "loopback, 3 sources"
-            } else {
-                "loopback, 1 source"
-            };
-            let net = Net::loopback(seeders + 1);
-            eprint!("{scenario}: {OURS}, {} MiB ", size / MIB);
-            let dir = scratch(&base, "ours");
-            let (sample, register) = ours::download(&net, seeders, &dir, &file, opts.reps, &[]);
-            eprintln!(" {:.2} s", sample.seconds);
-            if seeders == 3 {
-                rows.push(Row {
-                    scenario: "register (hash), loopback".into(),
-                    tool: OURS.into(),
-                    verified: true,
-                    ours: false,
-                    bytes: size,
-                    sample: Sample {
-                        seconds: register,
-                        leecher_rss: f64::NAN,
-                        seeder_rss: sample.seeder_rss,
-                    },
-                    marginal: None,
-                    overhead: None,
-                    ratio: None,
-                });
-            }
-            rows.push(Row {
-                scenario: scenario.into(),
-                tool: OURS.into(),
-                verified: true,
-                ours: true,
-                bytes: size,
-                sample,
-                marginal: None,
-                overhead: None,
-                ratio: None,
-            });
-            if !run_others {
-                continue;
-            }
-            let tool = format!(
-                "aria2c BitTorrent, {seeders} seeder{}, opentracker",
-                if seeders > 1 { "s" } else { "" }
-            );
-            other(&mut rows, scenario, &tool, true, &file, || {
-                others::bittorrent(&net, seeders, &scratch(&base, "bt"), &file, opts.reps)
-            });
-            if seeders == 3 {
-                let tool = "aria2c HTTP from 3 nginx, sha-256 checked";
-                other(&mut rows, scenario, tool, true, &file, || {
-                    others::http(&net, 3, true, &scratch(&base, "http"), &file, opts.reps)
-                });
-            } else {
-                let tool = "curl from 1 nginx, nothing verified";
-                other(&mut rows, scenario, tool, false, &file, || {
-                    others::http(&net, 1, false, &scratch(&base, "http"), &file, opts.reps)
-                });
-            }
-        }
-        if opts.loopback && run_others && measure::installed("openssl") {
-            let tool = "SHA-256 of the file alone (openssl, one core)";
-            other(&mut rows, "reference", tool, false, &file, || {
-                others::sha256_alone(&base, &file, opts.reps)
-            });
-        }
-    }
-
+    let (mut rows, big_file) = loopback(&base, &files, &opts, run_others);
     let mut lines = Vec::new();
     match (opts.namespaces || opts.crowd, lab::unavailable()) {
         (false, _) => notes.push("namespace scenarios skipped".into()),
@@ -342,13 +308,17 @@ fn main() {
             ));
         }
     }
-
     if opts.memory {
         lines.push(memory(&base, &files, &rows, opts.quick));
     }
+    report(&mut rows, &lines, &base, &opts, &notes);
+    let _ = std::fs::remove_dir_all(&base);
+}
 
-    derive(&mut rows);
-    print_table(&rows);
+/// Prints the table, the summary lines, the tracker's figures and the notes, on stdout.
+fn report(rows: &mut [Row], lines: &[String], base: &Path, opts: &Options, notes: &[String]) {
+    derive(rows);
+    print_table(rows);
     println!();
     for line in lines {
         println!("{line}");
@@ -356,14 +326,101 @@ fn main() {
     if opts.tracker {
         println!(
             "{}",
-            tracker_load::tracker_load(&base, if opts.quick { 2 } else { 5 })
+            tracker_load::tracker_load(base, if opts.quick { 2 } else { 5 })
         );
-        println!("{}", tracker_load::half_open(&base));
+        println!("{}", tracker_load::half_open(base));
     }
     for note in notes {
         println!("{note}");
     }
-    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// The loopback scenarios at both sizes: ours from 3 sources and from 1 (with the time to
+/// register), then the other tools. Returns the rows and the larger file, which the
+/// namespace scenarios use.
+fn loopback(base: &Path, files: &Path, opts: &Options, run_others: bool) -> (Vec<Row>, PathBuf) {
+    let sizes: [u64; 2] = if opts.quick {
+        [64 * MIB, 256 * MIB]
+    } else {
+        [256 * MIB, 1024 * MIB]
+    };
+    let mut rows = Vec::new();
+    let mut big_file = PathBuf::new();
+    for &size in &sizes {
+        let file = files.join(format!("file-{}m.bin", size / MIB));
+        big_file = file.clone();
+        if !opts.loopback && !opts.namespaces {
+            continue;
+        }
+        p2p_tests::write_random(&file, size as usize, size);
+        settle(&file);
+        if !opts.loopback {
+            continue;
+        }
+        for seeders in [3, 1] {
+            loopback_from(&mut rows, base, &file, seeders, opts, run_others);
+        }
+        if run_others && measure::installed("openssl") {
+            let tool = "SHA-256 of the file alone (openssl, one core)";
+            other(&mut rows, "reference", tool, false, &file, || {
+                others::sha256_alone(base, &file, opts.reps)
+            });
+        }
+    }
+    (rows, big_file)
+}
+
+/// One loopback scenario: `file` from `seeders` sources, ours and then the other tools.
+fn loopback_from(
+    rows: &mut Vec<Row>,
+    base: &Path,
+    file: &Path,
+    seeders: usize,
+    opts: &Options,
+    run_others: bool,
+) {
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let scenario = if seeders == 3 {
+        "loopback, 3 sources"
+    } else {
+        "loopback, 1 source"
+    };
+    let net = Net::loopback(seeders + 1);
+    eprint!("{scenario}: {OURS}, {} MiB ", size / MIB);
+    let dir = scratch(base, "ours");
+    let (sample, register) = ours::download(&net, seeders, &dir, file, opts.reps, &[]);
+    eprintln!(" {:.2} s", sample.seconds);
+    if seeders == 3 {
+        let hashing = Sample {
+            seconds: register,
+            leecher_rss: f64::NAN,
+            seeder_rss: sample.seeder_rss,
+        };
+        let scenario = "register (hash), loopback";
+        rows.push(Row::new(scenario, OURS, true, false, size, hashing));
+    }
+    rows.push(Row::new(scenario, OURS, true, true, size, sample));
+    if !run_others {
+        return;
+    }
+    let tool = format!(
+        "aria2c BitTorrent, {seeders} seeder{}, opentracker",
+        if seeders > 1 { "s" } else { "" }
+    );
+    other(rows, scenario, &tool, true, file, || {
+        others::bittorrent(&net, seeders, &scratch(base, "bt"), file, opts.reps)
+    });
+    if seeders == 3 {
+        let tool = "aria2c HTTP from 3 nginx, sha-256 checked";
+        other(rows, scenario, tool, true, file, || {
+            others::http(&net, 3, true, &scratch(base, "http"), file, opts.reps)
+        });
+    } else {
+        let tool = "curl from 1 nginx, nothing verified";
+        other(rows, scenario, tool, false, file, || {
+            others::http(&net, 1, false, &scratch(base, "http"), file, opts.reps)
+        });
+    }
 }
 
 /// The leecher's peak RSS for a large file (4 GiB; 1 GiB with `--quick`) beside the smallest
@@ -496,17 +553,7 @@ fn three_sources(
                 share(sample.seconds),
                 uplinks / 1e6
             ));
-            rows.push(Row {
-                scenario: scenario.clone(),
-                tool: OURS.into(),
-                verified: true,
-                ours: true,
-                bytes,
-                sample,
-                marginal: None,
-                overhead: None,
-                ratio: None,
-            });
+            rows.push(Row::new(&scenario, OURS, true, true, bytes, sample));
             if run_others {
                 let before = rows.len();
                 other(

@@ -5,13 +5,13 @@
 //! successful.`); `--json` prints one JSON document per command instead (see the README).
 
 use std::fmt::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use interprocess::local_socket::tokio::{prelude::*, Stream};
 use interprocess::local_socket::GenericFilePath;
 use p2p_schema::{
-    format_ranges, CtlRequest, CtlResponse, DownloadState, FileSummary, FrameReader, FrameWriter,
-    Holder, StatusReport, PROTOCOL_VERSION,
+    format_ranges, CtlRequest, CtlResponse, DownloadState, FileSummary, FrameError, FrameReader,
+    FrameWriter, Holder, StatusReport, PROTOCOL_VERSION,
 };
 use serde::Serialize;
 use tokio::io::{ReadHalf, WriteHalf};
@@ -22,6 +22,9 @@ pub enum CtlError {
     /// The daemon is not there.
     #[error("no daemon at {0}: is p2pd running? (start it with 'systemctl --user start p2pd' or 'p2pd --daemon', or point --socket at its socket)")]
     NoDaemon(String),
+    /// The socket is there but belongs to someone else.
+    #[error("permission denied on {0}: only the user running the daemon may control it")]
+    Forbidden(String),
     /// The daemon refused the command.
     #[error("{0}")]
     Refused(p2p_schema::WireError),
@@ -32,8 +35,54 @@ pub enum CtlError {
         candidates: Vec<FileSummary>,
     },
     /// Talking to the daemon failed.
-    #[error("{0}")]
-    Protocol(String),
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// A path given on the command line cannot be used; nothing was sent for it.
+    #[error(transparent)]
+    Local(#[from] LocalError),
+}
+
+/// Talking to the daemon failed after the connection was made.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("sending to the daemon: {0}")]
+    Send(#[source] FrameError),
+    #[error("reading from the daemon: {0}")]
+    Receive(#[source] FrameError),
+    #[error("the daemon closed the connection (did it stop?)")]
+    Closed,
+    /// An answer that does not fit the command.
+    #[error("unexpected answer from the daemon: {0:?}")]
+    Unexpected(Box<CtlResponse>),
+}
+
+/// Something on this machine, not the daemon, stood in the way.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalError {
+    /// The path cannot be made absolute.
+    #[error("{}: {source}", .path.display())]
+    Path {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon takes paths as UTF-8 text.
+    #[error("{}: paths that are not valid UTF-8 are not supported; rename it", .0.display())]
+    NotUtf8(PathBuf),
+    /// `p2pctl man` could not render the page.
+    #[error("rendering the manual: {0}")]
+    Manual(#[source] std::io::Error),
+}
+
+/// `path` made absolute, as the UTF-8 text the daemon expects.
+pub fn absolute(path: &Path) -> Result<String, LocalError> {
+    let abs = std::path::absolute(path).map_err(|source| LocalError::Path {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    abs.into_os_string()
+        .into_string()
+        .map_err(|p| LocalError::NotUtf8(PathBuf::from(p)))
 }
 
 fn ambiguous_line(query: &str, candidates: &[FileSummary]) -> String {
@@ -62,9 +111,7 @@ impl Client {
             .to_fs_name::<GenericFilePath>()
             .map_err(|_| CtlError::NoDaemon(shown.clone()))?;
         let stream = Stream::connect(name).await.map_err(|e| match e.kind() {
-            std::io::ErrorKind::PermissionDenied => CtlError::Protocol(format!(
-                "permission denied on {shown}: only the user running the daemon may control it"
-            )),
+            std::io::ErrorKind::PermissionDenied => CtlError::Forbidden(shown.clone()),
             _ => CtlError::NoDaemon(shown.clone()),
         })?;
         let (r, w) = tokio::io::split(stream);
@@ -89,7 +136,7 @@ impl Client {
         self.writer
             .send(request)
             .await
-            .map_err(|e| CtlError::Protocol(format!("sending to the daemon: {e}")))
+            .map_err(|e| ProtocolError::Send(e).into())
     }
 
     /// The next response; error replies become `Err`.
@@ -100,10 +147,8 @@ impl Client {
                 Err(CtlError::Ambiguous { query, candidates })
             }
             Ok(Some(r)) => Ok(r),
-            Ok(None) => Err(CtlError::Protocol(
-                "the daemon closed the connection (did it stop?)".into(),
-            )),
-            Err(e) => Err(CtlError::Protocol(format!("reading from the daemon: {e}"))),
+            Ok(None) => Err(ProtocolError::Closed.into()),
+            Err(e) => Err(ProtocolError::Receive(e).into()),
         }
     }
 
@@ -116,7 +161,7 @@ impl Client {
 
 /// An answer that does not fit the command.
 pub fn unexpected(r: CtlResponse) -> CtlError {
-    CtlError::Protocol(format!("unexpected answer from the daemon: {r:?}"))
+    ProtocolError::Unexpected(Box::new(r)).into()
 }
 
 /// `(1) Name: doug.png Size: 107330 bytes ID: 3f2a…` lines under a count.
@@ -152,7 +197,7 @@ pub fn format_locate(holders: &[Holder]) -> String {
     out
 }
 
-pub use p2p_schema::human_bytes;
+use p2p_service::human_bytes;
 
 /// The `status` report in prose.
 pub fn format_status(s: &StatusReport) -> String {
@@ -288,12 +333,5 @@ mod tests {
         assert!(line.contains(&FileId([0x3f; 32]).to_hex()));
         assert!(line.contains(&FileId([0xaa; 32]).to_hex()));
         assert!(!line.contains('\n'));
-    }
-
-    #[test]
-    fn bytes() {
-        assert_eq!(human_bytes(10), "10 B");
-        assert_eq!(human_bytes(1536), "1.5 KiB");
-        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
     }
 }

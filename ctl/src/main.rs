@@ -2,16 +2,18 @@
 //!
 //! Exit codes: 0 success, 1 the command failed (one line on stderr), 2 bad usage.
 
-use std::collections::BTreeSet;
-use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+mod commands;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
-use p2p_schema::{CtlRequest, CtlResponse};
-use p2pctl::{format_list, format_locate, format_status, unexpected, Client, CtlError, JsonHolder};
+use clap::{CommandFactory, Parser, Subcommand};
+use p2p_schema::CtlRequest;
+use p2pctl::{CtlError, LocalError};
 use serde_json::json;
+
+use commands::Output;
 
 /// Control a local p2pd: share files, download them from the swarm, see who has what.
 #[derive(Parser, Debug)]
@@ -87,7 +89,7 @@ enum Command {
         #[arg(short, long)]
         watch: bool,
         /// How often --watch refreshes.
-        #[arg(long, default_value = "1s", value_parser = p2p_schema::parse_duration)]
+        #[arg(long, default_value = "1s", value_parser = p2p_service::parse_duration)]
         interval: std::time::Duration,
     },
     /// Make the daemon leave the network and exit.
@@ -152,261 +154,95 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if json {
-                let (code, message) = match &e {
-                    CtlError::Refused(w) => (serde_json::to_value(w.code).ok(), w.message.clone()),
-                    CtlError::Ambiguous { .. } => (Some(json!("ambiguous")), e.to_string()),
-                    CtlError::NoDaemon(_) => (Some(json!("no_daemon")), e.to_string()),
-                    CtlError::Protocol(_) => (Some(json!("protocol")), e.to_string()),
-                };
-                let mut doc = json!({ "error": { "code": code, "message": message } });
-                if let CtlError::Ambiguous { candidates, .. } = &e {
-                    doc["error"]["candidates"] = json!(candidates);
-                }
-                print_json(&doc);
-            }
-            eprintln!("error: {e}");
+            report(&e, json);
             ExitCode::FAILURE
         }
     }
 }
 
-fn print_json(doc: &serde_json::Value) {
-    let mut out = std::io::stdout().lock();
-    // A closed stdout (piped into `head`) is not an error worth reporting.
-    let _ = serde_json::to_writer_pretty(&mut out, doc);
-    let _ = writeln!(out);
-}
-
-fn print(text: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = out.write_all(text.as_bytes());
-    let _ = out.flush();
-}
-
-fn absolute(p: &Path) -> Result<String, CtlError> {
-    let abs =
-        std::path::absolute(p).map_err(|e| CtlError::Protocol(format!("{}: {e}", p.display())))?;
-    abs.into_os_string().into_string().map_err(|p| {
-        CtlError::Protocol(format!(
-            "{}: paths that are not valid UTF-8 are not supported; rename it",
-            Path::new(&p).display()
-        ))
-    })
-}
-
-async fn run(cli: Cli) -> Result<(), CtlError> {
-    // Commands that need no daemon.
-    match &cli.command {
-        Command::Completions { shell } => {
-            let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(*shell, &mut cmd, "p2pctl", &mut std::io::stdout());
-            return Ok(());
-        }
-        Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            let mut out = Vec::new();
-            clap_mangen::Man::new(cmd)
-                .render(&mut out)
-                .map_err(|e| CtlError::Protocol(format!("rendering the manual: {e}")))?;
-            print(&String::from_utf8_lossy(&out));
-            return Ok(());
-        }
-        _ => {}
-    }
-    let socket = cli.socket.clone().unwrap_or_else(default_socket);
-    // Check local paths before bothering the daemon.
-    if let Command::Register { file, .. } = &cli.command {
-        if !file.exists() {
-            return Err(CtlError::Refused(p2p_schema::WireError::new(
-                p2p_schema::ErrorCode::NotFound,
-                format!("{}: no such file", file.display()),
-            )));
-        }
-    }
-    let mut client = Client::connect(&socket).await?;
-    let bars = !cli.json && !cli.quiet && std::io::stderr().is_terminal();
-    match cli.command {
-        Command::Register { file, chunk_size } => {
-            let path = absolute(&file)?;
-            client
-                .send(&CtlRequest::Register {
-                    path: path.clone(),
-                    chunk_size,
-                })
-                .await?;
-            let bar = bars.then(|| bytes_bar("hashing"));
-            loop {
-                match client.next().await {
-                    Ok(CtlResponse::Hashing { done, total }) => {
-                        if let Some(b) = &bar {
-                            b.set_length(total);
-                            b.set_position(done);
-                        }
-                    }
-                    Ok(CtlResponse::Registered { file, path }) => {
-                        if let Some(b) = &bar {
-                            b.finish_and_clear();
-                        }
-                        if cli.json {
-                            print_json(&json!({ "file": file, "path": path }));
-                        } else {
-                            print(&format!(
-                                "Registration of {} of size {} bytes successful.\nID: {}\n",
-                                file.name, file.size, file.id
-                            ));
-                        }
-                        return Ok(());
-                    }
-                    Ok(other) => return Err(unexpected(other)),
-                    Err(e) => {
-                        if let Some(b) = &bar {
-                            b.finish_and_clear();
-                        }
-                        return Err(e);
-                    }
-                }
+/// Says why the command failed: one line on stderr, and with `--json` a document on stdout.
+fn report(e: &CtlError, json: bool) {
+    if json {
+        let (code, message) = match e {
+            CtlError::Refused(w) => (serde_json::to_value(w.code).ok(), w.message.clone()),
+            CtlError::Ambiguous { .. } => (Some(json!("ambiguous")), e.to_string()),
+            CtlError::NoDaemon(_) => (Some(json!("no_daemon")), e.to_string()),
+            // Local and permission errors were reported as "protocol" before they had variants
+            // of their own; scripts may match on the code, so it stays.
+            CtlError::Forbidden(_) | CtlError::Protocol(_) | CtlError::Local(_) => {
+                (Some(json!("protocol")), e.to_string())
             }
+        };
+        let mut doc = json!({ "error": { "code": code, "message": message } });
+        if let CtlError::Ambiguous { candidates, .. } = e {
+            doc["error"]["candidates"] = json!(candidates);
+        }
+        commands::print_json(&doc);
+    }
+    eprintln!("error: {e}");
+}
+
+/// Runs one command: one function per command, in `commands`.
+async fn run(cli: Cli) -> Result<(), CtlError> {
+    let out = Output {
+        json: cli.json,
+        verbose: cli.verbose,
+        bars: !cli.json && !cli.quiet && std::io::stderr().is_terminal(),
+    };
+    let socket = || cli.socket.clone().unwrap_or_else(default_socket);
+    match cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "p2pctl", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => man(),
+        Command::Register { file, chunk_size } => {
+            commands::register(&socket(), &file, chunk_size, out).await
         }
         Command::Download {
             file,
             output,
             detach,
-        } => {
-            let output = output.as_deref().map(absolute).transpose()?;
-            download(
-                &mut client,
-                file,
-                output,
-                detach,
-                cli.json,
-                cli.verbose,
-                bars,
-            )
-            .await
-        }
-        Command::List => match client.call(CtlRequest::List).await? {
-            CtlResponse::Files { files } => {
-                if cli.json {
-                    print_json(&json!({ "files": files }));
-                } else {
-                    print(&format_list(&files));
-                }
-                Ok(())
-            }
-            other => Err(unexpected(other)),
-        },
-        Command::Locate { file } => match client.call(CtlRequest::Locate { query: file }).await? {
-            CtlResponse::Located { file, holders } => {
-                if cli.json {
-                    let holders: Vec<JsonHolder> = holders.iter().map(JsonHolder::from).collect();
-                    print_json(&json!({ "file": file, "holders": holders }));
-                } else {
-                    print(&format_locate(&holders));
-                }
-                Ok(())
-            }
-            other => Err(unexpected(other)),
-        },
+        } => commands::download(&socket(), file, output.as_deref(), detach, out).await,
+        Command::List => commands::list(&socket(), out).await,
+        Command::Locate { file } => commands::locate(&socket(), file, out).await,
         Command::Status { watch, interval } => {
-            let terminal = std::io::stdout().is_terminal();
-            loop {
-                match client.call(CtlRequest::Status).await? {
-                    CtlResponse::Status(report) => {
-                        if cli.json {
-                            print_json(&json!(report));
-                        } else if watch && terminal {
-                            // Clear the screen and redraw in place.
-                            print(&format!("\x1b[H\x1b[2J{}", format_status(&report)));
-                        } else {
-                            print(&format_status(&report));
-                        }
-                    }
-                    other => return Err(unexpected(other)),
-                }
-                if !watch {
-                    return Ok(());
-                }
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => return Ok(()),
-                    () = tokio::time::sleep(interval) => {}
-                }
-                if !terminal {
-                    print("\n");
-                }
-                client = Client::connect(&socket).await?;
-            }
+            commands::status(&socket(), watch, interval, out).await
         }
-        Command::Completions { .. } | Command::Man => Ok(()),
+        Command::Quit => commands::quit(&socket(), out).await,
         Command::Pause { file } => {
-            updated(
-                &mut client,
-                CtlRequest::Pause { query: file },
-                "Paused",
-                cli.json,
-            )
-            .await
+            let request = CtlRequest::Pause { query: file };
+            commands::updated(&socket(), request, "Paused", out).await
         }
         Command::Resume { file } => {
-            updated(
-                &mut client,
-                CtlRequest::Resume { query: file },
-                "Resumed",
-                cli.json,
-            )
-            .await
+            let request = CtlRequest::Resume { query: file };
+            commands::updated(&socket(), request, "Resumed", out).await
         }
         Command::Cancel { file } => {
-            let r = updated(
-                &mut client,
-                CtlRequest::Cancel { query: file },
-                "Cancelled",
-                cli.json,
-            );
-            r.await
+            let request = CtlRequest::Cancel { query: file };
+            commands::updated(&socket(), request, "Cancelled", out).await
         }
         Command::Unregister { file } => {
-            let r = CtlRequest::Unregister { query: file };
-            updated(&mut client, r, "No longer sharing", cli.json).await
+            let request = CtlRequest::Unregister { query: file };
+            commands::updated(&socket(), request, "No longer sharing", out).await
         }
-        Command::Quit => match client.call(CtlRequest::Quit).await? {
-            CtlResponse::Ok => {
-                if cli.json {
-                    print_json(&json!({ "ok": true }));
-                } else {
-                    print("The daemon is leaving the network.\n");
-                }
-                Ok(())
-            }
-            other => Err(unexpected(other)),
-        },
     }
 }
 
-/// Runs a command answered by `Updated` and says what happened.
-async fn updated(
-    client: &mut Client,
-    request: CtlRequest,
-    verb: &str,
-    json: bool,
-) -> Result<(), CtlError> {
-    match client.call(request).await? {
-        CtlResponse::Updated { file } => {
-            if json {
-                print_json(&json!({ "file": file }));
-            } else {
-                print(&format!("{verb} {} (ID {}).\n", file.name, file.id.short()));
-            }
-            Ok(())
-        }
-        other => Err(unexpected(other)),
-    }
+/// `p2pctl man`: the manual page in roff.
+fn man() -> Result<(), CtlError> {
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut page)
+        .map_err(LocalError::Manual)?;
+    commands::print(&String::from_utf8_lossy(&page));
+    Ok(())
 }
 
 /// The socket to use when none is given: the first that exists of the user service's, the
 /// system service's and the default data directory's.
 fn default_socket() -> PathBuf {
-    let candidates = p2p_schema::default_socket_candidates();
+    let candidates = p2p_service::default_socket_candidates();
     candidates
         .iter()
         .find(|p| p.exists())
@@ -415,123 +251,12 @@ fn default_socket() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("p2pd.sock"))
 }
 
-fn bytes_bar(what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
-    bar.set_message(what.to_string());
-    bar
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-async fn download(
-    client: &mut Client,
-    query: String,
-    output: Option<String>,
-    detach: bool,
-    json: bool,
-    verbose: bool,
-    bars: bool,
-) -> Result<(), CtlError> {
-    client
-        .send(&CtlRequest::Download {
-            query,
-            output,
-            follow: !detach,
-        })
-        .await?;
-    let (file, output_path, have) = match client.next().await? {
-        CtlResponse::Started { file, output, have } => (file, output, have),
-        other => return Err(unexpected(other)),
-    };
-    if detach {
-        if json {
-            print_json(
-                &json!({ "file": file, "output": output_path, "have": have, "detached": true }),
-            );
-        } else {
-            print(&format!(
-                "Downloading {} to {} in the background; see 'p2pctl status'.\n",
-                file.name, output_path
-            ));
-        }
-        return Ok(());
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
-    let bar = bars.then(|| {
-        let b = bytes_bar("downloading");
-        b.set_length(file.size);
-        b
-    });
-    let mut chunks = Vec::new();
-    let mut sources = BTreeSet::new();
-    let interrupted = tokio::signal::ctrl_c();
-    tokio::pin!(interrupted);
-    let result = loop {
-        let next = tokio::select! {
-            _ = &mut interrupted => {
-                if let Some(b) = &bar {
-                    b.finish_and_clear();
-                }
-                // Ctrl-C detaches: the daemon carries on with the download.
-                eprintln!(
-                    "Detached: {} keeps downloading in the daemon; see 'p2pctl status' (or 'p2pctl cancel {}').",
-                    file.name,
-                    file.id.short()
-                );
-                return Ok(());
-            }
-            n = client.next() => n,
-        };
-        match next {
-            Ok(CtlResponse::Chunk {
-                index,
-                total,
-                from,
-                have,
-            }) => {
-                sources.insert(from);
-                chunks.push(json!({ "index": index + 1, "from": from }));
-                if verbose && !json {
-                    let line = format!("Received chunk {} of {total} from {from}", index + 1);
-                    match &bar {
-                        Some(b) => b.println(line),
-                        None => print(&format!("{line}\n")),
-                    }
-                }
-                if let Some(b) = &bar {
-                    b.set_position(u64::from(have) * u64::from(file.chunk_size));
-                }
-            }
-            Ok(CtlResponse::Completed {
-                file,
-                output,
-                peers,
-            }) => break Ok((file, output, peers)),
-            Ok(other) => break Err(unexpected(other)),
-            Err(e) => break Err(e),
-        }
-    };
-    if let Some(b) = &bar {
-        b.finish_and_clear();
-    }
-    let (file, output, peers) = result?;
-    if json {
-        print_json(&json!({
-            "file": file,
-            "output": output,
-            "peers": peers,
-            "sources": sources,
-            "chunks": chunks,
-        }));
-    } else {
-        print(&format!(
-            "{} has completed downloading.\nSaved to {output}\n",
-            file.name
-        ));
-    }
-    Ok(())
 }

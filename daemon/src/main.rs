@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use p2p_schema::service::{self, Readiness};
+use p2p_service::lifecycle::{self as service, Readiness};
 use p2pd::settings::Settings;
 use tracing::info;
 

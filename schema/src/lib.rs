@@ -54,21 +54,15 @@
 //! from peers, and [`MAX_HELLO_FRAME`] (8 KiB) for the first frame of a tracker or peer
 //! connection until its hello is accepted. A frame's buffer grows as its bytes arrive, never
 //! to the announced length up front. Servers cap connections in all and per address
-//! ([`caps::ConnectionCaps`]) and close a connection that sends no hello within 10 s. Chunks: [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`], at most [`MAX_CHUNKS`] per file.
+//! (`p2p-service`'s `ConnectionCaps`) and close a connection that sends no hello within 10 s. Chunks: [`MIN_CHUNK_SIZE`]..=[`MAX_CHUNK_SIZE`], at most [`MAX_CHUNKS`] per file.
 //! Names: one path component of at most 255 bytes, no separators or control characters
 //! ([`validate_name`]).
 
 mod bitfield;
-pub mod caps;
 pub mod frame;
 mod ids;
 mod manifest;
 mod msg;
-pub mod process;
-#[cfg(feature = "service")]
-pub mod service;
-#[cfg(feature = "store")]
-pub mod store;
 
 pub use bitfield::{format_ranges, Bitfield, InvalidBitfield, SPELLED_RUN};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_HELLO_FRAME, MAX_PEER_FRAME};
@@ -79,29 +73,23 @@ pub use manifest::{
     MAX_NAME_LEN, MIN_CHUNK_SIZE,
 };
 pub use msg::*;
-pub use process::{
-    config_file_for, data_dir_for, default_data_dir, default_socket_candidates, parse_duration,
-    read_secret, runtime_dir, shutdown_signal, socket_in,
+
+/// Transitional (feature `compat`): the process plumbing that moved to `p2p-service`, under the
+/// paths `p2pd` still imports it by. Only re-exports; remove it once `p2pd` imports
+/// `p2p-service` itself.
+#[cfg(feature = "compat")]
+pub mod service {
+    pub use p2p_service::lifecycle::*;
+}
+#[cfg(feature = "compat")]
+pub use p2p_service::{
+    caps, config_file_for, data_dir_for, default_data_dir, default_socket_candidates, human_bytes,
+    parse_duration, read_secret, runtime_dir, service_settings, settings_or, socket_in, store,
 };
 
 /// The agent string sent in hellos: crate name and version.
 pub fn agent(program: &str) -> String {
     format!("{program}/{}", env!("CARGO_PKG_VERSION"))
-}
-
-/// Human-readable byte counts: `107330 bytes`, `1.5 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1024.0;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
 }
 
 #[cfg(test)]
@@ -432,19 +420,6 @@ mod tests {
         ] {
             round_trip(&m);
         }
-    }
-
-    #[test]
-    fn durations() {
-        use std::time::Duration;
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert!(parse_duration("").is_err());
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]

@@ -33,8 +33,11 @@ pub enum Error {
     #[error("{0}: {1}")]
     Db(String, #[source] sled::Error),
     #[error(transparent)]
-    Open(#[from] p2p_schema::store::OpenError),
+    Open(#[from] p2p_service::store::OpenError),
 }
+
+/// A peer not heard from for this long is dropped, unless configured otherwise.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 
 /// Settings of a running tracker.
 #[derive(Debug, Clone)]
@@ -53,7 +56,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            ttl: Duration::from_secs(30),
+            ttl: DEFAULT_TTL,
             secret: None,
             max_holders: 200,
             max_connections: 4096,
@@ -71,7 +74,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let config = Arc::new(config);
     let caps =
-        p2p_schema::caps::ConnectionCaps::new(config.max_connections, config.max_per_address);
+        p2p_service::caps::ConnectionCaps::new(config.max_connections, config.max_per_address);
     let (stop_tx, stop_rx) = watch::channel(false);
     let reaper = tokio::spawn(reap(registry.clone(), config.ttl, stop_rx.clone()));
     tokio::pin!(shutdown);
@@ -111,7 +114,7 @@ pub async fn run(
         }
     }
     info!("shutting down");
-    p2p_schema::service::notify_stopping();
+    p2p_service::lifecycle::notify_stopping();
     let _ = stop_tx.send(true);
     let _ = reaper.await;
     registry.flush().await

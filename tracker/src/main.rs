@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use p2p_schema::service::{self, Readiness};
 use p2p_schema::{FrameReader, FrameWriter, TrackerRequest, TrackerResponse, MAX_FRAME};
+use p2p_service::lifecycle::{self as service, Readiness};
 use p2p_tracker::settings::Settings;
 use p2p_tracker::Registry;
 use tracing::info;
@@ -78,9 +78,7 @@ fn main() -> ExitCode {
         Ok(started) => started,
         Err(code) => return code,
     };
-    let listen = settings
-        .listen
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7070)));
+    let listen = settings.listen();
     let data_dir = settings.data_dir.clone().unwrap_or_default();
     let result = settings
         .to_config()

@@ -83,7 +83,7 @@ fn not_found(what: impl Into<String>) -> WireError {
 impl Registry {
     /// Opens (or creates) the registry in `dir`, loading what a previous run left.
     ///
-    /// The database is opened by the rule both programs share ([`p2p_schema::store`]): one
+    /// The database is opened by the rule both programs share ([`p2p_service::store`]): one
     /// another tracker holds is waited for, then reported as in use and left alone; only one
     /// that fails its checks on opening is moved aside and a fresh one started (daemons
     /// re-announce what they hold when they reconnect). Blocks: call it off the executor.
@@ -91,7 +91,7 @@ impl Registry {
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Io(format!("creating data directory {}", dir.display()), e))?;
         let config = |c: sled::Config| c.cache_capacity(64 << 20).flush_every_ms(Some(500));
-        let db = p2p_schema::store::open("p2p-tracker", dir, "registry.sled", config)?.db;
+        let db = p2p_service::store::open("p2p-tracker", dir, "registry.sled", config)?.db;
         let tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| Error::Db(format!("opening tree {name}"), e))
@@ -498,11 +498,6 @@ impl Registry {
             holdings: state.files.values().map(|f| f.holders.len() as u64).sum(),
             requests: self.requests.load(Ordering::Relaxed),
         }
-    }
-
-    /// Number of peers on the network.
-    pub fn peer_count(&self) -> usize {
-        self.lock().peers.len()
     }
 
     /// Writes everything to disk (fsync).

@@ -18,6 +18,7 @@ use crate::{Config, Registry};
 /// How long a new connection may take to say hello (its whole first frame).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
 type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
 
 /// Serves one connection until it ends. Never panics on peer input; errors end only this
@@ -27,44 +28,63 @@ pub async fn serve(
     remote: SocketAddr,
     registry: Arc<Registry>,
     config: Arc<Config>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let (r, w) = stream.into_split();
     // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
     let mut reader = FrameReader::new(r, MAX_HELLO_FRAME);
     let mut writer = FrameWriter::new(w);
+    if let Some(peer) = greet(&mut reader, &mut writer, remote, &registry, &config).await {
+        reader.set_max(MAX_FRAME);
+        answer(reader, writer, peer, &registry, &config, stop).await;
+    }
+}
 
-    let peer = match tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<TrackerRequest>()).await {
+/// The first frame: a hello (answered with a welcome; the peer it names is returned), or a
+/// `Stats` request from monitoring, answered without joining. `None` ends the session.
+async fn greet(
+    reader: &mut Reader,
+    writer: &mut Writer,
+    remote: SocketAddr,
+    registry: &Registry,
+    config: &Config,
+) -> Option<PeerId> {
+    match tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<TrackerRequest>()).await {
         // Monitoring (`p2p-tracker stats`) may ask for counters without joining.
         Ok(Ok(Some(TrackerRequest::Stats))) => {
             let _ = writer.send(&TrackerResponse::Stats(registry.stats())).await;
-            return;
+            None
         }
-        Ok(Ok(Some(hello))) => match handshake(hello, remote, &registry, &config) {
-            Ok((peer, welcome)) => {
-                if writer.send(&welcome).await.is_err() {
-                    return;
-                }
-                reader.set_max(MAX_FRAME);
-                peer
-            }
+        Ok(Ok(Some(hello))) => match handshake(hello, remote, registry, config) {
+            Ok((peer, welcome)) => writer.send(&welcome).await.ok().map(|()| peer),
             Err(e) => {
                 debug!(error = %e, "handshake refused");
                 let _ = writer.send(&TrackerResponse::Error(e)).await;
-                return;
+                None
             }
         },
-        Ok(Ok(None)) => return,
+        Ok(Ok(None)) => None,
         Ok(Err(e)) => {
-            refuse(&mut writer, &e).await;
-            return;
+            refuse(writer, &e).await;
+            None
         }
         Err(_) => {
             debug!("no hello in time");
-            return;
+            None
         }
-    };
+    }
+}
 
+/// Answers a greeted peer's requests, in order, until it says `Bye`, goes silent for the TTL,
+/// sends something invalid, or the tracker stops.
+async fn answer(
+    mut reader: Reader,
+    mut writer: Writer,
+    peer: PeerId,
+    registry: &Registry,
+    config: &Config,
+    mut stop: watch::Receiver<bool>,
+) {
     // A daemon heartbeats several times per TTL; silence for a whole TTL ends the session
     // (the registry drops the peer on its own schedule).
     loop {
@@ -90,14 +110,14 @@ pub async fn serve(
             }
         };
         registry.count_request();
-        if !registry.touch(&peer) && !matches!(request, TrackerRequest::Bye) {
+        let bye = matches!(request, TrackerRequest::Bye);
+        if !registry.touch(&peer) && !bye {
             // Expired while connected (a stalled daemon): tell it to start over.
             let e = WireError::new(ErrorCode::NotFound, "session expired: say hello again");
             let _ = writer.send(&TrackerResponse::Error(e)).await;
             return;
         }
-        let bye = matches!(request, TrackerRequest::Bye);
-        let (response, changed) = handle(request, peer, &registry, &config);
+        let (response, changed) = handle(request, peer, registry, config);
         if changed {
             // Registrations are rare and worth keeping: make them durable before confirming.
             if let Err(e) = registry.flush().await {

@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::Config;
+use crate::{Config, DEFAULT_TTL};
+
+/// Where peers connect unless told otherwise.
+const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 7070);
 
 /// Every setting, optional until merged; read from flags (with environment) and from TOML.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, clap::Args)]
@@ -48,18 +52,29 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
 }
 
+p2p_service::settings_or!(Settings {
+    listen,
+    data_dir,
+    ttl,
+    secret,
+    secret_file,
+    log_level,
+    pid_file,
+    log_file,
+});
+
 impl Settings {
-    /// Each field from `self`, or else from `other`.
-    pub fn or(self, o: Settings) -> Settings {
+    /// The defaults: the one place they are written. Several paths live in the data directory.
+    fn defaults(data_dir: &Path) -> Settings {
         Settings {
-            listen: self.listen.or(o.listen),
-            data_dir: self.data_dir.or(o.data_dir),
-            ttl: self.ttl.or(o.ttl),
-            secret: self.secret.or(o.secret),
-            secret_file: self.secret_file.or(o.secret_file),
-            log_level: self.log_level.or(o.log_level),
-            pid_file: self.pid_file.or(o.pid_file),
-            log_file: self.log_file.or(o.log_file),
+            listen: Some(DEFAULT_LISTEN),
+            data_dir: Some(data_dir.to_path_buf()),
+            ttl: Some(format!("{}s", DEFAULT_TTL.as_secs())),
+            secret: None,
+            secret_file: None,
+            log_level: Some("info".into()),
+            pid_file: Some(data_dir.join("p2p-tracker.pid")),
+            log_file: Some(data_dir.join("p2p-tracker.log")),
         }
     }
 
@@ -69,18 +84,9 @@ impl Settings {
         let data_dir = given
             .data_dir
             .clone()
-            .unwrap_or_else(|| p2p_schema::data_dir_for("p2p-tracker"));
+            .unwrap_or_else(|| p2p_service::data_dir_for("p2p-tracker"));
         let data_dir = absolute(&data_dir)?;
-        let mut s = given.or(Settings {
-            listen: Some(SocketAddr::from(([127, 0, 0, 1], 7070))),
-            data_dir: Some(data_dir.clone()),
-            ttl: Some("30s".into()),
-            secret: None,
-            secret_file: None,
-            log_level: Some("info".into()),
-            pid_file: Some(data_dir.join("p2p-tracker.pid")),
-            log_file: Some(data_dir.join("p2p-tracker.log")),
-        });
+        let mut s = given.or(Settings::defaults(&data_dir));
         s.data_dir = Some(data_dir);
         for p in [&mut s.secret_file, &mut s.pid_file, &mut s.log_file]
             .into_iter()
@@ -89,26 +95,32 @@ impl Settings {
             *p = absolute(p)?;
         }
         if let Some(t) = &s.ttl {
-            p2p_schema::parse_duration(t).map_err(|e| format!("ttl: {e}"))?;
+            p2p_service::parse_duration(t).map_err(|e| format!("ttl: {e}"))?;
         }
         Ok(s)
     }
 
+    /// The address to listen on (resolved settings always name one).
+    pub fn listen(&self) -> SocketAddr {
+        self.listen.unwrap_or(DEFAULT_LISTEN)
+    }
+
     /// The running configuration (reads the secret file, if any).
     pub fn to_config(&self) -> Result<Config, String> {
-        Ok(Config {
-            ttl: p2p_schema::parse_duration(self.ttl.as_deref().unwrap_or("30s"))?,
-            secret: match (&self.secret, &self.secret_file) {
-                (Some(s), _) => Some(s.clone()),
-                (None, Some(path)) => Some(p2p_schema::read_secret(path)?),
-                (None, None) => None,
-            },
-            ..Config::default()
-        })
+        let mut config = Config::default();
+        if let Some(t) = &self.ttl {
+            config.ttl = p2p_service::parse_duration(t)?;
+        }
+        config.secret = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Some(s.clone()),
+            (None, Some(path)) => Some(p2p_service::read_secret(path)?),
+            (None, None) => None,
+        };
+        Ok(config)
     }
 }
 
-p2p_schema::service_settings!(Settings, "p2p-tracker");
+p2p_service::service_settings!(Settings, "p2p-tracker");
 
 fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))

@@ -1,30 +1,5 @@
-//! Helpers the three programs share outside the wire: command-line values, default paths,
-//! and the shutdown signal.
-
-/// Parses a duration as the command lines of all three programs take it: a number with an
-/// optional unit, `ms`, `s` (the default), `m` or `h`: `500ms`, `30s`, `30`, `2m`.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| {
-        format!("invalid duration {s:?}: expected a number and a unit, like 30s or 500ms")
-    })?;
-    let secs = match unit.trim() {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
-            ))
-        }
-    };
-    std::time::Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
+//! Where things live by default: data and configuration directories, the control socket, and
+//! the shared secret's file.
 
 fn env_dir(key: &str) -> Option<std::path::PathBuf> {
     std::env::var_os(key)
@@ -104,36 +79,4 @@ pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
         return Err(format!("secret file {} is empty", path.display()));
     }
     Ok(secret)
-}
-
-/// A future that resolves on SIGINT or SIGTERM (Ctrl-C only, elsewhere). The handlers are
-/// installed when this is called, not when it is first polled, so a signal that arrives
-/// between start-up and the main loop is not lost. Call it inside the tokio runtime.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let term = signal(SignalKind::terminate()).ok();
-        let int = signal(SignalKind::interrupt()).ok();
-        async move {
-            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
-                match s {
-                    Some(mut s) => {
-                        s.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                () = wait(term) => {}
-                () = wait(int) => {}
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }

@@ -183,6 +183,7 @@ pub fn lock_holder(db_dir: &Path) -> Holder {
 /// Lines look like `1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`; waiters (`->`) are
 /// skipped. Stacked filesystems (overlayfs) show the lower device: when no line matches both,
 /// a single PID holding that inode is taken.
+#[cfg(any(target_os = "linux", test))]
 fn holder_in(locks: &str, dev: u64, ino: u64) -> Holder {
     let (major, minor) = split_dev(dev);
     let mut exact = None;
@@ -219,6 +220,7 @@ fn holder_in(locks: &str, dev: u64, ino: u64) -> Holder {
 }
 
 /// Major and minor numbers of a Linux `dev_t` (glibc's encoding).
+#[cfg(any(target_os = "linux", test))]
 fn split_dev(dev: u64) -> (u64, u64) {
     let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
     let minor = (dev & 0xff) | ((dev >> 12) & !0xff);

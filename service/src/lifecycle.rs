@@ -1,12 +1,12 @@
-//! Process plumbing shared by `p2p-tracker` and `p2pd` (feature `service`): logging set-up,
-//! readiness (systemd's `READY=1`, or the `--daemon` parent waiting on a pipe), and detaching
-//! with `--daemon`.
+//! A long-running program's life (feature `lifecycle`): settings from flags, file and defaults,
+//! logging set-up, readiness (systemd's `READY=1`, or the `--daemon` parent waiting on a
+//! pipe), detaching with `--daemon`, the runtime, the shutdown signal and the exit code.
 //!
 //! `--daemon` forks with the `daemonize` crate *before* any thread exists (the tokio runtime is
 //! built afterwards). The parent waits on a pipe until the daemon reports it is ready, or why
 //! it failed, and exits accordingly: `p2pd --daemon` returning 0 means the daemon is serving.
 
-use std::io::{IsTerminal, Read, Write};
+use std::io::{IsTerminal, Write};
 use std::path::Path;
 
 /// Sets up `tracing`: `RUST_LOG` if set, else `level`, to stderr. Colours only on a terminal;
@@ -39,6 +39,7 @@ impl Readiness {
 
     /// Serving now: tells systemd (`READY=1`, with a status line) and a waiting parent.
     pub fn ready(&mut self, status: &str) {
+        #[cfg(unix)]
         let _ = sd_notify::notify(&[
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(status),
@@ -56,8 +57,9 @@ impl Readiness {
     }
 }
 
-/// Tells systemd we are stopping (`STOPPING=1`).
+/// Tells systemd we are stopping (`STOPPING=1`); nothing to tell elsewhere.
 pub fn notify_stopping() {
+    #[cfg(unix)]
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
@@ -132,6 +134,7 @@ pub fn detach(program: &str, pid_file: &Path, log_file: &Path) -> Result<Detache
 /// The parent's side: relays the daemon's first word and turns it into an exit code.
 #[cfg(unix)]
 fn wait_for_daemon(program: &str, mut pipe: std::fs::File, pid_file: &Path, log: &Path) -> u8 {
+    use std::io::Read;
     let mut said = String::new();
     let _ = pipe.read_to_string(&mut said);
     let said = said.lines().next().unwrap_or("");
@@ -269,7 +272,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
 /// right after readiness still stops the service cleanly); the future resolves, logging it,
 /// when one arrives.
 pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    let signal = crate::process::shutdown_signal();
+    let signal = signal_handlers();
     async move {
         signal.await;
         tracing::info!("signal received");
@@ -306,7 +309,7 @@ pub fn settings_toml<T: serde::Serialize>(s: &T, secret_set: bool) -> String {
 #[macro_export]
 macro_rules! service_settings {
     ($ty:ty, $program:expr) => {
-        impl $crate::service::ServiceSettings for $ty {
+        impl $crate::lifecycle::ServiceSettings for $ty {
             const PROGRAM: &'static str = $program;
 
             fn resolve(flags: Self, file: Self) -> Result<Self, String> {
@@ -314,7 +317,7 @@ macro_rules! service_settings {
             }
 
             fn to_toml(&self) -> String {
-                $crate::service::settings_toml(self, self.secret.is_some())
+                $crate::lifecycle::settings_toml(self, self.secret.is_some())
             }
 
             fn data_dir(&self) -> std::path::PathBuf {
@@ -331,4 +334,52 @@ macro_rules! service_settings {
             }
         }
     };
+}
+
+/// Implements `or` for a settings struct whose fields are all `Option`s: each field from
+/// `self`, or else from `other`. This is how flags, the configuration file and the defaults
+/// are layered. Name every field: the struct literal it expands to does not compile if one is
+/// missing.
+#[macro_export]
+macro_rules! settings_or {
+    ($ty:ident { $($field:ident),* $(,)? }) => {
+        impl $ty {
+            /// Each field from `self`, or else from `other`.
+            pub fn or(self, other: $ty) -> $ty {
+                $ty { $($field: self.$field.or(other.$field)),* }
+            }
+        }
+    };
+}
+
+/// A future that resolves on SIGINT or SIGTERM (Ctrl-C only, elsewhere). The handlers are
+/// installed when this is called, not when it is first polled, so a signal that arrives
+/// between start-up and the main loop is not lost. Call it inside the tokio runtime.
+fn signal_handlers() -> impl std::future::Future<Output = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let term = signal(SignalKind::terminate()).ok();
+        let int = signal(SignalKind::interrupt()).ok();
+        async move {
+            let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+                match s {
+                    Some(mut s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = wait(term) => {}
+                () = wait(int) => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
