@@ -83,7 +83,7 @@ pub fn bind(path: &Path) -> Result<ControlListener, Error> {
 
 /// Makes sure `dir` exists and only its owner can write to it.
 fn private_dir(dir: &Path) -> Result<(), Error> {
-    p2p_schema::service::create_private_dir(dir).map_err(Error::Other)?;
+    p2p_service::lifecycle::create_private_dir(dir).map_err(Error::Other)?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::MetadataExt;

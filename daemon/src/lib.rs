@@ -100,7 +100,7 @@ impl Config {
     pub fn new(tracker: String, data_dir: PathBuf) -> Config {
         Config {
             tracker,
-            socket: p2p_schema::socket_in(&data_dir),
+            socket: p2p_service::socket_in(&data_dir),
             download_dir: data_dir.join("downloads"),
             data_dir,
             secret: None,

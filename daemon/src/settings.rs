@@ -113,9 +113,9 @@ impl Settings {
             listen: Some(SocketAddr::from(([0, 0, 0, 0], 0))),
             data_dir: Some(data_dir.to_path_buf()),
             socket: Some(
-                p2p_schema::runtime_dir()
+                p2p_service::runtime_dir()
                     .map(|d| d.join("p2pd.sock"))
-                    .unwrap_or_else(|| p2p_schema::socket_in(data_dir)),
+                    .unwrap_or_else(|| p2p_service::socket_in(data_dir)),
             ),
             download_dir: Some(data_dir.join("downloads")),
             advertise: None,
@@ -137,7 +137,7 @@ impl Settings {
         let data_dir = given
             .data_dir
             .clone()
-            .unwrap_or_else(p2p_schema::default_data_dir);
+            .unwrap_or_else(p2p_service::default_data_dir);
         let data_dir = absolute(&data_dir)?;
         let mut s = given.or(Settings::defaults(&data_dir));
         s.data_dir = Some(data_dir);
@@ -154,7 +154,7 @@ impl Settings {
             *p = absolute(p)?;
         }
         if let Some(t) = &s.request_timeout {
-            p2p_schema::parse_duration(t).map_err(|e| format!("request-timeout: {e}"))?;
+            p2p_service::parse_duration(t).map_err(|e| format!("request-timeout: {e}"))?;
         }
         Ok(s)
     }
@@ -171,11 +171,11 @@ impl Settings {
         config.advertise = self.advertise;
         config.secret = match (&self.secret, &self.secret_file) {
             (Some(s), _) => Some(s.clone()),
-            (None, Some(path)) => Some(p2p_schema::read_secret(path)?),
+            (None, Some(path)) => Some(p2p_service::read_secret(path)?),
             (None, None) => None,
         };
         if let Some(t) = &self.request_timeout {
-            config.request_timeout = p2p_schema::parse_duration(t)?;
+            config.request_timeout = p2p_service::parse_duration(t)?;
         }
         config.max_in_flight = self.max_in_flight.unwrap_or(16).max(1);
         config.upload_rate = self.upload_rate.unwrap_or(0);
@@ -183,7 +183,7 @@ impl Settings {
     }
 }
 
-p2p_schema::service_settings!(Settings, "p2pd");
+p2p_service::service_settings!(Settings, "p2pd");
 
 fn absolute(p: &Path) -> Result<PathBuf, String> {
     std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
@@ -229,7 +229,7 @@ mod tests {
             ..Settings::default()
         };
         let text = Settings::resolve(s, Settings::default()).unwrap();
-        let text = p2p_schema::service::ServiceSettings::to_toml(&text);
+        let text = p2p_service::lifecycle::ServiceSettings::to_toml(&text);
         assert!(!text.contains("hunter2"));
         assert!(text.contains("secret = (set, not shown)"));
     }

@@ -114,7 +114,7 @@ struct Running {
 /// Bye (bounded: a dead tracker cannot hold us up), stop accepting peers and commands, let
 /// downloads commit what they wrote, then flush and mark the state clean.
 async fn shut_down(node: &Node, tasks: Running) -> Result<(), Error> {
-    p2p_schema::service::notify_stopping();
+    p2p_service::lifecycle::notify_stopping();
     node.request_stop();
     let _ = tokio::time::timeout(Duration::from_secs(3), tasks.tracker).await;
     let _ = tasks.server.await;

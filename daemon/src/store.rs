@@ -100,12 +100,12 @@ fn db_err(what: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
 
 impl Store {
     /// Opens the database under `dir` by the rule both programs share
-    /// ([`p2p_schema::store`]): one locked by another holder is waited for, then reported as
+    /// ([`p2p_service::store`]): one locked by another holder is waited for, then reported as
     /// in use and never moved aside; only one that fails its checks on opening is moved aside
     /// (shares must then be registered again). Blocks: call it off the executor.
     pub fn open(dir: &Path) -> Result<Store, Error> {
         let config = |c: sled::Config| c.cache_capacity(16 << 20).flush_every_ms(Some(500));
-        let db = p2p_schema::store::open("p2pd", dir, "state.sled", config)
+        let db = p2p_service::store::open("p2pd", dir, "state.sled", config)
             .map_err(|e| Error::Other(e.to_string()))?
             .db;
         let tree = |name: &str| db.open_tree(name).map_err(db_err("opening tree"));

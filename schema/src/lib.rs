@@ -74,19 +74,6 @@ pub use manifest::{
 };
 pub use msg::*;
 
-/// Transitional (feature `compat`): the process plumbing that moved to `p2p-service`, under the
-/// paths `p2pd` still imports it by. Only re-exports; remove it once `p2pd` imports
-/// `p2p-service` itself.
-#[cfg(feature = "compat")]
-pub mod service {
-    pub use p2p_service::lifecycle::*;
-}
-#[cfg(feature = "compat")]
-pub use p2p_service::{
-    caps, config_file_for, data_dir_for, default_data_dir, default_socket_candidates, human_bytes,
-    parse_duration, read_secret, runtime_dir, service_settings, settings_or, socket_in, store,
-};
-
 /// The agent string sent in hellos: crate name and version.
 pub fn agent(program: &str) -> String {
     format!("{program}/{}", env!("CARGO_PKG_VERSION"))
