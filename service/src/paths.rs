@@ -54,20 +54,31 @@ pub fn default_data_dir() -> std::path::PathBuf {
 
 /// Where `p2pctl` looks for the daemon's socket when not told: the first that exists of the
 /// user service's (`$XDG_RUNTIME_DIR/p2pd/p2pd.sock`), the system service's
-/// (`/run/p2pd/p2pd.sock`) and the default data directory's; else the last.
+/// (`/run/p2pd/p2pd.sock`) and the default data directory's; else the last. On Windows only
+/// the last: there is no runtime directory, and the "socket" is a named pipe.
 pub fn default_socket_candidates() -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    if let Some(r) = env_dir("XDG_RUNTIME_DIR") {
-        out.push(r.join("p2pd").join("p2pd.sock"));
+    if cfg!(unix) {
+        if let Some(r) = env_dir("XDG_RUNTIME_DIR") {
+            out.push(r.join("p2pd").join("p2pd.sock"));
+        }
+        out.push(std::path::PathBuf::from("/run/p2pd/p2pd.sock"));
     }
-    out.push(std::path::PathBuf::from("/run/p2pd/p2pd.sock"));
     out.push(socket_in(&default_data_dir()));
     out
 }
 
-/// The control socket inside a data directory.
+/// The control socket that belongs to a data directory: `p2pd.sock` inside it on Unix; on
+/// Windows, where local sockets are named pipes outside the file system, the pipe
+/// `\\.\pipe\p2pd@DIR`, named after the directory so that two daemons do not collide (a
+/// pipe name may hold any character but a backslash).
 pub fn socket_in(data_dir: &std::path::Path) -> std::path::PathBuf {
-    data_dir.join("p2pd.sock")
+    if cfg!(windows) {
+        let dir = data_dir.to_string_lossy().replace('\\', "/");
+        std::path::PathBuf::from(format!(r"\\.\pipe\p2pd@{dir}"))
+    } else {
+        data_dir.join("p2pd.sock")
+    }
 }
 
 /// Reads a shared secret from the first line of `path` (an empty secret is refused).

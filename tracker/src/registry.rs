@@ -3,7 +3,7 @@
 //!
 //! sled trees (keys big-endian, values CBOR):
 //! - `files`: `FileId` -> [`Manifest`]
-//! - `peers`: `PeerId` -> [`PeerRecord`]
+//! - `peers`: `PeerId` -> `PeerRecord`
 //! - `holdings`: `FileId || PeerId` -> [`Bitfield`]
 //!
 //! A file lives as long as some peer holds part of it. A peer lives until it says `Bye` or
