@@ -137,7 +137,7 @@ struct Row {
 }
 
 impl Row {
-    /// A row as measured; the derived columns are filled in by [`derive`].
+    /// A row as measured; the derived columns are filled in by [`derive()`].
     fn new(
         scenario: &str,
         tool: &str,

@@ -380,7 +380,7 @@ async fn read_chunk(
     let file = local.handle();
     tokio::task::spawn_blocking(move || {
         buf.resize(len as usize, 0);
-        read_exact_at(&file, &mut buf, offset).map(|()| buf)
+        crate::fileio::read_exact_at(&file, &mut buf, offset).map(|()| buf)
     })
     .await
     .map_err(|e| e.to_string())?
@@ -452,6 +452,7 @@ impl Budget {
 }
 
 /// Bytes sent at a time under an upload limit.
+#[cfg(target_os = "linux")]
 const PACE_PIECE: u32 = 64 << 10;
 
 /// An upload rate limit shared by all connections: each send reserves its share of time.

@@ -27,16 +27,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
-    // Opening may wait for the database's lock: off the executor.
-    let dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
-        .await
-        .map_err(|e| Error::Other(format!("opening the state database: {e}")))??;
-    let clean = store.take_clean_flag().await?;
+    let (store, clean) = open_store(&config).await?;
     let peer_id = store.peer_id()?;
-    if !clean {
-        info!("the previous run did not stop cleanly: unrecorded chunks will be re-verified");
-    }
     let bound = peers
         .local_addr()
         .map_err(|e| Error::io("reading the bound peer address", e))?;
@@ -125,4 +117,18 @@ async fn shut_down(node: &Node, tasks: Running) -> Result<(), Error> {
     node.store.flush().await?;
     node.store.mark_clean().await?;
     Ok(())
+}
+
+/// Opens the state database (off the executor: it may wait for the lock), and says whether
+/// the previous run stopped cleanly.
+async fn open_store(config: &Config) -> Result<(Store, bool), Error> {
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir))
+        .await
+        .map_err(|e| Error::Other(format!("opening the state database: {e}")))??;
+    let clean = store.take_clean_flag().await?;
+    if !clean {
+        info!("the previous run did not stop cleanly: unrecorded chunks will be re-verified");
+    }
+    Ok((store, clean))
 }
