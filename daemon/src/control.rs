@@ -8,7 +8,7 @@
 //! one final).
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
@@ -29,15 +29,7 @@ use crate::Error;
 /// A bound control socket, with the lock that makes it ours.
 pub struct ControlListener {
     listener: Listener,
-    path: PathBuf,
     _lock: File,
-}
-
-impl ControlListener {
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Creates the control socket at `path`, following the lifecycle above.
@@ -76,7 +68,6 @@ pub fn bind(path: &Path) -> Result<ControlListener, Error> {
         .map_err(|e| Error::io(format!("creating control socket {}", path.display()), e))?;
     Ok(ControlListener {
         listener,
-        path: path.to_path_buf(),
         _lock: lock,
     })
 }
@@ -242,12 +233,8 @@ async fn hello(node: &Node, reader: &mut Reader, writer: &mut Writer) -> Result<
 
 /// The files the tracker lists.
 async fn list(node: &Node) -> CtlResponse {
-    match node.tracker.call(p2p_schema::TrackerRequest::List).await {
-        Ok(p2p_schema::TrackerResponse::Files { files }) => CtlResponse::Files { files },
-        Ok(other) => CtlResponse::Error(WireError::new(
-            ErrorCode::Internal,
-            format!("unexpected answer {other:?}"),
-        )),
+    match node.tracker.list().await {
+        Ok(files) => CtlResponse::Files { files },
         Err(e) => CtlResponse::Error(e),
     }
 }
@@ -258,22 +245,11 @@ async fn locate(node: &Node, query: String) -> CtlResponse {
         Ok(file) => file,
         Err(r) => return resolve_failure(query, r),
     };
-    let located = node
-        .tracker
-        .call(p2p_schema::TrackerRequest::Locate {
-            file_id: file.id,
-            max: 1000,
-        })
-        .await;
-    match located {
-        Ok(p2p_schema::TrackerResponse::Holders { file, mut holders }) => {
+    match node.tracker.locate(file.id, 1000).await {
+        Ok((file, mut holders)) => {
             holders.sort_by_key(|h| h.addr);
             CtlResponse::Located { file, holders }
         }
-        Ok(other) => CtlResponse::Error(WireError::new(
-            ErrorCode::Internal,
-            format!("unexpected answer {other:?}"),
-        )),
         Err(e) => CtlResponse::Error(e),
     }
 }

@@ -51,6 +51,16 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Locks `l` for reading; poisoning is ignored (see [`lock`]).
+pub(crate) fn read_lock<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Locks `l` for writing; poisoning is ignored (see [`lock`]).
+pub(crate) fn write_lock<T>(l: &std::sync::RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Errors of the daemon's own operations (as opposed to errors reported to `p2pctl`).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -395,7 +395,7 @@ struct IpSlot {
 
 impl IpSlot {
     fn take(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<IpSlot> {
-        let mut m = map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(map);
         let n = m.entry(ip).or_insert(0);
         if *n >= MAX_PER_IP {
             return None;
@@ -410,7 +410,7 @@ impl IpSlot {
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
-        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        let mut m = lock(&self.map);
         if let Some(n) = m.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -482,7 +482,7 @@ impl RateLimit {
         }
         let cost = Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
         let start = {
-            let mut next = self.next_free.lock().unwrap_or_else(|p| p.into_inner());
+            let mut next = lock(&self.next_free);
             let now = Instant::now();
             let start = (*next).max(now);
             *next = start + cost;

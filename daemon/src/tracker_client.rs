@@ -14,12 +14,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use p2p_schema::{
-    ErrorCode, FrameError, FrameReader, FrameWriter, ListCursor, PeerId, TrackerRequest,
-    TrackerResponse, WireError, LIST_PAGE_MAX, MAX_FRAME, PROTOCOL_VERSION,
+    ErrorCode, FileId, FileSummary, FrameError, FrameReader, FrameWriter, Holder, ListCursor,
+    Manifest, PeerId, TrackerRequest, TrackerResponse, WireError, LIST_PAGE_MAX, MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
+
+use crate::lock;
 use tracing::{debug, info, warn};
 
 type Reply = oneshot::Sender<Result<TrackerResponse, WireError>>;
@@ -116,12 +119,55 @@ impl TrackerClient {
         *self.connected.borrow()
     }
 
-    /// Waits until the session is up (or `timeout` passes). Returns whether it is.
-    pub async fn wait_connected(&self, timeout: Duration) -> bool {
-        let mut rx = self.connected.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|c| *c))
-            .await
-            .is_ok_and(|r| r.is_ok())
+    /// Registers `manifest`: this daemon holds the whole file.
+    pub async fn register(&self, manifest: Manifest) -> Result<FileSummary, WireError> {
+        match self.call(TrackerRequest::Register { manifest }).await? {
+            TrackerResponse::Registered { file } => Ok(file),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The files whose name is `query`, or whose ID is or starts with it.
+    pub async fn find(&self, query: &str) -> Result<Vec<FileSummary>, WireError> {
+        let query = query.to_string();
+        match self.call(TrackerRequest::Find { query }).await? {
+            TrackerResponse::Files { files } => Ok(files),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every file on the network (fetched page by page from a tracker that pages).
+    pub async fn list(&self) -> Result<Vec<FileSummary>, WireError> {
+        match self.call(TrackerRequest::List).await? {
+            TrackerResponse::Files { files } => Ok(files),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The manifest of file `id`, as the tracker has it (check it against `id`).
+    pub async fn manifest(&self, id: FileId) -> Result<Manifest, WireError> {
+        match self
+            .call(TrackerRequest::GetManifest { file_id: id })
+            .await?
+        {
+            TrackerResponse::Manifest { manifest } => Ok(manifest),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Up to `max` holders of file `id`, with what each holds.
+    pub async fn locate(
+        &self,
+        id: FileId,
+        max: u32,
+    ) -> Result<(FileSummary, Vec<Holder>), WireError> {
+        match self
+            .call(TrackerRequest::Locate { file_id: id, max })
+            .await?
+        {
+            TrackerResponse::Holders { file, holders } => Ok((file, holders)),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Sends `request` and waits for its answer. An error reply becomes `Err`.
@@ -361,10 +407,7 @@ async fn read_answers(mut reader: Reader, pending: Pending, address: String) -> 
             }
             Err(e) => return e.to_string(),
         };
-        let waiter = pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front();
+        let waiter = lock(&pending).pop_front();
         let response = match response {
             Ok(r) => r,
             Err(e) => {
@@ -441,12 +484,7 @@ async fn run_session(
     stop: &CancellationToken,
 ) -> SessionEnd {
     let pending: Pending = Arc::default();
-    let push = |reply: Option<Reply>| {
-        pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(reply)
-    };
+    let push = |reply: Option<Reply>| lock(&pending).push_back(reply);
 
     // Responses are read by their own task: a frame read must never be cancelled half-way.
     let mut reader_task = tokio::spawn(read_answers(reader, pending.clone(), address.to_string()));
@@ -496,6 +534,14 @@ async fn run_session(
     };
     reader_task.abort();
     // Waiters of a lost session get an error (their senders drop here).
-    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    lock(&pending).clear();
     end
+}
+
+/// An answer that does not fit the request: an error for its caller.
+fn unexpected(answer: TrackerResponse) -> WireError {
+    WireError::new(
+        ErrorCode::Internal,
+        format!("unexpected tracker answer {answer:?}"),
+    )
 }

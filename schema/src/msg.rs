@@ -125,7 +125,8 @@ pub enum TrackerRequest {
     Find { query: String },
     /// The manifest of a file.
     GetManifest { file_id: FileId },
-    /// Live holders of a file (at most `max`, shuffled), excluding the sender.
+    /// Live holders of a file (at most `max`, shuffled), the sender included if it holds any of
+    /// it (a downloader skips its own peer ID).
     Locate { file_id: FileId, max: u32 },
     /// Keeps the session alive; sent every `heartbeat_ms`.
     Heartbeat,

@@ -24,8 +24,7 @@ use std::time::{Duration, Instant};
 
 use p2p_schema::{
     sha256, Bitfield, DownloadState, ErrorCode, FileId, FrameReader, FrameWriter, Holder, Manifest,
-    PeerId, PeerRequest, PeerResponse, TrackerRequest, TrackerResponse, MAX_PEER_FRAME,
-    PROTOCOL_VERSION,
+    PeerId, PeerRequest, PeerResponse, TrackerRequest, MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
 use sha2::{Digest, Sha256};
 use tokio::net::TcpStream;
@@ -225,11 +224,11 @@ impl Download {
 
     /// The current state.
     pub fn state(&self) -> DownloadState {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.state).clone()
     }
 
     pub(crate) fn set_state(&self, node: &Context, state: DownloadState) {
-        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = state.clone();
+        *lock(&self.state) = state.clone();
         let record = DownloadRecord {
             manifest: (*self.manifest).clone(),
             output: self.output.to_string_lossy().into_owned(),
@@ -246,7 +245,7 @@ impl Download {
     pub fn status(&self) -> p2p_schema::DownloadStatus {
         let window = Duration::from_secs(5);
         let (rate, peers) = {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            let mut recent = lock(&self.recent);
             while recent.front().is_some_and(|(t, _, _)| t.elapsed() > window) {
                 recent.pop_front();
             }
@@ -275,14 +274,8 @@ impl Download {
 
     fn record_chunk(&self, from: SocketAddr, bytes: u64) {
         self.downloaded.fetch_add(bytes, Ordering::Relaxed);
-        self.recent
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back((Instant::now(), bytes, from));
-        self.sources
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(from);
+        lock(&self.recent).push_back((Instant::now(), bytes, from));
+        lock(&self.sources).insert(from);
     }
 }
 
@@ -314,7 +307,7 @@ struct Swarm {
 
 impl Swarm {
     fn picker(&self) -> std::sync::MutexGuard<'_, Picker> {
-        self.picker.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.picker)
     }
 }
 
@@ -482,15 +475,8 @@ async fn coordinate(
         // Ask again soon: other downloaders become holders within a commit interval, and the
         // sooner we know them the sooner they share the load.
         let mut wait = RELOCATE_INTERVAL;
-        match node
-            .tracker
-            .call(TrackerRequest::Locate {
-                file_id: dl.id,
-                max: 64,
-            })
-            .await
-        {
-            Ok(TrackerResponse::Holders { holders, .. }) => {
+        match node.tracker.locate(dl.id, 64).await {
+            Ok((_, holders)) => {
                 backoff = Duration::from_millis(200);
                 dl.stalled
                     .store(count_stalled(swarm, &holders), Ordering::Relaxed);
@@ -498,7 +484,6 @@ async fn coordinate(
                     start_worker(swarm, holder);
                 }
             }
-            Ok(other) => debug!(?other, "unexpected answer to locate"),
             Err(e) => {
                 debug!(error = %e, "cannot locate holders; retrying");
                 wait = backoff;

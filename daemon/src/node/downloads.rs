@@ -89,19 +89,7 @@ impl Node {
     /// The manifest of file `id`, from the tracker, checked to hash to `id` (the tracker
     /// cannot substitute hashes).
     async fn verified_manifest(&self, id: &FileId) -> Result<Manifest, WireError> {
-        let manifest = match self
-            .tracker
-            .call(TrackerRequest::GetManifest { file_id: *id })
-            .await?
-        {
-            TrackerResponse::Manifest { manifest } => manifest,
-            other => {
-                return Err(err(
-                    ErrorCode::Internal,
-                    format!("unexpected tracker answer {other:?}"),
-                ))
-            }
-        };
+        let manifest = self.tracker.manifest(*id).await?;
         manifest.verify(id).map_err(|e| {
             err(
                 ErrorCode::BadRequest,

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use p2p_schema::{
     Bitfield, DaemonInfo, DownloadState, ErrorCode, FileId, FileSummary, Manifest, ShareStatus,
-    StatusReport, TrackerRequest, TrackerResponse, WireError,
+    StatusReport, TrackerRequest, WireError,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -16,11 +16,11 @@ use tracing::{info, warn};
 use crate::context::Context;
 use crate::download::{self, Download};
 use crate::local::LocalFile;
-use crate::lock;
 use crate::part::{create_part, open_part, part_error};
 use crate::register::{hash_file, share_name};
 use crate::store::{DownloadRecord, ShareRecord};
 use crate::Error;
+use crate::{lock, read_lock, write_lock};
 
 pub type Files = Arc<RwLock<HashMap<FileId, Arc<LocalFile>>>>;
 
@@ -75,26 +75,15 @@ impl Node {
 
     /// The file with ID `id`, if this daemon holds any of it.
     pub fn local_file(&self, id: &FileId) -> Option<Arc<LocalFile>> {
-        self.files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        read_lock(&self.files).get(id).cloned()
     }
 
     fn insert_file(&self, local: Arc<LocalFile>) {
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(local.id, local);
+        write_lock(&self.files).insert(local.id, local);
     }
 
     fn download(&self, id: &FileId) -> Option<Arc<Download>> {
-        self.downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned()
+        lock(&self.downloads).get(id).cloned()
     }
 
     /// Facts for `p2pctl`.
@@ -163,18 +152,8 @@ impl Node {
             self.insert_file(Arc::new(local));
         }
         info!(file = %id.short(), path = %path.display(), size = manifest.size, "file shared");
-        match self
-            .tracker
-            .call(TrackerRequest::Register {
-                manifest: (*manifest).clone(),
-            })
-            .await
-        {
-            Ok(TrackerResponse::Registered { file }) => Ok(file),
-            Ok(other) => Err(err(
-                ErrorCode::Internal,
-                format!("unexpected tracker answer {other:?}"),
-            )),
+        match self.tracker.register((*manifest).clone()).await {
+            Ok(file) => Ok(file),
             Err(e) if e.code == ErrorCode::TrackerUnavailable => Err(err(
                 e.code,
                 format!(
@@ -188,22 +167,7 @@ impl Node {
 
     /// Resolves a name, ID or unique ID prefix to one file on the network.
     pub async fn resolve(&self, query: &str) -> Result<FileSummary, Resolve> {
-        let files = match self
-            .tracker
-            .call(TrackerRequest::Find {
-                query: query.to_string(),
-            })
-            .await
-        {
-            Ok(TrackerResponse::Files { files }) => files,
-            Ok(other) => {
-                return Err(Resolve::Error(err(
-                    ErrorCode::Internal,
-                    format!("unexpected tracker answer {other:?}"),
-                )))
-            }
-            Err(e) => return Err(Resolve::Error(e)),
-        };
+        let files = self.tracker.find(query).await.map_err(Resolve::Error)?;
         match <[FileSummary; 1]>::try_from(files) {
             Ok([file]) => Ok(file),
             Err(files) if files.is_empty() => Err(Resolve::Error(err(
@@ -220,16 +184,11 @@ impl Node {
     fn find_local(&self, query: &str) -> Result<FileId, WireError> {
         let q = query.to_ascii_lowercase();
         let by_id = p2p_schema::is_hex_prefix(&q);
-        let mut ids: Vec<(FileId, String)> = self
-            .files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut ids: Vec<(FileId, String)> = read_lock(&self.files)
             .values()
             .map(|f| (f.id, f.manifest.name.clone()))
             .chain(
-                self.downloads
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
+                lock(&self.downloads)
                     .values()
                     .map(|d| (d.id, d.manifest.name.clone())),
             )
@@ -282,14 +241,8 @@ impl Node {
 
     /// Forgets everything about file `id`: records, chunks, serving, the tracker's holding.
     async fn forget(&self, id: &FileId) -> Result<(), WireError> {
-        self.files
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
-        self.downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        write_lock(&self.files).remove(id);
+        lock(&self.downloads).remove(id);
         let io = |e: Error| err(ErrorCode::Io, e.to_string());
         self.store.remove_share(id).map_err(io)?;
         self.store.remove_download(id).map_err(io)?;
@@ -301,10 +254,7 @@ impl Node {
 
     /// What this daemon shares and downloads.
     pub fn status(&self) -> StatusReport {
-        let mut shares: Vec<ShareStatus> = self
-            .files
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let mut shares: Vec<ShareStatus> = read_lock(&self.files)
             .values()
             .filter(|f| f.is_complete())
             .map(|f| ShareStatus {
@@ -318,13 +268,7 @@ impl Node {
             })
             .collect();
         shares.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        let mut downloads: Vec<_> = self
-            .downloads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|d| d.status())
-            .collect();
+        let mut downloads: Vec<_> = lock(&self.downloads).values().map(|d| d.status()).collect();
         downloads.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         StatusReport {
             info: self.info(),
@@ -366,7 +310,7 @@ pub enum Resolve {
 /// What to announce after (re)connecting: complete files first (registering them), then
 /// partial holdings.
 pub fn announce_all(files: &Files) -> Vec<TrackerRequest> {
-    let files = files.read().unwrap_or_else(|p| p.into_inner());
+    let files = read_lock(files);
     let (stale, usable): (Vec<_>, Vec<_>) = files.values().partition(|f| f.problem().is_some());
     let (complete, partial): (Vec<_>, Vec<_>) = usable.into_iter().partition(|f| f.is_complete());
     // The tracker may still list files we no longer serve (from before a restart).
