@@ -8,7 +8,6 @@
 //! on, and our uplink carries chunks nobody else has yet (see `LocalFile::may_send`).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,8 +70,7 @@ pub async fn serve(
     listener: TcpListener,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let per_ip: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let caps = p2p_service::caps::ConnectionCaps::new(MAX_CONNECTIONS, MAX_PER_IP);
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,
@@ -86,13 +84,13 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            debug!(%remote, "too many peer connections; refusing");
-            continue;
-        };
-        let Some(ip_slot) = IpSlot::take(&per_ip, remote.ip()) else {
-            warn!(%remote, "too many connections from one address; refusing");
-            continue;
+        // Refused at once: dropping the stream closes it.
+        let slot = match caps.admit(remote.ip()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                warn!(%remote, "refusing a peer connection: {why}");
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let (node, uploads) = (node.clone(), uploads.clone());
@@ -102,7 +100,6 @@ pub async fn serve(
                 if let Err(e) = connection(node, &uploads, stream, stop).await {
                     debug!("peer connection ended: {e}");
                 }
-                drop(ip_slot);
                 drop(slot);
             }
             .instrument(tracing::debug_span!("serve", %remote)),
@@ -385,39 +382,6 @@ async fn read_chunk(
     .await
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("reading a chunk to serve: {e}"))
-}
-
-/// One connection's share of an address's connection cap, returned when dropped.
-struct IpSlot {
-    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl IpSlot {
-    fn take(map: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<IpSlot> {
-        let mut m = lock(map);
-        let n = m.entry(ip).or_insert(0);
-        if *n >= MAX_PER_IP {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            map: map.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut m = lock(&self.map);
-        if let Some(n) = m.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
-    }
 }
 
 /// A token bucket of requests for one connection.

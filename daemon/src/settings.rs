@@ -52,7 +52,8 @@ pub struct Settings {
     #[arg(long, env = "P2PD_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
 
-    /// Give up on a peer that sends no chunk for this long [default: 20s].
+    /// Give up on a peer that sends less than 16 KiB in this long while a chunk is awaited
+    /// [default: 20s].
     #[arg(long, env = "P2PD_REQUEST_TIMEOUT")]
     pub request_timeout: Option<String>,
 
@@ -77,35 +78,24 @@ pub struct Settings {
     pub log_file: Option<PathBuf>,
 }
 
-macro_rules! or_fields {
-    ($a:expr, $b:expr, $($f:ident),*) => {
-        Settings { $($f: $a.$f.or($b.$f)),* }
-    };
-}
+p2p_service::settings_or!(Settings {
+    tracker,
+    listen,
+    data_dir,
+    socket,
+    download_dir,
+    advertise,
+    secret,
+    secret_file,
+    request_timeout,
+    max_in_flight,
+    upload_rate,
+    log_level,
+    pid_file,
+    log_file,
+});
 
 impl Settings {
-    /// Each field from `self`, or else from `other`.
-    pub fn or(self, other: Settings) -> Settings {
-        or_fields!(
-            self,
-            other,
-            tracker,
-            listen,
-            data_dir,
-            socket,
-            download_dir,
-            advertise,
-            secret,
-            secret_file,
-            request_timeout,
-            max_in_flight,
-            upload_rate,
-            log_level,
-            pid_file,
-            log_file
-        )
-    }
-
     /// The defaults, given the data directory (which several paths live in).
     fn defaults(data_dir: &Path) -> Settings {
         Settings {
@@ -138,7 +128,7 @@ impl Settings {
             .data_dir
             .clone()
             .unwrap_or_else(p2p_service::default_data_dir);
-        let data_dir = absolute(&data_dir)?;
+        let data_dir = p2p_service::absolute(&data_dir)?;
         let mut s = given.or(Settings::defaults(&data_dir));
         s.data_dir = Some(data_dir);
         for p in [
@@ -151,7 +141,7 @@ impl Settings {
         .into_iter()
         .flatten()
         {
-            *p = absolute(p)?;
+            *p = p2p_service::absolute(p)?;
         }
         if let Some(t) = &s.request_timeout {
             p2p_service::parse_duration(t).map_err(|e| format!("request-timeout: {e}"))?;
@@ -184,10 +174,6 @@ impl Settings {
 }
 
 p2p_service::service_settings!(Settings, "p2pd");
-
-fn absolute(p: &Path) -> Result<PathBuf, String> {
-    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
-}
 
 #[cfg(test)]
 mod tests {

@@ -87,12 +87,7 @@ pub struct Store {
     chunks: sled::Tree,
 }
 
-fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    // Serializing our own plain records into a Vec cannot fail.
-    let _ = ciborium::into_writer(value, &mut out);
-    out
-}
+use p2p_service::store::to_cbor as cbor;
 
 fn db_err(what: &str) -> impl FnOnce(sled::Error) -> Error + '_ {
     move |e| Error::Db(what.to_string(), e)

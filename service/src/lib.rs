@@ -23,7 +23,7 @@ pub mod store;
 pub mod units;
 
 pub use paths::{
-    config_file_for, data_dir_for, default_data_dir, default_socket_candidates, read_secret,
-    runtime_dir, socket_in,
+    absolute, config_file_for, data_dir_for, default_data_dir, default_socket_candidates,
+    read_secret, runtime_dir, socket_in,
 };
 pub use units::{human_bytes, parse_duration};

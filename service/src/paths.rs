@@ -81,6 +81,11 @@ pub fn socket_in(data_dir: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
+/// `p` made absolute (against the current directory), or why it cannot be.
+pub fn absolute(p: &std::path::Path) -> Result<std::path::PathBuf, String> {
+    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
+}
+
 /// Reads a shared secret from the first line of `path` (an empty secret is refused).
 pub fn read_secret(path: &std::path::Path) -> Result<String, String> {
     let text = std::fs::read_to_string(path)

@@ -19,6 +19,14 @@ use std::time::{Duration, Instant};
 
 use tracing::error;
 
+/// A record as stored: CBOR.
+pub fn to_cbor<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Serializing our own plain records into a Vec cannot fail.
+    let _ = ciborium::into_writer(value, &mut out);
+    out
+}
+
 /// How long a locked database is waited for before it is reported as in use.
 pub const LOCK_WAIT: Duration = Duration::from_secs(3);
 

@@ -62,12 +62,7 @@ pub struct Registry {
     requests: AtomicU64,
 }
 
-fn cbor<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
-    // Serializing our own plain structs into a Vec cannot fail.
-    let _ = ciborium::into_writer(value, &mut out);
-    out
-}
+use p2p_service::store::to_cbor as cbor;
 
 fn holding_key(file: &FileId, peer: &PeerId) -> Vec<u8> {
     let mut k = Vec::with_capacity(FileId::LEN + PeerId::LEN);

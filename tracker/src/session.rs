@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use subtle::ConstantTimeEq;
 
 use p2p_schema::{
     ErrorCode, FrameError, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse,
@@ -171,7 +172,7 @@ fn handshake(
     }
     if let Some(expected) = &config.secret {
         let given = secret.as_deref().unwrap_or("");
-        if !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             return Err(WireError::new(
                 ErrorCode::Unauthorized,
                 "this tracker requires a shared secret, and the one given is wrong or missing",
@@ -207,10 +208,6 @@ fn handshake(
             list_pages: true,
         },
     ))
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Answers one request. Also says whether it registered something new (worth a flush).

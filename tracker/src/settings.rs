@@ -85,14 +85,14 @@ impl Settings {
             .data_dir
             .clone()
             .unwrap_or_else(|| p2p_service::data_dir_for("p2p-tracker"));
-        let data_dir = absolute(&data_dir)?;
+        let data_dir = p2p_service::absolute(&data_dir)?;
         let mut s = given.or(Settings::defaults(&data_dir));
         s.data_dir = Some(data_dir);
         for p in [&mut s.secret_file, &mut s.pid_file, &mut s.log_file]
             .into_iter()
             .flatten()
         {
-            *p = absolute(p)?;
+            *p = p2p_service::absolute(p)?;
         }
         if let Some(t) = &s.ttl {
             p2p_service::parse_duration(t).map_err(|e| format!("ttl: {e}"))?;
@@ -121,7 +121,3 @@ impl Settings {
 }
 
 p2p_service::service_settings!(Settings, "p2p-tracker");
-
-fn absolute(p: &Path) -> Result<PathBuf, String> {
-    std::path::absolute(p).map_err(|e| format!("{}: {e}", p.display()))
-}
