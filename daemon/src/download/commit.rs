@@ -75,21 +75,25 @@ pub(super) async fn commit(swarm: &Swarm, batch: Vec<u32>) -> Result<(), ()> {
 }
 
 /// Renames the complete file into place and turns it into a share.
-pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<(), String> {
+pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<(), DownloadError> {
     let (part, output) = (dl.part.clone(), dl.output.clone());
     let file = dl.local.handle();
-    let meta = tokio::task::spawn_blocking(move || -> Result<std::fs::Metadata, String> {
+    let io = |what: String| move |source| DownloadError::Io { what, source };
+    let meta = tokio::task::spawn_blocking(move || -> Result<std::fs::Metadata, DownloadError> {
         file.sync_all()
-            .map_err(|e| format!("syncing {}: {e}", part.display()))?;
+            .map_err(io(format!("syncing {}", part.display())))?;
         crate::part::rename_no_replace(&part, &output).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                format!(
-                    "{} appeared while downloading; the data is kept at {}",
-                    output.display(),
-                    part.display()
-                )
+                DownloadError::Appeared {
+                    output: output.clone(),
+                    part: part.clone(),
+                }
             } else {
-                format!("renaming {} to {}: {e}", part.display(), output.display())
+                io(format!(
+                    "renaming {} to {}",
+                    part.display(),
+                    output.display()
+                ))(e)
             }
         })?;
         if let Some(dir) = output.parent() {
@@ -98,10 +102,10 @@ pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<()
                 let _ = d.sync_all();
             }
         }
-        std::fs::metadata(&output).map_err(|e| format!("reading {}: {e}", output.display()))
+        std::fs::metadata(&output).map_err(io(format!("reading {}", output.display())))
     })
     .await
-    .map_err(|e| e.to_string())??;
+    .map_err(|e| DownloadError::Internal(e.to_string()))??;
     // Every worker and chunk write of this download has ended (see `drive`): nothing of ours
     // touches the file from here, so this identity is the one it keeps.
     let identity = Identity::of(&meta);
@@ -112,11 +116,9 @@ pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<()
         dl.output.to_string_lossy().into_owned(),
         identity,
     );
-    node.store
-        .put_share(&dl.id, &share)
-        .map_err(|e| e.to_string())?;
+    node.store.put_share(&dl.id, &share)?;
     dl.set_state(node, DownloadState::Complete);
-    node.store.clear_chunks(&dl.id).map_err(|e| e.to_string())?;
+    node.store.clear_chunks(&dl.id)?;
     if let Err(e) = node.store.flush().await {
         warn!(error = %e, "flushing state after a download");
     }

@@ -67,3 +67,27 @@ impl std::fmt::Display for WriteError {
         f.write_str(&self.message)
     }
 }
+
+/// Why a download failed for good (its state becomes `failed: ` and this message).
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// Written chunks could not be made durable (synced or recorded).
+    #[error("cannot write {}: see the daemon log", .0.display())]
+    Commit(PathBuf),
+    /// Something took the output path while the download ran; nothing was replaced.
+    #[error("{} appeared while downloading; the data is kept at {}", .output.display(), .part.display())]
+    Appeared { output: PathBuf, part: PathBuf },
+    /// A file operation of the finish failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state database refused a write.
+    #[error("recording the download: {0}")]
+    Store(#[from] crate::Error),
+    /// A task of ours ended badly (a panic).
+    #[error("{0}")]
+    Internal(String),
+}

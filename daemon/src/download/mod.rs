@@ -42,7 +42,7 @@ mod wire;
 mod worker;
 
 use commit::{commit_loop, finish};
-use error::{net, WorkerError, WriteError};
+use error::{net, DownloadError, WorkerError, WriteError};
 use peers::{PeerRecords, Verdict};
 use picker::Picker;
 use stall::{stall_reason, wait_to_go_on};
@@ -354,7 +354,8 @@ async fn run(node: Arc<Context>, dl: Arc<Download>, stop: CancellationToken) {
                     }
                     info!(state = ?dl.state(), "download stopped");
                 }
-                Err(why) => {
+                Err(e) => {
+                    let why = e.to_string();
                     warn!("download failed: {why}");
                     dl.set_state(&node, DownloadState::Failed(why.clone()));
                     let _ = dl.events.send(Event::Failed(why));
@@ -380,7 +381,7 @@ async fn drive(
     node: Arc<Context>,
     dl: Arc<Download>,
     stop: &CancellationToken,
-) -> Result<Driven, String> {
+) -> Result<Driven, DownloadError> {
     let chunk_size = u64::from(dl.manifest.chunk_size.max(1));
     let window = (WINDOW_BYTES / chunk_size).clamp(2, node.config.max_in_flight.max(2) as u64);
     let (commit_tx, commit_rx) = mpsc::unbounded_channel();
@@ -417,18 +418,18 @@ async fn drive(
     match ended {
         Ended::Complete => {}
         Ended::Stopped => return Ok(Driven::Stopped),
-        Ended::CommitFailed => return Err(commit_failure(&dl)),
+        Ended::CommitFailed => return Err(DownloadError::Commit(dl.part.clone())),
         Ended::WriteFailed => {
             let e = lock(&swarm.write_error).take();
             return Ok(Driven::Stalled(e.unwrap_or_else(|| WriteError {
                 dir: dl.part.parent().map(PathBuf::from).unwrap_or_default(),
                 kind: std::io::ErrorKind::Other,
-                message: commit_failure(&dl),
+                message: DownloadError::Commit(dl.part.clone()).to_string(),
             })));
         }
     }
     if !committed || !dl.local.is_complete() {
-        return Err(commit_failure(&dl));
+        return Err(DownloadError::Commit(dl.part.clone()));
     }
     finish(&node, &dl).await?;
     Ok(Driven::Complete)
@@ -497,10 +498,6 @@ async fn coordinate(
         }
     }
     Ended::Complete
-}
-
-fn commit_failure(dl: &Download) -> String {
-    format!("cannot write {}: see the daemon log", dl.part.display())
 }
 
 /// Chunks still missing that none of `holders` (nor a connected worker) has.
