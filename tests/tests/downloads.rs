@@ -93,7 +93,8 @@ fn concurrent_download_commands_for_one_file_start_one_task() {
 
 #[test]
 fn pause_and_resume_in_quick_succession_never_run_two_tasks() {
-    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "16000000"]);
+    // Slow enough (4 s) that the ten pauses all land before the download completes.
+    let mut swarm = Swarm::new(1, "30s", &["--upload-rate", "8000000"]);
     swarm.add_daemon(&[]);
     let file = swarm.path("p.bin");
     write_random(&file, 32 << 20, 44);

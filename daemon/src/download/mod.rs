@@ -3,8 +3,8 @@
 //! A [`Download`] is driven by one coordinator task (`run`) that asks the tracker who holds
 //! what, starts one worker per holder, and waits for the file to be complete. Each worker
 //! keeps a window of `GetChunk` requests in flight on its connection, picking chunks through
-//! the shared `Picker` (`picker.rs`) (rarest first, random tie-break; in the end game a chunk still in
-//! flight elsewhere may be asked of a second peer). Every chunk is checked against its
+//! the shared `Picker` in `picker.rs` (rarest first, random tie-break; in the end game a chunk
+//! still in flight elsewhere may be asked of a second peer). Every chunk is checked against its
 //! SHA-256 before it is written in place into the partial file; a bad chunk is discarded and
 //! fetched again, and a peer that sends bad data twice is banned for the rest of the download.
 //!
@@ -419,14 +419,7 @@ async fn drive(
         Ended::Complete => {}
         Ended::Stopped => return Ok(Driven::Stopped),
         Ended::CommitFailed => return Err(DownloadError::Commit(dl.part.clone())),
-        Ended::WriteFailed => {
-            let e = lock(&swarm.write_error).take();
-            return Ok(Driven::Stalled(e.unwrap_or_else(|| WriteError {
-                dir: dl.part.parent().map(PathBuf::from).unwrap_or_default(),
-                kind: std::io::ErrorKind::Other,
-                message: DownloadError::Commit(dl.part.clone()).to_string(),
-            })));
-        }
+        Ended::WriteFailed(e) => return Ok(Driven::Stalled(e)),
     }
     if !committed || !dl.local.is_complete() {
         return Err(DownloadError::Commit(dl.part.clone()));
@@ -441,7 +434,7 @@ enum Ended {
     Stopped,
     CommitFailed,
     /// A worker could not write a chunk (see [`Swarm::write_error`]).
-    WriteFailed,
+    WriteFailed(WriteError),
 }
 
 /// Finds holders and starts workers until every chunk is durable, the download is stopped,
@@ -461,8 +454,8 @@ async fn coordinate(
         if committer.is_finished() {
             return Ended::CommitFailed;
         }
-        if lock(&swarm.write_error).is_some() {
-            return Ended::WriteFailed;
+        if let Some(e) = lock(&swarm.write_error).take() {
+            return Ended::WriteFailed(e);
         }
         if swarm.picker().remaining == 0 {
             // Every chunk is in; the committer is making the last ones durable.

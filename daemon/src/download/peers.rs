@@ -94,8 +94,8 @@ impl PeerRecords {
         verdict
     }
 
-    /// Forgets waits that are over; past the bound, the waits ending soonest too, then the
-    /// oldest failure counts (bans for bad data are kept).
+    /// Forgets waits that are over; past the bound, the waits ending soonest too, and then
+    /// failure counts and strikes of peers no longer remembered (bans for bad data are kept).
     fn prune(&mut self) {
         let now = Instant::now();
         self.out_until.retain(|_, t| t.is_none_or(|t| now < t));
@@ -106,7 +106,8 @@ impl PeerRecords {
                 .filter_map(|(p, t)| t.map(|t| (t, *p)))
                 .collect();
             waits.sort();
-            let excess = self.out_until.len() - MAX_PEER_RECORDS;
+            // Down to three quarters of the bound, so the sort is not paid at every session.
+            let excess = self.out_until.len() - MAX_PEER_RECORDS * 3 / 4;
             for (_, p) in waits.into_iter().take(excess) {
                 self.out_until.remove(&p);
             }
@@ -117,5 +118,90 @@ impl PeerRecords {
         if self.strikes.len() > MAX_PEER_RECORDS {
             self.strikes.retain(|p, _| self.out_until.contains_key(p));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn misbehaved() -> WorkerError {
+        WorkerError::Misbehaved("wrong length".into())
+    }
+
+    #[test]
+    fn a_faulting_peer_waits_longer_each_time_then_is_set_aside() {
+        let mut records = PeerRecords::default();
+        let peer = PeerId::random();
+        assert!(matches!(
+            records.session_ended(peer, 0, Some(&misbehaved())),
+            Verdict::Retry(w) if w == RETRY_WAIT
+        ));
+        assert!(
+            !records.may_try(&peer),
+            "tried again before its wait is over"
+        );
+        assert!(matches!(
+            records.session_ended(peer, 0, Some(&misbehaved())),
+            Verdict::Retry(w) if w == RETRY_WAIT * 2
+        ));
+        assert!(matches!(
+            records.session_ended(peer, 0, Some(&misbehaved())),
+            Verdict::SetAside
+        ));
+        assert!(!records.may_try(&peer));
+        // A peer that cannot be reached is retried with growing waits, never set aside.
+        let gone = PeerId::random();
+        let unreachable = WorkerError::Unreachable("connection refused".into());
+        for _ in 0..10 {
+            let verdict = records.session_ended(gone, 0, Some(&unreachable));
+            assert!(matches!(verdict, Verdict::Retry(w) if w <= MAX_RETRY_WAIT));
+        }
+        // A chunk delivered clears the count: faults must come in a row.
+        let flaky = PeerId::random();
+        records.session_ended(flaky, 0, Some(&misbehaved()));
+        records.session_ended(flaky, 0, Some(&misbehaved()));
+        assert!(matches!(
+            records.session_ended(flaky, 5, Some(&misbehaved())),
+            Verdict::Retry(w) if w == RETRY_WAIT
+        ));
+        // Bad data bans for good.
+        let liar = PeerId::random();
+        assert!(matches!(
+            records.session_ended(liar, 0, Some(&WorkerError::BadData(2))),
+            Verdict::Banned
+        ));
+        assert!(!records.may_try(&liar));
+    }
+
+    #[test]
+    fn what_a_download_remembers_of_peers_stays_bounded() {
+        let mut records = PeerRecords::default();
+        let unreachable = WorkerError::Unreachable("connection refused".into());
+        for _ in 0..(MAX_PEER_RECORDS * 2) {
+            let peer = PeerId::random();
+            records.strike(peer);
+            records.session_ended(peer, 0, Some(&unreachable));
+        }
+        assert!(
+            records.out_until.len() <= MAX_PEER_RECORDS,
+            "{}",
+            records.out_until.len()
+        );
+        assert!(
+            records.failures.len() <= MAX_PEER_RECORDS,
+            "{}",
+            records.failures.len()
+        );
+        assert!(
+            records.strikes.len() <= MAX_PEER_RECORDS + 1,
+            "{}",
+            records.strikes.len()
+        );
+        // A wait that is over is forgotten when the peer is tried again.
+        let peer = PeerId::random();
+        records.out_until.insert(peer, Some(Instant::now()));
+        assert!(records.may_try(&peer));
+        assert!(!records.out_until.contains_key(&peer));
     }
 }

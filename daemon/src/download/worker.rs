@@ -83,7 +83,7 @@ fn session_ended(
 }
 
 /// Fetches chunks from one peer.
-pub(super) struct Worker {
+struct Worker {
     swarm: Arc<Swarm>,
     addr: SocketAddr,
     peer: PeerId,
@@ -105,13 +105,13 @@ pub(super) struct Worker {
 }
 
 /// A chunk being verified and written: its index, buffer, and whether it matched.
-pub(super) type Verifying = tokio::task::JoinHandle<(u32, AlignedBuf, std::io::Result<bool>)>;
+type Verifying = tokio::task::JoinHandle<(u32, AlignedBuf, std::io::Result<bool>)>;
 
 /// Bytes a download may have in verification and writing at once, across its workers (each
 /// worker may have at least [`MIN_VERIFYING`] chunks): a lone peer's stream keeps going while
 /// several chunks wait on the disk.
-pub(super) const VERIFYING_PER_DOWNLOAD: usize = 8 << 20;
-pub(super) const MIN_VERIFYING: usize = 2;
+const VERIFYING_PER_DOWNLOAD: usize = 8 << 20;
+const MIN_VERIFYING: usize = 2;
 
 impl Drop for Worker {
     fn drop(&mut self) {
