@@ -197,7 +197,7 @@ pub fn format_locate(holders: &[Holder]) -> String {
     out
 }
 
-use p2p_service::human_bytes;
+use p2p_service::HumanBytes;
 
 /// The `status` report in prose.
 pub fn format_status(s: &StatusReport) -> String {
@@ -219,9 +219,9 @@ pub fn format_status(s: &StatusReport) -> String {
             "  {}  {}  {}  {}  uploaded {}",
             f.id.short(),
             f.name,
-            human_bytes(f.size),
+            HumanBytes(f.size),
             f.path,
-            human_bytes(f.uploaded)
+            HumanBytes(f.uploaded)
         );
         if let Some(p) = &f.problem {
             let _ = write!(out, "  NOT SERVED: {p}");
@@ -252,10 +252,10 @@ pub fn format_status(s: &StatusReport) -> String {
             "  {}  {}  {}  {}/{} chunks ({pct:.0}%)  {}/s from {} peers  {}  -> {}",
             d.id.short(),
             d.name,
-            human_bytes(d.size),
+            HumanBytes(d.size),
             d.have,
             d.chunks,
-            human_bytes(d.rate),
+            HumanBytes(d.rate),
             d.peers,
             state,
             d.output

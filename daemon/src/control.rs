@@ -20,7 +20,7 @@ use p2p_schema::{
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::download::{Download, Event};
 use crate::node::{Node, Resolve};
@@ -121,28 +121,18 @@ type Writer = FrameWriter<WriteHalf<Stream>>;
 
 /// Accepts `p2pctl` connections until `stop` becomes true; the socket is removed on return.
 pub async fn serve(node: Arc<Node>, control: ControlListener, stop: CancellationToken) {
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => break,
-            a = control.listener.accept() => a,
-        };
-        match accepted {
-            Ok(stream) => {
-                let node = node.clone();
-                tokio::spawn(async move {
-                    let (r, w) = tokio::io::split(stream);
-                    let mut reader = FrameReader::new(r, MAX_FRAME);
-                    let mut writer = FrameWriter::new(w);
-                    if let Err(e) = connection(&node, &mut reader, &mut writer).await {
-                        debug!("control connection ended: {e}");
-                    }
-                });
+    while let Some(stream) =
+        p2p_service::accept::next("control", &stop, || control.listener.accept()).await
+    {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let (r, w) = tokio::io::split(stream);
+            let mut reader = FrameReader::new(r, MAX_FRAME);
+            let mut writer = FrameWriter::new(w);
+            if let Err(e) = connection(&node, &mut reader, &mut writer).await {
+                debug!("control connection ended: {e}");
             }
-            Err(e) => {
-                warn!(error = %e, "accepting a control connection failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
-        }
+        });
     }
     // Dropping the listener removes the socket file.
     drop(control);

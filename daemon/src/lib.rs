@@ -7,6 +7,7 @@
 //! - [`start`]: start-up and shutdown: builds the parts, runs them, stops them in order.
 //! - [`control`]: the control socket and the commands `p2pctl` sends.
 //! - [`serve`]: the peer server: chunks to other daemons, its limits and hold-back policy.
+//!   Its rate limiter is `pace`.
 //! - [`node`]: [`node::Node`], the catalog of local files, the download manager, and
 //!   bringing back an earlier run's state.
 //! - [`download`]: one download: coordinator, workers, picker, committer, stalls.
@@ -29,6 +30,7 @@ pub mod download;
 pub mod fileio;
 pub mod local;
 pub mod node;
+mod pace;
 pub mod part;
 pub mod recover;
 pub mod register;

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use p2p_schema::{
     ErrorCode, FrameReader, FrameWriter, PeerId, PeerRequest, PeerResponse, WireError,
@@ -18,10 +18,11 @@ use p2p_schema::{
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, Instrument};
 
 use crate::lock;
 use crate::node::Node;
+use crate::pace::Pace;
 
 /// Most peer connections served at once.
 const MAX_CONNECTIONS: usize = 512;
@@ -45,7 +46,7 @@ pub struct Uploads {
     #[cfg_attr(target_os = "linux", allow(dead_code))]
     slots: Semaphore,
     /// Bounds upload bandwidth, if configured.
-    limit: RateLimit,
+    limit: Pace,
     /// Peers connected to our peer server now, with their connection counts.
     fetching: Mutex<HashMap<PeerId, u32>>,
     /// Bumped each time the last of them goes (see `LocalFile::may_send`).
@@ -56,7 +57,7 @@ impl Uploads {
     pub fn new(config: &crate::Config) -> Uploads {
         Uploads {
             slots: Semaphore::new(config.max_uploads.max(1)),
-            limit: RateLimit::new(config.upload_rate),
+            limit: Pace::new(config.upload_rate as f64, 0.0),
             fetching: Mutex::default(),
             epoch: std::sync::atomic::AtomicU64::new(0),
         }
@@ -71,28 +72,9 @@ pub async fn serve(
     stop: CancellationToken,
 ) {
     let caps = p2p_service::caps::ConnectionCaps::new(MAX_CONNECTIONS, MAX_PER_IP);
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, remote) = match accepted {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(error = %e, "accepting a peer connection failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        // Refused at once: dropping the stream closes it.
-        let slot = match caps.admit(remote.ip()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                warn!(%remote, "refusing a peer connection: {why}");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+    while let Some((stream, remote, slot)) =
+        p2p_service::accept::next_admitted("peer", &listener, &caps, &stop).await
+    {
         let (node, uploads) = (node.clone(), uploads.clone());
         let stop = stop.clone();
         tokio::spawn(
@@ -126,10 +108,10 @@ async fn connection(
     let _fetching = Fetching::new(uploads, peer);
 
     let mut buf = SendBuf::default();
-    let mut budget = Budget::new();
+    let budget = Pace::new(REQUESTS_PER_SEC, REQUEST_BURST);
     loop {
         // Throttle a peer that floods us with requests.
-        budget.spend().await;
+        budget.spend(1).await;
         let request = tokio::select! {
             () = stop.cancelled() => return Ok(()),
             r = tokio::time::timeout(IDLE_TIMEOUT, reader.recv::<PeerRequest>()) => r,
@@ -276,7 +258,7 @@ async fn send_chunk(
         let mut sent = 0;
         while sent < len {
             let n = piece.min(len - sent);
-            uploads.limit.wait(n as usize).await;
+            uploads.limit.spend(u64::from(n)).await;
             crate::fileio::send_file(socket, &local.handle(), offset + u64::from(sent), n)
                 .await
                 .map_err(|e| format!("sending chunk {index}: {e}"))?;
@@ -285,7 +267,7 @@ async fn send_chunk(
     }
     #[cfg(not(target_os = "linux"))]
     {
-        uploads.limit.wait(len as usize).await;
+        uploads.limit.spend(u64::from(len)).await;
         *buf = read_chunk(uploads, &local, offset, len, std::mem::take(buf)).await?;
         writer
             .send_with_payload(&header, buf)
@@ -384,74 +366,6 @@ async fn read_chunk(
     .map_err(|e| format!("reading a chunk to serve: {e}"))
 }
 
-/// A token bucket of requests for one connection.
-struct Budget {
-    tokens: f64,
-    last: Instant,
-}
-
-impl Budget {
-    fn new() -> Budget {
-        Budget {
-            tokens: REQUEST_BURST,
-            last: Instant::now(),
-        }
-    }
-
-    /// Takes one token, waiting for it if the bucket is empty.
-    async fn spend(&mut self) {
-        let now = Instant::now();
-        self.tokens = (self.tokens
-            + now.duration_since(self.last).as_secs_f64() * REQUESTS_PER_SEC)
-            .min(REQUEST_BURST);
-        self.last = now;
-        if self.tokens < 1.0 {
-            let wait = (1.0 - self.tokens) / REQUESTS_PER_SEC;
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
-            self.tokens = 1.0;
-            self.last = Instant::now();
-        }
-        self.tokens -= 1.0;
-    }
-}
-
 /// Bytes sent at a time under an upload limit.
 #[cfg(target_os = "linux")]
 const PACE_PIECE: u32 = 64 << 10;
-
-/// An upload rate limit shared by all connections: each send reserves its share of time.
-pub struct RateLimit {
-    bytes_per_sec: u64,
-    next_free: Mutex<Instant>,
-}
-
-impl RateLimit {
-    /// Is there a limit?
-    pub fn is_limited(&self) -> bool {
-        self.bytes_per_sec > 0
-    }
-
-    /// A limit of `bytes_per_sec` (0: none).
-    pub fn new(bytes_per_sec: u64) -> RateLimit {
-        RateLimit {
-            bytes_per_sec,
-            next_free: Mutex::new(Instant::now()),
-        }
-    }
-
-    /// Waits until `n` more bytes may be sent.
-    pub async fn wait(&self, n: usize) {
-        if self.bytes_per_sec == 0 {
-            return;
-        }
-        let cost = Duration::from_secs_f64(n as f64 / self.bytes_per_sec as f64);
-        let start = {
-            let mut next = lock(&self.next_free);
-            let now = Instant::now();
-            let start = (*next).max(now);
-            *next = start + cost;
-            start
-        };
-        tokio::time::sleep_until((start + cost).into()).await;
-    }
-}

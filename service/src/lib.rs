@@ -5,6 +5,7 @@
 //! - [`paths`]: default data and configuration directories, the control socket, the secret
 //!   file.
 //! - [`units`]: durations as flags take them, byte counts as output shows them.
+//! - `accept` (feature `accept`): the accept loop of the three servers.
 //! - [`caps`]: how many connections a server holds, in all and per address.
 //! - `lifecycle` (feature `lifecycle`): settings merged from flags, file and defaults;
 //!   logging; readiness for systemd or a `--daemon` parent; detaching; the runtime; the
@@ -14,6 +15,8 @@
 //! Platform code lives here: systemd notification and `--daemon` exist on Unix only (they are
 //! a no-op and a clear refusal elsewhere), so the programs build for Windows too.
 
+#[cfg(feature = "accept")]
+pub mod accept;
 pub mod caps;
 #[cfg(feature = "lifecycle")]
 pub mod lifecycle;
@@ -26,4 +29,4 @@ pub use paths::{
     absolute, config_file_for, data_dir_for, default_data_dir, default_socket_candidates,
     read_secret, runtime_dir, socket_in,
 };
-pub use units::{human_bytes, parse_duration};
+pub use units::{parse_duration, HumanBytes};

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use tracing::{error, info, warn, Instrument};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, Instrument};
 
 pub use registry::Registry;
 
@@ -75,58 +75,42 @@ pub async fn run(
     let config = Arc::new(config);
     let caps =
         p2p_service::caps::ConnectionCaps::new(config.max_connections, config.max_per_address);
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let reaper = tokio::spawn(reap(registry.clone(), config.ttl, stop_rx.clone()));
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            () = &mut shutdown => break,
-            accepted = listener.accept() => {
-                let (stream, addr) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of file descriptors, say: back off instead of spinning.
-                        error!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                // Refused at once: dropping the stream closes it.
-                let slot = match caps.admit(addr.ip()) {
-                    Ok(slot) => slot,
-                    Err(why) => {
-                        warn!(remote = %addr, "refusing a connection: {why}");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let span = tracing::info_span!("session", remote = %addr);
-                let session =
-                    session::serve(stream, addr, registry.clone(), config.clone(), stop_rx.clone());
-                tokio::spawn(
-                    async move {
-                        session.await;
-                        drop(slot);
-                    }
-                    .instrument(span),
-                );
-            }
+    let stop = CancellationToken::new();
+    let reaper = tokio::spawn(reap(registry.clone(), config.ttl, stop.clone()));
+    let accepting = async {
+        while let Some((stream, addr, slot)) =
+            p2p_service::accept::next_admitted("peer", &listener, &caps, &stop).await
+        {
+            let span = tracing::info_span!("session", remote = %addr);
+            let session =
+                session::serve(stream, addr, registry.clone(), config.clone(), stop.clone());
+            tokio::spawn(
+                async move {
+                    session.await;
+                    drop(slot);
+                }
+                .instrument(span),
+            );
         }
+    };
+    tokio::select! {
+        () = shutdown => {}
+        () = accepting => {}
     }
     info!("shutting down");
     p2p_service::lifecycle::notify_stopping();
-    let _ = stop_tx.send(true);
+    stop.cancel();
     let _ = reaper.await;
     registry.flush().await
 }
 
 /// Drops peers silent for longer than the TTL, checking a few times per TTL, and writes
 /// changed holdings to disk at least once a second.
-async fn reap(registry: Arc<Registry>, ttl: Duration, mut stop: watch::Receiver<bool>) {
+async fn reap(registry: Arc<Registry>, ttl: Duration, stop: CancellationToken) {
     let period = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
             () = tokio::time::sleep(period) => {}
         }
         registry.persist();

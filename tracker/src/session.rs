@@ -11,7 +11,7 @@ use p2p_schema::{
     WireError, LIST_PAGE_MAX, LIST_UNPAGED_MAX, MAX_FRAME, MAX_HELLO_FRAME, PROTOCOL_VERSION,
 };
 use tokio::net::TcpStream;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::{Config, Registry};
@@ -29,7 +29,7 @@ pub async fn serve(
     remote: SocketAddr,
     registry: Arc<Registry>,
     config: Arc<Config>,
-    stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     let (r, w) = stream.into_split();
     // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
@@ -84,13 +84,13 @@ async fn answer(
     peer: PeerId,
     registry: &Registry,
     config: &Config,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     // A daemon heartbeats several times per TTL; silence for a whole TTL ends the session
     // (the registry drops the peer on its own schedule).
     loop {
         let next = tokio::select! {
-            _ = stop.changed() => return,
+            () = stop.cancelled() => return,
             next = tokio::time::timeout(config.ttl, reader.recv::<TrackerRequest>()) => next,
         };
         let request = match next {

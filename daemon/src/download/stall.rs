@@ -20,7 +20,7 @@ pub(super) fn stall_reason(dl: &Download, e: &WriteError) -> String {
         format!(
             "no space left on device at {} (needs {} more); free space or 'p2pctl resume'",
             e.dir.display(),
-            p2p_service::human_bytes(missing.saturating_sub(free).max(1))
+            p2p_service::HumanBytes(missing.saturating_sub(free).max(1))
         )
     } else {
         format!(
