@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use p2p_schema::frame::encode_frame;
-use p2p_schema::{PeerId, TrackerRequest, TrackerResponse, PROTOCOL_VERSION};
+use p2p_schema::{TrackerRequest, TrackerResponse, PROTOCOL_VERSION};
 use p2p_tests::fake::{manifest_of, read_frame};
 use p2p_tests::Tracker;
 
 use crate::measure::peak_rss_mib;
 
-fn send<T: serde::Serialize>(s: &mut std::net::TcpStream, msg: &T) {
+fn send<T: serde::Serialize>(s: &mut impl Write, msg: &T) {
     let mut buf = Vec::new();
     encode_frame(msg, &mut buf).expect("encode");
     s.write_all(&buf).expect("send");
@@ -71,17 +71,16 @@ fn load_session(
     count: &AtomicU64,
     ready: &std::sync::Barrier,
 ) {
-    let mut s = std::net::TcpStream::connect(addr).expect("tracker");
-    s.set_nodelay(true).ok();
+    let stream = std::net::TcpStream::connect(addr).expect("tracker");
+    stream.set_nodelay(true).ok();
+    let mut s = p2p_tests::secure::connect_on(stream, None, None).expect("a tracker session");
     let listen: SocketAddr = format!("127.0.0.1:{}", 10000 + i).parse().unwrap();
     send(
         &mut s,
         &TrackerRequest::Hello {
             version: PROTOCOL_VERSION,
-            peer_id: PeerId::random(),
             listen,
             agent: "bench".into(),
-            secret: None,
         },
     );
     let _ = read_frame::<TrackerResponse>(&mut s);
@@ -145,8 +144,7 @@ fn load_session(
 }
 
 /// Reads one frame's body into `body`; false at the end of the stream.
-fn next_frame(s: &mut std::net::TcpStream, body: &mut Vec<u8>) -> std::io::Result<bool> {
-    use std::io::Read;
+fn next_frame(s: &mut impl std::io::Read, body: &mut Vec<u8>) -> std::io::Result<bool> {
     let mut len = [0u8; 4];
     if s.read_exact(&mut len).is_err() {
         return Ok(false);
@@ -177,6 +175,13 @@ fn rss_mib(pid: u32) -> f64 {
 /// 2,000 connections that each announce a 9 MiB frame and send none of it, from 10 loopback
 /// addresses (under the per-address cap): first as their first frame (before any hello),
 /// then after a hello. Returns the summary line with the tracker's RSS in each case.
+/// A connection kept open by the half-open measurement.
+#[allow(dead_code)] // held only to be dropped
+enum Held {
+    Plain(std::net::TcpStream),
+    Secure(Box<p2p_tests::secure::SecureConn>),
+}
+
 pub fn half_open(dir: &Path) -> String {
     const CONNECTIONS: u32 = 2000;
     let tracker = Tracker::start(&dir.join("tracker-half-open"), "60s");
@@ -192,22 +197,25 @@ pub fn half_open(dir: &Path) -> String {
                 break;
             };
             if hello {
-                let mut id = [0u8; 16];
-                id[..4].copy_from_slice(&n.to_be_bytes());
+                let Ok(mut s) = p2p_tests::secure::connect_on(s, None, None) else {
+                    eprintln!("half-open: handshake {n} failed");
+                    break;
+                };
                 send(
                     &mut s,
                     &TrackerRequest::Hello {
                         version: PROTOCOL_VERSION,
-                        peer_id: PeerId(id),
                         listen: "127.0.0.1:9".parse().expect("address"),
                         agent: "bench".into(),
-                        secret: None,
                     },
                 );
                 let _ = read_frame::<TrackerResponse>(&mut s);
+                let _ = s.write_raw(&length);
+                held.push(Held::Secure(Box::new(s)));
+            } else {
+                let _ = s.write_all(&length);
+                held.push(Held::Plain(s));
             }
-            let _ = s.write_all(&length);
-            held.push(s);
         }
         std::thread::sleep(Duration::from_millis(500));
         let rss = rss_mib(pid);

@@ -201,17 +201,21 @@ use p2p_service::HumanBytes;
 
 /// The `status` report in prose.
 pub fn format_status(s: &StatusReport) -> String {
+    let tracker = match (&s.tracker_problem, s.tracker_connected) {
+        (_, true) => "connected".to_string(),
+        (Some(why), false) => format!("not connected: {why}"),
+        (None, false) => "not connected".to_string(),
+    };
     let mut out = format!(
-        "Peer {} ({}), tracker {} ({})\n",
+        "Peer {} ({}), tracker {} ({tracker})\n",
         s.info.listen,
         s.info.peer_id.short(),
         s.info.tracker,
-        if s.tracker_connected {
-            "connected"
-        } else {
-            "not connected"
-        }
     );
+    if let Some(key) = &s.info.key {
+        let swarm = if s.info.closed { "closed" } else { "open" };
+        let _ = writeln!(out, "Key {key} ({swarm} swarm)");
+    }
     let _ = writeln!(out, "Sharing {} files:", s.shares.len());
     for f in &s.shares {
         let _ = write!(

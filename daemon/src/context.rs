@@ -1,19 +1,23 @@
 //! [`Context`]: what every part of the daemon shares: its settings, identity, state
-//! database, tracker session and stop signal. It uses no other part of the daemon, so every
-//! part can use it.
+//! database, tracker session and stop signal. It uses only the link policy (a plain value),
+//! so every part can use it.
 
 use std::net::SocketAddr;
 
 use p2p_schema::PeerId;
 use tokio_util::sync::CancellationToken;
 
+use crate::link::LinkPolicy;
 use crate::store::Store;
 use crate::tracker_client::TrackerClient;
 use crate::Config;
 
 pub struct Context {
     pub config: Config,
+    /// Derived from the key of `links`: no one else can speak for it.
     pub peer_id: PeerId,
+    /// How links to other daemons are opened: our key, the swarm's, encryption.
+    pub links: LinkPolicy,
     /// The address other peers reach us at.
     pub listen: SocketAddr,
     pub store: Store,
@@ -25,7 +29,7 @@ pub struct Context {
 impl Context {
     pub fn new(
         config: Config,
-        peer_id: PeerId,
+        links: LinkPolicy,
         listen: SocketAddr,
         store: Store,
         tracker: TrackerClient,
@@ -33,7 +37,8 @@ impl Context {
     ) -> Context {
         Context {
             config,
-            peer_id,
+            peer_id: links.key.peer_id(),
+            links,
             listen,
             store,
             tracker,

@@ -12,6 +12,7 @@
 //!   bringing back an earlier run's state.
 //! - [`download`]: one download: coordinator, workers, picker, committer, stalls.
 //! - [`context`]: what every part shares: settings, identity, database, tracker session.
+//! - [`link`]: a connection to another daemon, plain or secure.
 //! - [`local`]: [`local::LocalFile`], a file whose chunks this daemon can serve.
 //! - [`part`]: a download's partial file: exclusive creation, no-replace rename.
 //! - [`register`]: hashing a local file into a manifest, off the async executor.
@@ -28,6 +29,7 @@ pub mod context;
 pub mod control;
 pub mod download;
 pub mod fileio;
+pub mod link;
 pub mod local;
 pub mod node;
 mod pace;
@@ -40,6 +42,7 @@ pub mod start;
 pub mod store;
 pub mod tracker_client;
 
+use p2p_schema::secure::SwarmKey;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -92,8 +95,13 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where downloads go when `p2pctl download` names no output.
     pub download_dir: PathBuf,
-    /// Shared secret for the tracker, if it requires one.
-    pub secret: Option<String>,
+    /// The key of a closed swarm (from its secret): every link and the tracker session
+    /// prove it. `None`: an open swarm.
+    pub swarm: Option<SwarmKey>,
+    /// Encrypt peer links in an open swarm too (always so in a closed one).
+    pub encrypt: bool,
+    /// The tracker's public key, if pinned: a tracker with another key is refused.
+    pub tracker_key: Option<[u8; 32]>,
     /// Address to announce instead of the bound one (e.g. behind NAT); `None`: the bound one.
     pub advertise: Option<SocketAddr>,
     /// How long to wait for one chunk from a peer before giving up on that peer.
@@ -115,7 +123,9 @@ impl Config {
             socket: p2p_service::socket_in(&data_dir),
             download_dir: data_dir.join("downloads"),
             data_dir,
-            secret: None,
+            swarm: None,
+            encrypt: false,
+            tracker_key: None,
             advertise: None,
             request_timeout: Duration::from_secs(20),
             max_in_flight: 16,

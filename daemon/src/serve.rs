@@ -15,11 +15,13 @@ use p2p_schema::{
     ErrorCode, FrameReader, FrameWriter, PeerId, PeerRequest, PeerResponse, WireError,
     MAX_HELLO_FRAME, MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
+use p2p_service::accept::Throttle;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, Instrument};
+use tracing::{debug, warn, Instrument};
 
+use crate::link::{self, Accepted, LinkRead, LinkWrite};
 use crate::lock;
 use crate::node::Node;
 use crate::pace::Pace;
@@ -32,6 +34,8 @@ const MAX_PER_IP: usize = 64;
 const REQUESTS_PER_SEC: f64 = 4000.0;
 const REQUEST_BURST: f64 = 1000.0;
 /// How long a connection may sit idle between requests.
+/// How long a new connection may take for its handshake, and then for its hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A chunk sent to one peer is not sent to another while that is under way, nor for this
 /// long after: the first passes it on, and this uplink carries chunks the swarm lacks (see
@@ -42,8 +46,8 @@ const SPREAD: Duration = Duration::from_secs(1);
 
 /// The peer server's own state: its upload limits, and who is fetching from it now.
 pub struct Uploads {
-    /// Bounds chunk reads in progress for uploads (memory), where `sendfile` is not available.
-    #[cfg_attr(target_os = "linux", allow(dead_code))]
+    /// Bounds chunk reads in progress for uploads (memory), where `sendfile` is not used
+    /// (not available, or the link is encrypted).
     slots: Semaphore,
     /// Bounds upload bandwidth, if configured.
     limit: Pace,
@@ -51,6 +55,8 @@ pub struct Uploads {
     fetching: Mutex<HashMap<PeerId, u32>>,
     /// Bumped each time the last of them goes (see `LocalFile::may_send`).
     epoch: std::sync::atomic::AtomicU64,
+    /// Refused connections are logged at most once a second.
+    refusals: Throttle,
 }
 
 impl Uploads {
@@ -60,6 +66,7 @@ impl Uploads {
             limit: Pace::new(config.upload_rate as f64, 0.0),
             fetching: Mutex::default(),
             epoch: std::sync::atomic::AtomicU64::new(0),
+            refusals: Throttle::new(Duration::from_secs(1)),
         }
     }
 }
@@ -89,8 +96,8 @@ pub async fn serve(
     }
 }
 
-type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
-type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
+type Reader = FrameReader<LinkRead>;
+type Writer = FrameWriter<LinkWrite>;
 
 async fn connection(
     node: Arc<Node>,
@@ -98,11 +105,23 @@ async fn connection(
     stream: TcpStream,
     stop: CancellationToken,
 ) -> Result<(), String> {
-    let (r, w) = stream.into_split();
+    let accepted = tokio::time::timeout(HELLO_TIMEOUT, link::accept(stream, &node.links))
+        .await
+        .map_err(|_| "no handshake in time".to_string())?;
+    let (r, w, proven) = match accepted {
+        Ok(Accepted::Link(r, w, proven)) => (r, w, proven),
+        Ok(Accepted::Plain(r, w)) => return refuse_plain(r, w, uploads).await,
+        Err(e) => {
+            if let Some(skipped) = uploads.refusals.allow() {
+                warn!(skipped, "refused a peer connection: {e}");
+            }
+            return Err(e.to_string());
+        }
+    };
     // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
     let mut reader = FrameReader::new(r, MAX_HELLO_FRAME);
     let mut writer = FrameWriter::new(w);
-    let Some(peer) = hello(&node, &mut reader, &mut writer).await? else {
+    let Some(peer) = hello(&node, &mut reader, &mut writer, proven).await? else {
         return Ok(());
     };
     let _fetching = Fetching::new(uploads, peer);
@@ -162,12 +181,21 @@ async fn hello(
     node: &Node,
     reader: &mut Reader,
     writer: &mut Writer,
+    proven: Option<PeerId>,
 ) -> Result<Option<PeerId>, String> {
-    let hello = tokio::time::timeout(Duration::from_secs(10), reader.recv::<PeerRequest>())
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<PeerRequest>())
         .await
         .map_err(|_| "no hello in time".to_string())?
         .map_err(|e| e.to_string())?;
     match hello {
+        Some(PeerRequest::Hello { peer_id, .. }) if proven.is_some_and(|p| p != peer_id) => {
+            let e = WireError::new(
+                ErrorCode::BadRequest,
+                "the hello's peer ID is not the session's",
+            );
+            let _ = writer.send(&PeerResponse::Error(e)).await;
+            Err("a hello naming another peer".into())
+        }
         Some(PeerRequest::Hello {
             version, peer_id, ..
         }) if version == PROTOCOL_VERSION => {
@@ -182,7 +210,7 @@ async fn hello(
         Some(PeerRequest::Hello { version, .. }) => {
             let e = WireError::new(
                 ErrorCode::UnsupportedVersion,
-                format!("protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION})"),
+                format!("protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION}): upgrade p2pd"),
             );
             let _ = writer.send(&PeerResponse::Error(e)).await;
             Err("unsupported version".into())
@@ -194,6 +222,32 @@ async fn hello(
         }
         None => Ok(None),
     }
+}
+
+/// A plain connection where links must be secure (a closed swarm, or `--encrypt`), or from a
+/// daemon of an earlier version: answers its hello with an error in the plain framing, so it
+/// says why, and closes. Nothing else is read or sent.
+async fn refuse_plain(
+    r: tokio::net::tcp::OwnedReadHalf,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    uploads: &Uploads,
+) -> Result<(), String> {
+    let mut reader = FrameReader::new(r, MAX_HELLO_FRAME);
+    let mut writer = FrameWriter::new(w);
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<PeerRequest>()).await;
+    let message = match hello {
+        Ok(Ok(Some(PeerRequest::Hello { version, .. }))) if version != PROTOCOL_VERSION => format!(
+            "protocol version {version} is not supported (this peer speaks {PROTOCOL_VERSION}, \
+             with secure links): upgrade p2pd"
+        ),
+        _ => "this peer takes secure links only (a closed swarm, or --encrypt)".to_string(),
+    };
+    if let Some(skipped) = uploads.refusals.allow() {
+        warn!(skipped, "refused a plain peer connection: {message}");
+    }
+    let e = WireError::new(ErrorCode::Unauthorized, message.clone());
+    let _ = writer.send(&PeerResponse::Error(e)).await;
+    Err(message)
 }
 
 /// A chunk asked for, and by whom.
@@ -243,11 +297,12 @@ async fn send_chunk(
     }
     let header = PeerResponse::Chunk { index, len };
     #[cfg(target_os = "linux")]
-    {
-        let _ = buf;
+    if writer.get_ref().plain_socket().is_some() {
         writer.feed(&header).await.map_err(|e| e.to_string())?;
         writer.flush().await.map_err(|e| e.to_string())?;
-        let socket: &tokio::net::TcpStream = writer.get_ref().as_ref();
+        let Some(socket) = writer.get_ref().plain_socket() else {
+            return Err("the link changed under a chunk".into());
+        };
         // Paced in pieces under an upload limit, so a slow uplink still sends steadily (the
         // asker times out on silence, not on a slow chunk).
         let piece = if uploads.limit.is_limited() {
@@ -264,20 +319,33 @@ async fn send_chunk(
                 .map_err(|e| format!("sending chunk {index}: {e}"))?;
             sent += n;
         }
+    } else {
+        send_read(uploads, writer, (&local, offset, len), &header, buf).await?;
     }
     #[cfg(not(target_os = "linux"))]
-    {
-        uploads.limit.spend(u64::from(len)).await;
-        *buf = read_chunk(uploads, &local, offset, len, std::mem::take(buf)).await?;
-        writer
-            .send_with_payload(&header, buf)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
+    send_read(uploads, writer, (&local, offset, len), &header, buf).await?;
     local.add_uploaded(u64::from(len));
     // The spread counts from when the peer has the whole chunk.
     local.sent(index, peer);
     Ok(())
+}
+
+/// Sends a chunk read into memory first: where `sendfile` is not available, or the link is
+/// encrypted. Paced in pieces under an upload limit, like `sendfile`.
+async fn send_read(
+    uploads: &Uploads,
+    writer: &mut Writer,
+    (local, offset, len): (&Arc<crate::local::LocalFile>, u64, u32),
+    header: &PeerResponse,
+    buf: &mut SendBuf,
+) -> Result<(), String> {
+    *buf = read_chunk(uploads, local, offset, len, std::mem::take(buf)).await?;
+    writer.feed(header).await.map_err(|e| e.to_string())?;
+    for piece in buf.chunks(PACE_PIECE as usize) {
+        uploads.limit.spend(piece.len() as u64).await;
+        writer.write_raw(piece).await.map_err(|e| e.to_string())?;
+    }
+    writer.flush().await.map_err(|e| e.to_string())
 }
 
 /// Counts a peer in [`Uploads::fetching`] while one of its connections lasts.
@@ -346,7 +414,6 @@ fn locate_chunk(
 }
 
 /// Reads a chunk into `buf` on a blocking thread (where `sendfile` is not available).
-#[cfg(not(target_os = "linux"))]
 async fn read_chunk(
     uploads: &Uploads,
     local: &Arc<crate::local::LocalFile>,
@@ -367,5 +434,4 @@ async fn read_chunk(
 }
 
 /// Bytes sent at a time under an upload limit.
-#[cfg(target_os = "linux")]
 const PACE_PIECE: u32 = 64 << 10;

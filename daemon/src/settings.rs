@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use p2p_schema::secure::SwarmKey;
+
 use crate::Config;
 
 /// Every setting, each optional until merged. The same struct is read from the command line
@@ -38,19 +40,32 @@ pub struct Settings {
     #[arg(long, env = "P2PD_DOWNLOAD_DIR")]
     pub download_dir: Option<PathBuf>,
 
-    /// Address to announce to the tracker instead of the bound one.
+    /// Address to announce to the tracker instead of the bound one (behind NAT, say). A
+    /// tracker takes its IP only in a closed swarm or with --trust-advertised; otherwise it
+    /// records the address the session comes from, with this port.
     #[arg(long, env = "P2PD_ADVERTISE")]
     pub advertise: Option<SocketAddr>,
 
-    /// Shared secret the tracker requires, if any (prefer secret-file: flags are visible to
-    /// other users in the process list).
+    /// Swarm secret of a closed swarm: the tracker and every peer must hold the same one
+    /// (it never crosses the wire), and every link is encrypted (prefer secret-file: flags
+    /// are visible to other users in the process list).
     #[arg(long, env = "P2PD_SECRET", hide_env_values = true)]
     #[serde(skip_serializing)]
-    pub secret: Option<String>,
+    pub secret: Option<p2p_service::Secret>,
 
-    /// Read the tracker's shared secret from this file (first line).
+    /// Read the swarm secret from this file (first line).
     #[arg(long, env = "P2PD_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+
+    /// The tracker's public key (hex, as in its tracker.pub): a tracker with another key is
+    /// refused.
+    #[arg(long, env = "P2PD_TRACKER_KEY")]
+    pub tracker_key: Option<String>,
+
+    /// Encrypt peer links in an open swarm too, and refuse plain ones (a closed swarm always
+    /// encrypts) [default: false].
+    #[arg(long, env = "P2PD_ENCRYPT", num_args = 0..=1, default_missing_value = "true")]
+    pub encrypt: Option<bool>,
 
     /// Give up on a peer that sends less than 16 KiB in this long while a chunk is awaited
     /// [default: 20s].
@@ -87,6 +102,8 @@ p2p_service::settings_or!(Settings {
     advertise,
     secret,
     secret_file,
+    tracker_key,
+    encrypt,
     request_timeout,
     max_in_flight,
     upload_rate,
@@ -94,6 +111,14 @@ p2p_service::settings_or!(Settings {
     pid_file,
     log_file,
 });
+
+/// A public key as `--tracker-key` takes it: 64 hex digits.
+fn parse_key(text: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(text.trim()).ok();
+    bytes
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| format!("tracker-key: {text:?} is not a key: expected 64 hex digits"))
+}
 
 impl Settings {
     /// The defaults, given the data directory (which several paths live in).
@@ -111,6 +136,8 @@ impl Settings {
             advertise: None,
             secret: None,
             secret_file: None,
+            tracker_key: None,
+            encrypt: Some(false),
             request_timeout: Some("20s".into()),
             max_in_flight: Some(16),
             upload_rate: Some(0),
@@ -146,6 +173,9 @@ impl Settings {
         if let Some(t) = &s.request_timeout {
             p2p_service::parse_duration(t).map_err(|e| format!("request-timeout: {e}"))?;
         }
+        if let Some(k) = &s.tracker_key {
+            parse_key(k)?;
+        }
         Ok(s)
     }
 
@@ -159,11 +189,13 @@ impl Settings {
         config.socket = get(&self.socket);
         config.download_dir = get(&self.download_dir);
         config.advertise = self.advertise;
-        config.secret = match (&self.secret, &self.secret_file) {
-            (Some(s), _) => Some(s.clone()),
-            (None, Some(path)) => Some(p2p_service::read_secret(path)?),
+        config.swarm = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Some(SwarmKey::from_secret(s.expose())),
+            (None, Some(path)) => Some(SwarmKey::from_secret(&p2p_service::read_secret(path)?)),
             (None, None) => None,
         };
+        config.tracker_key = self.tracker_key.as_deref().map(parse_key).transpose()?;
+        config.encrypt = self.encrypt.unwrap_or(false);
         if let Some(t) = &self.request_timeout {
             config.request_timeout = p2p_service::parse_duration(t)?;
         }

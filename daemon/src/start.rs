@@ -10,6 +10,7 @@ use tracing::info;
 
 use crate::context::Context;
 use crate::control::ControlListener;
+use crate::link::LinkPolicy;
 use crate::node::{announce_all, Files, Node};
 use crate::serve::Uploads;
 use crate::store::Store;
@@ -28,7 +29,18 @@ pub async fn run(
     ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
     let (store, clean) = open_store(&config).await?;
-    let peer_id = store.peer_id()?;
+    let key_file = config.data_dir.join("identity.key");
+    let (key, made) = p2p_service::identity::load_or_create(&key_file)
+        .map_err(|e| Error::Other(e.to_string()))?;
+    if made {
+        info!(key = %key_file.display(), "made a new identity");
+    }
+    let links = LinkPolicy {
+        key: Arc::new(key),
+        swarm: config.swarm.clone(),
+        encrypt: config.encrypt,
+    };
+    let peer_id = links.key.peer_id();
     let bound = peers
         .local_addr()
         .map_err(|e| Error::io("reading the bound peer address", e))?;
@@ -40,9 +52,10 @@ pub async fn run(
         Arc::new(move || announce_all(&files))
     };
     let identity = Identity {
-        peer_id,
+        key: links.key.clone(),
         listen,
-        secret: config.secret.clone(),
+        swarm: config.swarm.clone(),
+        tracker_key: config.tracker_key,
     };
     // The session waits until what we hold is loaded: its first announcement must be whole.
     let (loaded, gate) = tokio::sync::oneshot::channel();
@@ -56,7 +69,7 @@ pub async fn run(
     let uploads = Arc::new(Uploads::new(&config));
     let ctx = Arc::new(Context::new(
         config,
-        peer_id,
+        links,
         listen,
         store,
         tracker,
@@ -77,7 +90,12 @@ pub async fn run(
         "serving peers on {bound}, control socket {}",
         socket.display()
     );
-    info!(peer_id = %peer_id.short(), "p2pd ready: {status}");
+    info!(
+        peer_id = %peer_id.short(),
+        key = %hex::encode(node.links.key.public()),
+        closed = node.config.swarm.is_some(),
+        "p2pd ready: {status}"
+    );
     ready(&status);
 
     tokio::select! {

@@ -2,7 +2,9 @@
 //! which chunks are verified and durable. Chunk bytes live in ordinary files, never in sled.
 //!
 //! Trees (keys big-endian, values CBOR):
-//! - `meta`: `peer_id` -> 16 bytes; `clean` -> present only while stopped cleanly
+//! - `meta`: `created` -> present once the database has been opened; `clean` -> present
+//!   only while stopped cleanly; `peer_id` -> 16 bytes, written by versions before keys
+//!   (the peer ID is now derived from `identity.key`), read only as a sign of an old database
 //! - `shares`: `FileId` -> [`ShareRecord`]
 //! - `downloads`: `FileId` -> [`DownloadRecord`]
 //! - `chunks`: `FileId || u32 index` -> empty: chunk held by an unfinished download
@@ -13,7 +15,7 @@
 
 use std::path::Path;
 
-use p2p_schema::{Bitfield, DownloadState, FileId, Manifest, PeerId};
+use p2p_schema::{Bitfield, DownloadState, FileId, Manifest};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -113,34 +115,24 @@ impl Store {
         })
     }
 
-    /// This daemon's peer ID, made on first start.
-    pub fn peer_id(&self) -> Result<PeerId, Error> {
-        if let Some(v) = self
-            .meta
-            .get("peer_id")
-            .map_err(db_err("reading peer id"))?
-        {
-            if let Some(id) = PeerId::from_slice(&v) {
-                return Ok(id);
-            }
-        }
-        let id = PeerId::random();
-        self.meta
-            .insert("peer_id", &id.0[..])
-            .map_err(db_err("writing peer id"))?;
-        self.db.flush().map_err(db_err("flushing peer id"))?;
-        Ok(id)
-    }
-
     /// Did the previous run stop cleanly? Then marks this run as not (yet) stopped cleanly,
     /// durably, so a crash from here on is noticed at the next start.
     pub async fn take_clean_flag(&self) -> Result<bool, Error> {
-        // A brand-new database has nothing to doubt.
-        let fresh = self
-            .meta
-            .get("peer_id")
-            .map_err(db_err("reading peer id"))?
-            .is_none();
+        // A brand-new database has nothing to doubt. `created` marks one that is not; one of
+        // an earlier version has its `peer_id` instead.
+        let seen = |key: &str| -> Result<bool, Error> {
+            Ok(self
+                .meta
+                .get(key)
+                .map_err(db_err("reading the database's marks"))?
+                .is_some())
+        };
+        let fresh = !seen("created")? && !seen("peer_id")?;
+        if fresh {
+            self.meta
+                .insert("created", &[1u8][..])
+                .map_err(db_err("marking the database created"))?;
+        }
         let clean = fresh
             || self
                 .meta
@@ -297,10 +289,8 @@ mod tests {
             hashes: vec![1; 96],
         };
         let id = m.file_id();
-        let peer = {
+        {
             let s = Store::open(dir.path()).unwrap();
-            let peer = s.peer_id().unwrap();
-            assert_eq!(s.peer_id().unwrap(), peer, "stable");
             s.put_download(
                 &id,
                 &DownloadRecord {
@@ -314,10 +304,8 @@ mod tests {
             .unwrap();
             s.record_chunks(&id, &[0, 2]).unwrap();
             s.db.flush().unwrap();
-            peer
-        };
+        }
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.peer_id().unwrap(), peer);
         let downloads = s.downloads();
         assert_eq!(downloads.len(), 1);
         assert_eq!(downloads[0].1.state, DownloadState::Running);
@@ -400,7 +388,7 @@ mod tests {
     fn a_locked_database_is_waited_for_and_never_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
         let first = Store::open(dir.path()).unwrap();
-        let peer = first.peer_id().unwrap();
+        first.meta.insert("mark", &[7u8][..]).unwrap();
         first.db.flush().unwrap();
         // Held throughout: reported as in use, and left where it is.
         let e = Store::open(dir.path())
@@ -418,7 +406,42 @@ mod tests {
             drop(first);
         });
         let second = Store::open(dir.path()).unwrap();
-        assert_eq!(second.peer_id().unwrap(), peer);
+        assert_eq!(
+            second.meta.get("mark").unwrap().as_deref(),
+            Some(&[7u8][..])
+        );
         t.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_crash_is_noticed_in_new_databases_and_in_those_of_earlier_versions() {
+        // A new database: nothing to doubt the first time; a crash after that is noticed.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert!(s.take_clean_flag().await.unwrap(), "fresh");
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert!(
+            !s.take_clean_flag().await.unwrap(),
+            "a crash after the first start"
+        );
+        s.mark_clean().await.unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert!(s.take_clean_flag().await.unwrap(), "a clean stop");
+        // One written by a version before keys (its peer ID, no `created` mark), not stopped
+        // cleanly: noticed too.
+        let old = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(old.path()).unwrap();
+            s.meta.insert("peer_id", &[9u8; 16][..]).unwrap();
+            s.db.flush().unwrap();
+        }
+        let s = Store::open(old.path()).unwrap();
+        assert!(
+            !s.take_clean_flag().await.unwrap(),
+            "an earlier version's crash"
+        );
     }
 }

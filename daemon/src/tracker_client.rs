@@ -13,11 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use p2p_schema::secure::{self, HandshakeError, Keypair, SecureRead, SecureWrite, SwarmKey};
 use p2p_schema::{
     ErrorCode, FileId, FileSummary, FrameError, FrameReader, FrameWriter, Holder, ListCursor,
-    Manifest, PeerId, TrackerRequest, TrackerResponse, WireError, LIST_PAGE_MAX, MAX_FRAME,
+    Manifest, TrackerRequest, TrackerResponse, WireError, LIST_PAGE_MAX, MAX_FRAME,
     PROTOCOL_VERSION,
 };
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -35,12 +37,16 @@ struct Call {
 /// Builds the requests that re-announce what this daemon holds, after each (re)connect.
 pub type Announce = Arc<dyn Fn() -> Vec<TrackerRequest> + Send + Sync>;
 
-/// Who we are to the tracker.
+/// Who we are to the tracker, and how we know it is the right one.
 #[derive(Clone)]
 pub struct Identity {
-    pub peer_id: PeerId,
+    /// Our key pair: the session proves we hold it, and our peer ID is derived from it.
+    pub key: Arc<Keypair>,
     pub listen: SocketAddr,
-    pub secret: Option<String>,
+    /// A closed swarm's key: the session proves we hold it too.
+    pub swarm: Option<SwarmKey>,
+    /// The tracker's key, if pinned.
+    pub tracker_key: Option<[u8; 32]>,
 }
 
 /// A handle on the tracker session. Cheap to clone.
@@ -51,6 +57,8 @@ pub struct TrackerClient {
     address: String,
     /// The tracker answers `ListPage` (its welcome said so).
     list_pages: Arc<AtomicBool>,
+    /// Why the last attempt to open the session failed, while it keeps failing.
+    problem: Arc<Mutex<Option<String>>>,
 }
 
 /// Most files a listing gathers over its pages: a tracker whose pages never end is an error.
@@ -82,6 +90,8 @@ impl TrackerClient {
         let (connected_tx, connected_rx) = watch::channel(false);
         let list_pages = Arc::new(AtomicBool::new(false));
         let pages_for_task = list_pages.clone();
+        let problem: Arc<Mutex<Option<String>>> = Arc::default();
+        let problem_for_task = problem.clone();
         let task = tokio::spawn(async move {
             let early_stop = stop.clone();
             tokio::select! {
@@ -93,7 +103,7 @@ impl TrackerClient {
                 identity,
                 announce,
                 calls_rx,
-                (connected_tx, pages_for_task),
+                (connected_tx, pages_for_task, problem_for_task),
                 stop,
             )
             .await
@@ -104,6 +114,7 @@ impl TrackerClient {
                 connected: connected_rx,
                 address,
                 list_pages,
+                problem,
             },
             task,
         )
@@ -117,6 +128,11 @@ impl TrackerClient {
     /// Is the session up right now?
     pub fn is_connected(&self) -> bool {
         *self.connected.borrow()
+    }
+
+    /// Why the session is down, if opening it keeps failing (`tracker refused us: ...`).
+    pub fn problem(&self) -> Option<String> {
+        lock(&self.problem).clone()
     }
 
     /// Registers `manifest`: this daemon holds the whole file.
@@ -268,7 +284,11 @@ async fn session_loop(
     identity: Identity,
     announce: Announce,
     mut calls: mpsc::Receiver<Call>,
-    (connected, list_pages): (watch::Sender<bool>, Arc<AtomicBool>),
+    (connected, list_pages, problem): (
+        watch::Sender<bool>,
+        Arc<AtomicBool>,
+        Arc<Mutex<Option<String>>>,
+    ),
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -280,6 +300,7 @@ async fn session_loop(
         match connect(&address, &identity).await {
             Ok((reader, writer, heartbeat, advertised, pages)) => {
                 list_pages.store(pages, Ordering::Relaxed);
+                *lock(&problem) = None;
                 backoff = Duration::from_millis(100);
                 failures = 0;
                 let outcome = run_session(
@@ -303,13 +324,19 @@ async fn session_loop(
             }
             Err(e) => {
                 failures += 1;
-                // Say it once loudly, then quietly while it keeps failing.
-                if failures == 1 {
-                    warn!(tracker = %address, "cannot reach the tracker: {e}; retrying");
-                } else {
-                    debug!(tracker = %address, "cannot reach the tracker: {e}");
+                *lock(&problem) = Some(e.message.clone());
+                // Say it once loudly, then quietly while it keeps failing. A refusal (a
+                // wrong secret or key, another version) is said as such, and retried slowly.
+                let refused =
+                    e.code == ErrorCode::Unauthorized || e.code == ErrorCode::UnsupportedVersion;
+                match (failures, refused) {
+                    (1, true) => warn!(tracker = %address, "{e}; retrying every 30 s"),
+                    (1, false) => {
+                        warn!(tracker = %address, "cannot reach the tracker: {e}; retrying")
+                    }
+                    _ => debug!(tracker = %address, "tracker session not opened: {e}"),
                 }
-                if e.code == ErrorCode::Unauthorized || e.code == ErrorCode::UnsupportedVersion {
+                if refused {
                     backoff = Duration::from_secs(30);
                 }
             }
@@ -332,27 +359,38 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(fastrand::f64() * 0.25)
 }
 
-type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
-type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
+type Reader = FrameReader<SecureRead<OwnedReadHalf>>;
+type Writer = FrameWriter<SecureWrite<OwnedWriteHalf>>;
 
+/// Opens the session: the secure handshake (our key, the swarm's, the pinned tracker key),
+/// then the hello.
 async fn connect(
     address: &str,
     id: &Identity,
 ) -> Result<(Reader, Writer, Duration, SocketAddr, bool), WireError> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(address))
         .await
         .map_err(|_| unavailable(address, "connect timed out"))?
         .map_err(|e| unavailable(address, e))?;
     let _ = stream.set_nodelay(true);
+    let handshake = secure::connect(
+        &mut stream,
+        &id.key,
+        id.swarm.as_ref(),
+        id.tracker_key.as_ref(),
+    );
+    let session = tokio::time::timeout(Duration::from_secs(10), handshake)
+        .await
+        .map_err(|_| unavailable(address, "no answer to the handshake in time"))?
+        .map_err(|e| refused(address, e))?;
     let (r, w) = stream.into_split();
+    let (r, w) = session.into_stream(r, w);
     let mut reader = FrameReader::new(r, MAX_FRAME);
     let mut writer = FrameWriter::new(w);
     let hello = TrackerRequest::Hello {
         version: PROTOCOL_VERSION,
-        peer_id: id.peer_id,
         listen: id.listen,
         agent: p2p_schema::agent("p2pd"),
-        secret: id.secret.clone(),
     };
     writer
         .send(&hello)
@@ -375,8 +413,32 @@ async fn connect(
             addr,
             list_pages,
         )),
-        TrackerResponse::Error(e) => Err(e),
+        TrackerResponse::Error(e) => {
+            Err(WireError::new(e.code, format!("tracker refused us: {e}")))
+        }
         other => Err(unavailable(address, format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// A handshake that failed, as the daemon reports it: a refusal (wrong secret, wrong key,
+/// another version) is said as such, a lost connection as the tracker being unavailable.
+fn refused(address: &str, e: HandshakeError) -> WireError {
+    match e {
+        HandshakeError::Refused(r) => {
+            WireError::new(ErrorCode::Unauthorized, format!("tracker refused us: {r}"))
+        }
+        HandshakeError::KeyMismatch { .. } => WireError::new(
+            ErrorCode::Unauthorized,
+            format!("tracker {address} is not the pinned one: {e}"),
+        ),
+        HandshakeError::EarlierVersion { .. } => WireError::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "tracker {address} speaks an earlier version of the protocol (without secure \
+                 sessions): upgrade it"
+            ),
+        ),
+        other => unavailable(address, other),
     }
 }
 

@@ -260,6 +260,12 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
         Ok(())
     }
 
+    /// Queues raw bytes (a payload sent in pieces) without flushing.
+    pub async fn write_raw(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        self.inner.write_all(bytes).await?;
+        Ok(())
+    }
+
     /// Sends `msg` and flushes.
     pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), FrameError> {
         self.feed(msg).await?;

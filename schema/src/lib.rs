@@ -63,6 +63,7 @@ pub mod frame;
 mod ids;
 mod manifest;
 mod msg;
+pub mod secure;
 
 pub use bitfield::{format_ranges, Bitfield, InvalidBitfield, SPELLED_RUN};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_HELLO_FRAME, MAX_PEER_FRAME};
@@ -124,6 +125,8 @@ mod tests {
             tracker: "127.0.0.1:7000".into(),
             download_dir: "/tmp/x".into(),
             agent: agent("p2pd"),
+            key: Some("ab".repeat(32)),
+            closed: true,
         }
     }
 
@@ -194,10 +197,8 @@ mod tests {
         for m in [
             TrackerRequest::Hello {
                 version: PROTOCOL_VERSION,
-                peer_id: PeerId([1; 16]),
                 listen: "0.0.0.0:7001".parse().unwrap(),
                 agent: agent("p2pd"),
-                secret: Some("s".into()),
             },
             TrackerRequest::Register {
                 manifest: manifest(),
@@ -338,6 +339,7 @@ mod tests {
         let status = StatusReport {
             info: info(),
             tracker_connected: true,
+            tracker_problem: None,
             shares: vec![ShareStatus {
                 id: FileId([1; 32]),
                 name: "a".into(),

@@ -8,8 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::{Bitfield, FileId, Manifest, PeerId};
 
 /// Protocol version carried by every hello. A peer speaking another version is refused with
-/// [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// [`ErrorCode::UnsupportedVersion`]. Version 2 opened tracker connections (and closed-swarm
+/// peer connections) with a secure session ([`crate::secure`]) and took the peer ID from it.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Stable error codes carried in error replies, for programs to match on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,15 +100,14 @@ pub struct Holder {
 /// tracker answers each request with exactly one [`TrackerResponse`], in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum TrackerRequest {
-    /// Opens the session: who the peer is and where it serves chunks. An unspecified IP
-    /// (`0.0.0.0`) means "the address you see me connecting from".
+    /// Opens the session (inside the secure session, which says who the peer is): where the
+    /// peer serves chunks. The tracker records the IP it sees the session come from with this
+    /// port, unless it trusts announced addresses (closed swarms, or `--trust-advertised`)
+    /// and this one has a specified IP.
     Hello {
         version: u32,
-        peer_id: PeerId,
         listen: SocketAddr,
         agent: String,
-        #[serde(default)]
-        secret: Option<String>,
     },
     /// Publishes a manifest and records the sender as holding every chunk.
     Register { manifest: Manifest },
@@ -214,7 +214,8 @@ pub struct TrackerStats {
 /// Requests one daemon sends another. The first must be [`PeerRequest::Hello`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum PeerRequest {
-    /// Opens the connection.
+    /// Opens the connection. Over a secure session the peer ID is the session's and this one
+    /// must match it; over a plain connection (an open swarm) it is only a claim.
     Hello {
         version: u32,
         peer_id: PeerId,
@@ -341,6 +342,12 @@ pub struct DaemonInfo {
     pub tracker: String,
     pub download_dir: String,
     pub agent: String,
+    /// The daemon's public key in hex (its fingerprint; the peer ID is derived from it).
+    #[serde(default)]
+    pub key: Option<String>,
+    /// In a closed swarm (a swarm secret is set)?
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// What a daemon shares and downloads.
@@ -349,6 +356,9 @@ pub struct StatusReport {
     pub info: DaemonInfo,
     /// Connected to the tracker right now?
     pub tracker_connected: bool,
+    /// Why not, while opening the session keeps failing (`tracker refused us: ...`).
+    #[serde(default)]
+    pub tracker_problem: Option<String>,
     pub shares: Vec<ShareStatus>,
     pub downloads: Vec<DownloadStatus>,
 }

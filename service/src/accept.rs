@@ -64,8 +64,54 @@ pub async fn next_admitted(
     }
 }
 
+/// At most one log line per period for one kind of event (refused handshakes, say), so
+/// that a flood of them cannot flood the log.
+pub struct Throttle {
+    every: Duration,
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl Throttle {
+    /// At most one line per `every`.
+    pub fn new(every: Duration) -> Throttle {
+        Throttle {
+            every,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(n)` if a line may be logged now (`n` lines were left out since the last one),
+    /// `None` if this one is to be left out.
+    pub fn allow(&self) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < self.every => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                let skipped = state.1;
+                *state = (Some(now), 0);
+                Some(skipped)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_throttle_lets_one_line_through_per_period_and_counts_the_rest() {
+        let t = Throttle::new(Duration::from_secs(3600));
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        let t = Throttle::new(Duration::ZERO);
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), Some(0));
+    }
+
     use super::*;
 
     #[tokio::test]

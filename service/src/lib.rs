@@ -6,6 +6,7 @@
 //!   file.
 //! - [`units`]: durations as flags take them, byte counts as output shows them.
 //! - `accept` (feature `accept`): the accept loop of the three servers.
+//! - `identity` (feature `identity`): the key pair on disk.
 //! - [`caps`]: how many connections a server holds, in all and per address.
 //! - `lifecycle` (feature `lifecycle`): settings merged from flags, file and defaults;
 //!   logging; readiness for systemd or a `--daemon` parent; detaching; the runtime; the
@@ -18,9 +19,12 @@
 #[cfg(feature = "accept")]
 pub mod accept;
 pub mod caps;
+#[cfg(feature = "identity")]
+pub mod identity;
 #[cfg(feature = "lifecycle")]
 pub mod lifecycle;
 pub mod paths;
+mod secret;
 #[cfg(feature = "store")]
 pub mod store;
 pub mod units;
@@ -29,4 +33,5 @@ pub use paths::{
     absolute, config_file_for, data_dir_for, default_data_dir, default_socket_candidates,
     read_secret, runtime_dir, socket_in,
 };
+pub use secret::Secret;
 pub use units::{parse_duration, HumanBytes};

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use p2p_schema::frame::{decode_body, encode_frame};
+use p2p_schema::secure::Keypair;
 use p2p_schema::{
     FrameError, Manifest, ManifestBuilder, PeerId, PeerRequest, PeerResponse, TrackerRequest,
     TrackerResponse, PROTOCOL_VERSION,
@@ -46,14 +47,14 @@ impl Drop for FakePeer {
     }
 }
 
-fn send<T: serde::Serialize>(s: &mut TcpStream, msg: &T) -> std::io::Result<()> {
+fn send<T: serde::Serialize>(s: &mut impl Write, msg: &T) -> std::io::Result<()> {
     let mut buf = Vec::new();
     encode_frame(msg, &mut buf).map_err(std::io::Error::other)?;
     s.write_all(&buf)
 }
 
 /// Reads one frame (blocking); `None` at a clean end of stream.
-pub fn read_frame<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> std::io::Result<Option<T>> {
+pub fn read_frame<T: serde::de::DeserializeOwned>(s: &mut impl Read) -> std::io::Result<Option<T>> {
     let mut len = [0u8; 4];
     match s.read_exact(&mut len) {
         Ok(()) => {}
@@ -86,20 +87,20 @@ pub fn start(tracker: SocketAddr, file: &Path, chunk_size: u32, behaviour: Behav
     let manifest = manifest_of(&name, &data, chunk_size);
     let listener = TcpListener::bind("127.0.0.1:0").expect("fake peer listener");
     let addr = listener.local_addr().unwrap();
-    let peer_id = PeerId::random();
+    let key = Keypair::generate().expect("a key");
+    let peer_id = key.peer_id();
     let stop = Arc::new(AtomicBool::new(false));
     let requests = Arc::new(AtomicU64::new(0));
 
     // The tracker session: hello, register, then heartbeats until stopped.
-    let mut session = TcpStream::connect(tracker).expect("fake peer reaching the tracker");
+    let mut session =
+        crate::secure::connect(tracker, Some(&key), None).expect("fake peer reaching the tracker");
     send(
         &mut session,
         &TrackerRequest::Hello {
             version: PROTOCOL_VERSION,
-            peer_id,
             listen: addr,
             agent: "fake-peer".into(),
-            secret: None,
         },
     )
     .unwrap();
@@ -303,14 +304,18 @@ pub fn start_tracker(manifest: Manifest, lie: Lie) -> FakeTracker {
         holders: 1,
     };
     let stop2 = stop.clone();
+    let key = Keypair::generate().expect("a key");
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             if stop2.load(Ordering::SeqCst) {
                 return;
             }
-            let Ok(mut conn) = conn else { continue };
-            let (served, summary) = (served.clone(), summary.clone());
+            let Ok(conn) = conn else { continue };
+            let (served, summary, key) = (served.clone(), summary.clone(), key.clone());
             std::thread::spawn(move || {
+                let Ok(mut conn) = crate::secure::accept(conn, &key, None) else {
+                    return;
+                };
                 while let Ok(Some(request)) = read_frame::<TrackerRequest>(&mut conn) {
                     if lie == Lie::MalformedHolders
                         && matches!(request, TrackerRequest::Locate { .. })

@@ -15,6 +15,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod fake;
+pub mod proxy;
+pub mod secure;
 
 pub use tempfile::TempDir;
 

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use p2p_schema::frame::encode_frame;
-use p2p_schema::{Manifest, PeerId, TrackerRequest, TrackerResponse, PROTOCOL_VERSION};
+use p2p_schema::{Manifest, TrackerRequest, TrackerResponse, PROTOCOL_VERSION};
 use p2p_tests::{bin, eventually, fake, sample, Daemon, Proc, Tracker, STARTUP};
 
 /// The tracker's `stats --json` document.
@@ -41,11 +41,17 @@ fn a_second_tracker_on_a_live_data_dir_exits_and_the_registry_survives() {
     );
     assert!(second.log().contains(&expected), "{}", second.log());
     assert!(!second.log().contains("listening on"), "{}", second.log());
-    let names: Vec<String> = std::fs::read_dir(&data)
+    let mut names: Vec<String> = std::fs::read_dir(&data)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, vec!["registry.sled"], "nothing moved aside");
+    names.sort();
+    // The registry and the first tracker's key: nothing moved aside.
+    assert_eq!(
+        names,
+        vec!["registry.sled", "tracker.key", "tracker.pub"],
+        "nothing moved aside"
+    );
     assert_eq!(tracker_stats(&first)["files"], 1);
 
     // The first stops and starts again: the file is still there.
@@ -90,17 +96,15 @@ fn a_tracker_sending_malformed_holders_is_an_error_not_a_panic() {
 
 /// Registers `count` one-chunk files with names of 255 bytes through a raw session as one
 /// peer, pipelined; returns the session (the files live while it does).
-fn register_many(tracker: std::net::SocketAddr, count: u32) -> std::net::TcpStream {
+fn register_many(tracker: std::net::SocketAddr, count: u32) -> p2p_tests::secure::SecureConn {
     use std::io::Write;
-    let mut s = std::net::TcpStream::connect(tracker).unwrap();
+    let mut s = p2p_tests::secure::connect(tracker, None, None).unwrap();
     let mut buf = Vec::new();
     encode_frame(
         &TrackerRequest::Hello {
             version: PROTOCOL_VERSION,
-            peer_id: PeerId([0x42; 16]),
             listen: "127.0.0.1:9".parse().unwrap(),
             agent: "many".into(),
-            secret: None,
         },
         &mut buf,
     )
@@ -110,17 +114,9 @@ fn register_many(tracker: std::net::SocketAddr, count: u32) -> std::net::TcpStre
         fake::read_frame::<TrackerResponse>(&mut s).unwrap(),
         Some(TrackerResponse::Welcome { .. })
     ));
-    // Answers are read on another thread while requests go out.
-    let mut answers = s.try_clone().unwrap();
-    let reader = std::thread::spawn(move || {
-        for _ in 0..count {
-            match fake::read_frame::<TrackerResponse>(&mut answers) {
-                Ok(Some(TrackerResponse::Registered { .. })) => {}
-                other => panic!("registering: {other:?}"),
-            }
-        }
-    });
+    // Pipelined in batches; each batch's answers are read before the next goes out.
     let mut batch = Vec::new();
+    let mut unanswered = 0;
     for i in 0..count {
         let mut hashes = vec![0u8; 32];
         hashes[..4].copy_from_slice(&i.to_be_bytes());
@@ -131,13 +127,20 @@ fn register_many(tracker: std::net::SocketAddr, count: u32) -> std::net::TcpStre
             hashes,
         };
         encode_frame(&TrackerRequest::Register { manifest }, &mut batch).unwrap();
-        if batch.len() > 256 << 10 {
+        unanswered += 1;
+        if unanswered == 500 || i + 1 == count {
             s.write_all(&batch).unwrap();
             batch.clear();
+            for _ in 0..unanswered {
+                match fake::read_frame::<TrackerResponse>(&mut s) {
+                    Ok(Some(TrackerResponse::Registered { .. })) => {}
+                    other => panic!("registering: {other:?}"),
+                }
+            }
+            unanswered = 0;
         }
     }
-    s.write_all(&batch).unwrap();
-    reader.join().unwrap();
+
     s
 }
 

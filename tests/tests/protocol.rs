@@ -10,6 +10,7 @@ use p2p_schema::{
     ErrorCode, FileId, PeerId, PeerRequest, PeerResponse, TrackerRequest, TrackerResponse,
     MAX_FRAME, PROTOCOL_VERSION,
 };
+use p2p_tests::secure::SecureConn;
 use p2p_tests::{file_sha256, sample, Swarm};
 
 fn connect(addr: SocketAddr) -> TcpStream {
@@ -18,14 +19,19 @@ fn connect(addr: SocketAddr) -> TcpStream {
     s
 }
 
-fn send<T: serde::Serialize>(s: &mut TcpStream, msg: &T) {
+/// A secure session to the tracker, as a daemon opens one (a new key each time).
+fn session(addr: SocketAddr) -> SecureConn {
+    p2p_tests::secure::connect(addr, None, None).expect("a secure session")
+}
+
+fn send<T: serde::Serialize>(s: &mut impl Write, msg: &T) {
     let mut buf = Vec::new();
     encode_frame(msg, &mut buf).unwrap();
     s.write_all(&buf).unwrap();
 }
 
 /// Reads one frame; `None` if the connection was closed first.
-fn recv<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> Option<T> {
+fn recv<T: serde::de::DeserializeOwned>(s: &mut impl Read) -> Option<T> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -41,7 +47,7 @@ fn recv<T: serde::de::DeserializeOwned>(s: &mut TcpStream) -> Option<T> {
 
 /// The connection ends (after at most one error reply).
 fn closes_after_error<T: serde::de::DeserializeOwned + std::fmt::Debug>(
-    s: &mut TcpStream,
+    s: &mut impl Read,
     is_error: impl Fn(&T) -> bool,
 ) {
     if let Some(reply) = recv::<T>(s) {
@@ -67,58 +73,65 @@ fn the_tracker_survives_bad_frames() {
     let addr = swarm.tracker.addr;
     swarm.daemons[0].register(&sample("doug.png"));
 
-    // Oversized length prefix: refused before allocating.
-    let mut s = connect(addr);
-    s.write_all(&u32::MAX.to_be_bytes()).unwrap();
-    closes_after_error(&mut s, tracker_error);
+    // Each bad input, first as the first bytes of a plain connection (a daemon of an
+    // earlier version, or no daemon at all), then inside a secure session.
+    for secure in [false, true] {
+        let open = |addr| -> Box<dyn ReadWrite> {
+            if secure {
+                Box::new(session(addr))
+            } else {
+                Box::new(connect(addr))
+            }
+        };
+        // Oversized length prefix: refused before allocating.
+        let mut s = open(addr);
+        s.write_all(&u32::MAX.to_be_bytes()).unwrap();
+        closes_after_error(&mut s, tracker_error);
 
-    // Not CBOR.
-    let mut s = connect(addr);
-    s.write_all(&[0, 0, 0, 4, 0xff, 0xfe, 0xfd, 0xfc]).unwrap();
-    closes_after_error(&mut s, tracker_error);
+        // Not CBOR.
+        let mut s = open(addr);
+        s.write_all(&[0, 0, 0, 4, 0xff, 0xfe, 0xfd, 0xfc]).unwrap();
+        closes_after_error(&mut s, tracker_error);
 
-    // Truncated: half a frame, then hang up.
-    let mut s = connect(addr);
-    s.write_all(&[0, 0, 1, 0, 1, 2, 3]).unwrap();
-    drop(s);
+        // Truncated: half a frame, then hang up.
+        let mut s = open(addr);
+        s.write_all(&[0, 0, 1, 0, 1, 2, 3]).unwrap();
+        drop(s);
 
-    // Valid CBOR of the wrong shape.
-    let mut s = connect(addr);
-    send(&mut s, &"hello?");
-    closes_after_error(&mut s, tracker_error);
+        // Valid CBOR of the wrong shape.
+        let mut s = open(addr);
+        send(&mut s, &"hello?");
+        closes_after_error(&mut s, tracker_error);
 
-    // A request before the hello.
-    let mut s = connect(addr);
-    send(&mut s, &TrackerRequest::List);
-    closes_after_error(&mut s, tracker_error);
+        // A request before the hello.
+        let mut s = open(addr);
+        send(&mut s, &TrackerRequest::List);
+        closes_after_error(&mut s, tracker_error);
 
-    // A wrong protocol version.
-    let mut s = connect(addr);
-    send(
-        &mut s,
-        &TrackerRequest::Hello {
-            version: PROTOCOL_VERSION + 1,
-            peer_id: PeerId([9; 16]),
-            listen: "127.0.0.1:9".parse().unwrap(),
-            agent: "test".into(),
-            secret: None,
-        },
-    );
-    match recv::<TrackerResponse>(&mut s) {
-        Some(TrackerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::UnsupportedVersion),
-        other => panic!("expected a version error, got {other:?}"),
+        // A wrong protocol version.
+        let mut s = open(addr);
+        send(
+            &mut s,
+            &TrackerRequest::Hello {
+                version: PROTOCOL_VERSION + 1,
+                listen: "127.0.0.1:9".parse().unwrap(),
+                agent: "test".into(),
+            },
+        );
+        match recv::<TrackerResponse>(&mut s) {
+            Some(TrackerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::UnsupportedVersion),
+            other => panic!("expected a version error, got {other:?}"),
+        }
     }
 
     // A valid session, then garbage mid-session: an error reply and a close.
-    let mut s = connect(addr);
+    let mut s = session(addr);
     send(
         &mut s,
         &TrackerRequest::Hello {
             version: PROTOCOL_VERSION,
-            peer_id: PeerId([8; 16]),
             listen: "127.0.0.1:9".parse().unwrap(),
             agent: "test".into(),
-            secret: None,
         },
     );
     assert!(matches!(
@@ -136,7 +149,7 @@ fn the_tracker_survives_bad_frames() {
         Some(TrackerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::NotFound),
         other => panic!("expected not found, got {other:?}"),
     }
-    s.write_all(&[0, 0, 0, 2, 0xff, 0xff]).unwrap();
+    s.write_raw(&[0, 0, 0, 2, 0xff, 0xff]).unwrap();
     closes_after_error(&mut s, tracker_error);
 
     // Everyone else is still served.
@@ -322,25 +335,34 @@ fn one_address_cannot_hold_more_than_its_share_of_connections() {
     assert_eq!(file_sha256(&out), file_sha256(&sample("doug.png")));
 }
 
-/// Says hello to the tracker on `s` as a peer with ID `n`; waits for the welcome.
-fn tracker_hello(s: &mut TcpStream, n: u32) {
-    let mut id = [0u8; 16];
-    id[..4].copy_from_slice(&n.to_be_bytes());
+/// Opens a secure session on `s` and says hello to the tracker; waits for the welcome.
+fn tracker_hello(s: TcpStream) -> SecureConn {
+    let mut s = p2p_tests::secure::connect_on(s, None, None).expect("a secure session");
     send(
-        s,
+        &mut s,
         &TrackerRequest::Hello {
             version: PROTOCOL_VERSION,
-            peer_id: PeerId(id),
             listen: "127.0.0.1:9".parse().unwrap(),
             agent: "half-open".into(),
-            secret: None,
         },
     );
     assert!(matches!(
-        recv::<TrackerResponse>(s),
+        recv::<TrackerResponse>(&mut s),
         Some(TrackerResponse::Welcome { .. })
     ));
+    s
 }
+
+/// A connection held open by a test.
+#[allow(dead_code)] // held only to be dropped
+enum Held {
+    Plain(TcpStream),
+    Secure(Box<SecureConn>),
+}
+
+/// Plain or secure, for the same inputs over both.
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
 
 /// The tracker's memory bound with 2,000 half-open connections (issue: 7.5 GiB before).
 const TRACKER_RSS_BOUND_KIB: u64 = 256 << 10;
@@ -361,12 +383,15 @@ fn two_thousand_half_open_connections_cost_the_tracker_little_and_others_are_sti
         let from = std::net::Ipv4Addr::new(127, 0, 1, (n % 10 + 1) as u8);
         let mut s = p2p_tests::connect_from(from, swarm.tracker.addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        if n % 2 == 1 {
-            tracker_hello(&mut s, n);
-        }
         // A refused first frame may already have closed it: that is fine.
-        let _ = s.write_all(&length);
-        held.push(s);
+        if n % 2 == 1 {
+            let mut s = tracker_hello(s);
+            let _ = s.write_raw(&length);
+            held.push(Held::Secure(Box::new(s)));
+        } else {
+            let _ = s.write_all(&length);
+            held.push(Held::Plain(s));
+        }
         if n % 100 == 99 {
             std::thread::sleep(Duration::from_millis(100));
             let peak = p2p_tests::proc_status_kib(pid, "VmHWM");
@@ -423,9 +448,8 @@ fn the_tracker_caps_connections_per_address_and_closes_the_silent() {
     assert!(took < REFUSED_WITHIN, "{took:?}");
     // Another address is served meanwhile.
     let other = std::net::Ipv4Addr::new(127, 0, 2, 2);
-    let mut s = p2p_tests::connect_from(other, swarm.tracker.addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    tracker_hello(&mut s, 1);
+    let s = p2p_tests::connect_from(other, swarm.tracker.addr).unwrap();
+    let _session = tracker_hello(s);
     // The silent ones are closed by the hello timeout (10 s).
     let mut first = held.swap_remove(0);
     first
@@ -436,10 +460,7 @@ fn the_tracker_caps_connections_per_address_and_closes_the_silent() {
     assert!(matches!(read, Ok(0)), "{read:?}");
     assert!(started.elapsed() < Duration::from_secs(15));
     // Then the address is served again.
-    let mut again = p2p_tests::connect_from(from, swarm.tracker.addr).unwrap();
-    again
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    let again = p2p_tests::connect_from(from, swarm.tracker.addr).unwrap();
     drop(held);
-    tracker_hello(&mut again, 2);
+    tracker_hello(again);
 }

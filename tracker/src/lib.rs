@@ -19,6 +19,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use p2p_schema::secure::{Keypair, SwarmKey};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, Instrument};
@@ -44,8 +45,13 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub struct Config {
     /// A peer not heard from for this long is dropped.
     pub ttl: Duration,
-    /// If set, peers must present this secret in their hello.
-    pub secret: Option<String>,
+    /// The key of a closed swarm (from its secret): sessions must prove it. `None`: open.
+    pub swarm: Option<SwarmKey>,
+    /// Record the IP a peer announces instead of the one its session comes from (always so
+    /// in a closed swarm, whose members are trusted).
+    pub trust_advertised: bool,
+    /// Most files one peer may hold at once.
+    pub max_files_per_peer: usize,
     /// Most holders returned for one `Locate`.
     pub max_holders: u32,
     /// Most connections held at once, in all and from one IP address; more are refused.
@@ -57,7 +63,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             ttl: DEFAULT_TTL,
-            secret: None,
+            swarm: None,
+            trust_advertised: false,
+            max_files_per_peer: registry::DEFAULT_MAX_FILES_PER_PEER,
             max_holders: 200,
             max_connections: 4096,
             max_per_address: 256,
@@ -70,9 +78,13 @@ pub async fn run(
     listener: TcpListener,
     registry: Arc<Registry>,
     config: Config,
+    key: Keypair,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), Error> {
+    registry.set_max_files_per_peer(config.max_files_per_peer);
     let config = Arc::new(config);
+    let key = Arc::new(key);
+    let refusals = Arc::new(p2p_service::accept::Throttle::new(Duration::from_secs(1)));
     let caps =
         p2p_service::caps::ConnectionCaps::new(config.max_connections, config.max_per_address);
     let stop = CancellationToken::new();
@@ -82,8 +94,17 @@ pub async fn run(
             p2p_service::accept::next_admitted("peer", &listener, &caps, &stop).await
         {
             let span = tracing::info_span!("session", remote = %addr);
-            let session =
-                session::serve(stream, addr, registry.clone(), config.clone(), stop.clone());
+            let session = session::serve(
+                stream,
+                addr,
+                session::Shared {
+                    registry: registry.clone(),
+                    config: config.clone(),
+                    key: key.clone(),
+                    refusals: refusals.clone(),
+                },
+                stop.clone(),
+            );
             tokio::spawn(
                 async move {
                     session.await;

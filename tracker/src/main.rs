@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use p2p_schema::secure::{self, Keypair, SwarmKey};
 use p2p_schema::{FrameReader, FrameWriter, TrackerRequest, TrackerResponse, MAX_FRAME};
 use p2p_service::lifecycle::{self as service, Readiness};
 use p2p_tracker::settings::Settings;
@@ -51,6 +52,12 @@ enum Command {
         /// The tracker to ask.
         #[arg(long, default_value = "127.0.0.1:7070")]
         tracker: String,
+        /// The swarm secret of a closed swarm (prefer --secret-file).
+        #[arg(long, env = "P2P_TRACKER_SECRET", hide_env_values = true)]
+        secret: Option<p2p_service::Secret>,
+        /// Read the swarm secret from this file (first line).
+        #[arg(long, env = "P2P_TRACKER_SECRET_FILE")]
+        secret_file: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -63,8 +70,21 @@ fn main() -> ExitCode {
         eprintln!("p2p-tracker: error: {e}");
         ExitCode::FAILURE
     };
-    if let Some(Command::Stats { tracker, json }) = &args.command {
-        return match stats(tracker, *json) {
+    if let Some(Command::Stats {
+        tracker,
+        secret,
+        secret_file,
+        json,
+    }) = &args.command
+    {
+        let swarm = match (secret, secret_file) {
+            (Some(s), _) => Ok(Some(SwarmKey::from_secret(s.expose()))),
+            (None, Some(path)) => {
+                p2p_service::read_secret(path).map(|s| Some(SwarmKey::from_secret(&s)))
+            }
+            (None, None) => Ok(None),
+        };
+        return match swarm.and_then(|swarm| stats(tracker, swarm.as_ref(), *json)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
         };
@@ -97,7 +117,8 @@ fn serve(
         let shutdown = service::shutdown_signal();
         // Opening may wait for the database's lock: off the executor.
         let ttl = config.ttl;
-        let registry = tokio::task::spawn_blocking(move || Registry::open(&data_dir, ttl))
+        let dir = data_dir.clone();
+        let registry = tokio::task::spawn_blocking(move || Registry::open(&dir, ttl))
             .await
             .map_err(|e| format!("opening the registry: {e}"))?
             .map_err(|e| e.to_string())?;
@@ -107,29 +128,55 @@ fn serve(
         let addr = listener
             .local_addr()
             .map_err(|e| format!("reading bound address: {e}"))?;
+        let key = load_key(&data_dir)?;
         info!(
             ttl = ?config.ttl,
-            secret = config.secret.is_some(),
+            closed = config.swarm.is_some(),
+            key = %hex::encode(key.public()),
             "Waiting for peers... listening on {addr}"
         );
         readiness.ready(&format!("listening on {addr}"));
-        p2p_tracker::run(listener, Arc::new(registry), config, shutdown)
+        p2p_tracker::run(listener, Arc::new(registry), config, key, shutdown)
             .await
             .map_err(|e| e.to_string())
     })
 }
 
+/// The tracker's key pair, `tracker.key` in the data directory (made on first start), and
+/// its public half in `tracker.pub`, for daemons to pin with `--tracker-key`.
+fn load_key(data_dir: &std::path::Path) -> Result<Keypair, String> {
+    let (key, made) = p2p_service::identity::load_or_create(&data_dir.join("tracker.key"))
+        .map_err(|e| e.to_string())?;
+    if made {
+        info!("made a new tracker key");
+    }
+    let public = data_dir.join("tracker.pub");
+    std::fs::write(&public, format!("{}\n", hex::encode(key.public())))
+        .map_err(|e| format!("writing {}: {e}", public.display()))?;
+    Ok(key)
+}
+
 /// `p2p-tracker stats`: asks a running tracker for its counters.
-fn stats(tracker: &str, json: bool) -> Result<(), String> {
+fn stats(tracker: &str, swarm: Option<&SwarmKey>, json: bool) -> Result<(), String> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| format!("starting runtime: {e}"))?;
     let stats = runtime.block_on(async {
-        let stream = tokio::net::TcpStream::connect(tracker)
+        let mut stream = tokio::net::TcpStream::connect(tracker)
             .await
             .map_err(|e| format!("no tracker at {tracker}: {e}"))?;
+        // A throw-away identity: asking for counters joins nothing.
+        let key = Keypair::generate().map_err(|e| e.to_string())?;
+        let session = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            secure::connect(&mut stream, &key, swarm, None),
+        )
+        .await
+        .map_err(|_| format!("{tracker}: no answer to the handshake in 10 s"))?
+        .map_err(|e| format!("tracker refused us: {e}"))?;
         let (r, w) = stream.into_split();
+        let (r, w) = session.into_stream(r, w);
         let (mut reader, mut writer) = (FrameReader::new(r, MAX_FRAME), FrameWriter::new(w));
         writer
             .send(&TrackerRequest::Stats)

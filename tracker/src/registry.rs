@@ -60,7 +60,12 @@ pub struct Registry {
     state: Mutex<State>,
     ttl: Duration,
     requests: AtomicU64,
+    /// Most files one peer may hold (register, or announce holdings of) at once.
+    max_files_per_peer: std::sync::atomic::AtomicUsize,
 }
+
+/// Files one peer may hold at once unless configured otherwise.
+pub const DEFAULT_MAX_FILES_PER_PEER: usize = 100_000;
 
 use p2p_service::store::to_cbor as cbor;
 
@@ -99,6 +104,7 @@ impl Registry {
             state: Mutex::new(State::default()),
             ttl,
             requests: AtomicU64::new(0),
+            max_files_per_peer: DEFAULT_MAX_FILES_PER_PEER.into(),
         };
         registry.load()?;
         Ok(registry)
@@ -207,6 +213,25 @@ impl Registry {
         }
     }
 
+    /// Sets the most files one peer may hold at once.
+    pub fn set_max_files_per_peer(&self, n: usize) {
+        self.max_files_per_peer.store(n, Ordering::Relaxed);
+    }
+
+    /// Refuses a claim on a file new to `peer` once it holds its quota of files.
+    fn check_quota(&self, state: &State, peer: &PeerId, id: &FileId) -> Result<(), WireError> {
+        let max = self.max_files_per_peer.load(Ordering::Relaxed);
+        match state.peers.get(peer) {
+            Some(p) if !p.files.contains(id) && p.files.len() >= max => Err(WireError::new(
+                ErrorCode::Busy,
+                format!(
+                    "this peer already holds {max} files, the most the tracker takes from one peer"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Counts one request (for stats).
     pub fn count_request(&self) {
         self.requests.fetch_add(1, Ordering::Relaxed);
@@ -265,6 +290,7 @@ impl Registry {
             .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
         let id = manifest.file_id();
         let mut state = self.lock();
+        self.check_quota(&state, &peer, &id)?;
         let new = if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
             let _ = self.files.insert(id.0, cbor(&manifest));
             slot.insert(FileEntry {
@@ -329,6 +355,7 @@ impl Registry {
         id: FileId,
         bits: Bitfield,
     ) -> Result<(), WireError> {
+        self.check_quota(state, &peer, &id)?;
         let p = state
             .peers
             .get_mut(&peer)
@@ -562,6 +589,34 @@ mod tests {
             }
             assert_eq!(paged, all, "limit {limit}");
         }
+    }
+
+    #[test]
+    fn a_peer_holds_at_most_its_quota_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        reg.set_max_files_per_peer(2);
+        let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+        reg.hello(a, addr(1));
+        reg.hello(b, addr(2));
+        let ids: Vec<FileId> = (1..=2)
+            .map(|i| reg.register(b, manifest("f", i, 3000)).unwrap().0.id)
+            .collect();
+        reg.register(a, manifest("f", 1, 3000)).unwrap();
+        reg.gained(a, ids[1], &[0]).unwrap();
+        let e = reg.register(a, manifest("f", 9, 3000)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Busy);
+        // Neither the refused file nor a claim on a third file got in.
+        assert_eq!(reg.find("f").len(), 2, "b's files only");
+        assert_eq!(
+            reg.have(a, ids[0], Bitfield::full(3)),
+            Ok(()),
+            "a file it holds"
+        );
+        assert!(
+            reg.register(b, manifest("f", 4, 3000)).is_err(),
+            "b is at its quota too"
+        );
     }
 
     #[test]

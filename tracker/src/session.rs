@@ -4,12 +4,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 
+use p2p_schema::secure::{self, HandshakeError, Keypair, SecureRead, SecureWrite};
 use p2p_schema::{
     ErrorCode, FrameError, FrameReader, FrameWriter, PeerId, TrackerRequest, TrackerResponse,
     WireError, LIST_PAGE_MAX, LIST_UNPAGED_MAX, MAX_FRAME, MAX_HELLO_FRAME, PROTOCOL_VERSION,
 };
+use p2p_service::accept::Throttle;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -19,59 +22,114 @@ use crate::{Config, Registry};
 /// How long a new connection may take to say hello (its whole first frame).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Reader = FrameReader<tokio::net::tcp::OwnedReadHalf>;
-type Writer = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
+type Reader = FrameReader<SecureRead<OwnedReadHalf>>;
+type Writer = FrameWriter<SecureWrite<OwnedWriteHalf>>;
+
+/// What every session shares.
+pub struct Shared {
+    pub registry: Arc<Registry>,
+    pub config: Arc<Config>,
+    /// The tracker's own key pair.
+    pub key: Arc<Keypair>,
+    /// Refused handshakes are logged at most once a second.
+    pub refusals: Arc<Throttle>,
+}
 
 /// Serves one connection until it ends. Never panics on peer input; errors end only this
 /// session.
 pub async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     remote: SocketAddr,
-    registry: Arc<Registry>,
-    config: Arc<Config>,
+    shared: Shared,
     stop: CancellationToken,
 ) {
+    let swarm = shared.config.swarm.as_ref();
+    let secured = tokio::time::timeout(
+        HELLO_TIMEOUT,
+        secure::accept(&mut stream, &shared.key, swarm),
+    )
+    .await;
+    let session = match secured {
+        Ok(Ok(session)) => session,
+        Ok(Err(HandshakeError::EarlierVersion { first })) => {
+            return answer_earlier_version(stream, first).await;
+        }
+        Ok(Err(e)) => {
+            if let Some(skipped) = shared.refusals.allow() {
+                warn!(%remote, skipped, "refused a session: {e}");
+            }
+            return;
+        }
+        Err(_) => {
+            debug!("no handshake in time");
+            return;
+        }
+    };
+    let peer = session.remote_peer_id();
     let (r, w) = stream.into_split();
+    let (r, w) = session.into_stream(r, w);
     // Until the hello is accepted only a tiny frame is read (see `MAX_HELLO_FRAME`).
     let mut reader = FrameReader::new(r, MAX_HELLO_FRAME);
     let mut writer = FrameWriter::new(w);
-    if let Some(peer) = greet(&mut reader, &mut writer, remote, &registry, &config).await {
+    let (registry, config) = (&shared.registry, &shared.config);
+    if greet(&mut reader, &mut writer, (peer, remote), registry, config).await {
         reader.set_max(MAX_FRAME);
-        answer(reader, writer, peer, &registry, &config, stop).await;
+        answer(reader, writer, peer, registry, config, stop).await;
     }
 }
 
-/// The first frame: a hello (answered with a welcome; the peer it names is returned), or a
-/// `Stats` request from monitoring, answered without joining. `None` ends the session.
+/// A daemon of an earlier version opened with a plain hello: tell it, in its own framing,
+/// to upgrade.
+async fn answer_earlier_version(stream: TcpStream, first: [u8; 4]) {
+    let (r, w) = stream.into_split();
+    let mut reader = FrameReader::new((&first[..]).chain(r), MAX_HELLO_FRAME);
+    let mut writer = FrameWriter::new(w);
+    if let Ok(Ok(Some(_))) =
+        tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<ciborium::Value>()).await
+    {
+        debug!("a daemon of an earlier protocol version said hello");
+        let e = WireError::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "this tracker speaks protocol version {PROTOCOL_VERSION} (authenticated, \
+                 encrypted sessions): upgrade p2pd"
+            ),
+        );
+        let _ = writer.send(&TrackerResponse::Error(e)).await;
+    }
+}
+
+/// The first frame: a hello (answered with a welcome: true), or a `Stats` request from
+/// monitoring, answered without joining. False ends the session.
 async fn greet(
     reader: &mut Reader,
     writer: &mut Writer,
-    remote: SocketAddr,
+    (peer, remote): (PeerId, SocketAddr),
     registry: &Registry,
     config: &Config,
-) -> Option<PeerId> {
+) -> bool {
     match tokio::time::timeout(HELLO_TIMEOUT, reader.recv::<TrackerRequest>()).await {
         // Monitoring (`p2p-tracker stats`) may ask for counters without joining.
         Ok(Ok(Some(TrackerRequest::Stats))) => {
             let _ = writer.send(&TrackerResponse::Stats(registry.stats())).await;
-            None
+            false
         }
-        Ok(Ok(Some(hello))) => match handshake(hello, remote, registry, config) {
-            Ok((peer, welcome)) => writer.send(&welcome).await.ok().map(|()| peer),
+        Ok(Ok(Some(hello))) => match handshake(hello, peer, remote, registry, config) {
+            Ok(welcome) => writer.send(&welcome).await.is_ok(),
             Err(e) => {
-                debug!(error = %e, "handshake refused");
+                debug!(error = %e, "hello refused");
                 let _ = writer.send(&TrackerResponse::Error(e)).await;
-                None
+                false
             }
         },
-        Ok(Ok(None)) => None,
+        Ok(Ok(None)) => false,
         Ok(Err(e)) => {
             refuse(writer, &e).await;
-            None
+            false
         }
         Err(_) => {
             debug!("no hello in time");
-            None
+            false
         }
     }
 }
@@ -147,16 +205,13 @@ async fn refuse(writer: &mut Writer, e: &FrameError) {
 
 fn handshake(
     hello: TrackerRequest,
+    peer_id: PeerId,
     remote: SocketAddr,
     registry: &Registry,
     config: &Config,
-) -> Result<(PeerId, TrackerResponse), WireError> {
+) -> Result<TrackerResponse, WireError> {
     let TrackerRequest::Hello {
-        version,
-        peer_id,
-        listen,
-        secret,
-        ..
+        version, listen, ..
     } = hello
     else {
         return Err(WireError::new(
@@ -170,27 +225,13 @@ fn handshake(
             format!("protocol version {version} is not supported (this tracker speaks {PROTOCOL_VERSION})"),
         ));
     }
-    if let Some(expected) = &config.secret {
-        let given = secret.as_deref().unwrap_or("");
-        if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-            return Err(WireError::new(
-                ErrorCode::Unauthorized,
-                "this tracker requires a shared secret, and the one given is wrong or missing",
-            ));
-        }
-    }
     if listen.port() == 0 {
         return Err(WireError::new(
             ErrorCode::BadRequest,
             "listen port 0: announce the port actually bound",
         ));
     }
-    // "0.0.0.0:port" means "where you see me connecting from, on that port".
-    let addr = if listen.ip().is_unspecified() {
-        SocketAddr::new(remote.ip(), listen.port())
-    } else {
-        listen
-    };
+    let addr = recorded_address(listen, remote, config);
     let (new, peers) = registry.hello(peer_id, addr);
     if new {
         info!("{addr} has connected. {peers} peers on network.");
@@ -198,16 +239,26 @@ fn handshake(
         info!("{addr} has reconnected. {peers} peers on network.");
     }
     let ttl = config.ttl;
-    Ok((
-        peer_id,
-        TrackerResponse::Welcome {
-            version: PROTOCOL_VERSION,
-            addr,
-            heartbeat_ms: (ttl / 3).as_millis() as u64,
-            ttl_ms: ttl.as_millis() as u64,
-            list_pages: true,
-        },
-    ))
+    Ok(TrackerResponse::Welcome {
+        version: PROTOCOL_VERSION,
+        addr,
+        heartbeat_ms: (ttl / 3).as_millis() as u64,
+        ttl_ms: ttl.as_millis() as u64,
+        list_pages: true,
+    })
+}
+
+/// Where other peers are sent to reach this one: the IP its session comes from, with the
+/// announced port. An announced IP is taken only from a closed swarm's members, or where the
+/// tracker is told to trust it (`--trust-advertised`): otherwise anyone could point
+/// downloaders at a third party's host.
+fn recorded_address(listen: SocketAddr, remote: SocketAddr, config: &Config) -> SocketAddr {
+    let trusted = config.swarm.is_some() || config.trust_advertised;
+    if trusted && !listen.ip().is_unspecified() {
+        listen
+    } else {
+        SocketAddr::new(remote.ip(), listen.port())
+    }
 }
 
 /// Answers one request. Also says whether it registered something new (worth a flush).

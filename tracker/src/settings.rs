@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use p2p_schema::secure::SwarmKey;
+
 use crate::{Config, DEFAULT_TTL};
 
 /// Where peers connect unless told otherwise.
@@ -29,15 +31,25 @@ pub struct Settings {
     #[arg(long, env = "P2P_TRACKER_TTL")]
     pub ttl: Option<String>,
 
-    /// Shared secret peers must present; without one the tracker is open to anyone who can
-    /// reach it (prefer secret-file: flags are visible in the process list).
+    /// Swarm secret: makes the swarm closed. Every session must prove it holds the same
+    /// secret (it never crosses the wire) and is encrypted. Without one the tracker is open to
+    /// anyone who can reach it (prefer secret-file: flags are visible in the process list).
     #[arg(long, env = "P2P_TRACKER_SECRET", hide_env_values = true)]
     #[serde(skip_serializing)]
-    pub secret: Option<String>,
+    pub secret: Option<p2p_service::Secret>,
 
-    /// Read the shared secret from this file (first line).
+    /// Read the swarm secret from this file (first line).
     #[arg(long, env = "P2P_TRACKER_SECRET_FILE")]
     pub secret_file: Option<PathBuf>,
+
+    /// Record the IP address a peer announces (its --advertise) instead of the one its
+    /// session comes from. Always so in a closed swarm [default: false].
+    #[arg(long, env = "P2P_TRACKER_TRUST_ADVERTISED", num_args = 0..=1, default_missing_value = "true")]
+    pub trust_advertised: Option<bool>,
+
+    /// Most files one peer may register or hold at once [default: 100000].
+    #[arg(long, env = "P2P_TRACKER_MAX_FILES_PER_PEER")]
+    pub max_files_per_peer: Option<usize>,
 
     /// Log level or filter; RUST_LOG overrides it [default: info].
     #[arg(long, env = "P2P_TRACKER_LOG_LEVEL")]
@@ -58,6 +70,8 @@ p2p_service::settings_or!(Settings {
     ttl,
     secret,
     secret_file,
+    trust_advertised,
+    max_files_per_peer,
     log_level,
     pid_file,
     log_file,
@@ -72,6 +86,8 @@ impl Settings {
             ttl: Some(format!("{}s", DEFAULT_TTL.as_secs())),
             secret: None,
             secret_file: None,
+            trust_advertised: Some(false),
+            max_files_per_peer: Some(crate::registry::DEFAULT_MAX_FILES_PER_PEER),
             log_level: Some("info".into()),
             pid_file: Some(data_dir.join("p2p-tracker.pid")),
             log_file: Some(data_dir.join("p2p-tracker.log")),
@@ -111,11 +127,16 @@ impl Settings {
         if let Some(t) = &self.ttl {
             config.ttl = p2p_service::parse_duration(t)?;
         }
-        config.secret = match (&self.secret, &self.secret_file) {
-            (Some(s), _) => Some(s.clone()),
-            (None, Some(path)) => Some(p2p_service::read_secret(path)?),
+        config.swarm = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Some(SwarmKey::from_secret(s.expose())),
+            (None, Some(path)) => Some(SwarmKey::from_secret(&p2p_service::read_secret(path)?)),
             (None, None) => None,
         };
+        config.trust_advertised = self.trust_advertised.unwrap_or(false);
+        config.max_files_per_peer = self
+            .max_files_per_peer
+            .unwrap_or(crate::registry::DEFAULT_MAX_FILES_PER_PEER)
+            .max(1);
         Ok(config)
     }
 }

@@ -6,8 +6,8 @@ use super::*;
 /// Bytes read (and hashed) at a time while a chunk arrives: small enough to stay in cache.
 const HASH_PIECE: usize = 256 << 10;
 
-pub(super) type PeerReader = FrameReader<Counted<tokio::net::tcp::OwnedReadHalf>>;
-pub(super) type PeerWriter = FrameWriter<tokio::net::tcp::OwnedWriteHalf>;
+pub(super) type PeerReader = FrameReader<Counted<crate::link::LinkRead>>;
+pub(super) type PeerWriter = FrameWriter<crate::link::LinkWrite>;
 
 /// A reader that counts the bytes read through it, so a waiter can tell a slow peer that
 /// keeps sending from a silent or dripping one (see [`stalled`]).

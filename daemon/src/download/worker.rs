@@ -207,7 +207,14 @@ impl Worker {
             .map_err(|_| Unreachable("connect timed out".into()))?
             .map_err(|e| Unreachable(format!("connect: {e}")))?;
         let _ = stream.set_nodelay(true);
-        let (r, w) = stream.into_split();
+        let opened = crate::link::open(stream, &self.swarm.node.links, self.peer);
+        let (r, w) = tokio::time::timeout(timeout, opened)
+            .await
+            .map_err(|_| Misbehaved("no handshake in time".into()))?
+            .map_err(|e| match e {
+                crate::link::LinkError::Io(e) => Unreachable(format!("handshake: {e}")),
+                other => Misbehaved(other.to_string()),
+            })?;
         let read = Arc::new(AtomicU64::new(0));
         let counted = Counted {
             inner: r,

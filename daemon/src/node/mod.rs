@@ -94,6 +94,8 @@ impl Node {
             tracker: self.tracker.address().to_string(),
             download_dir: self.config.download_dir.display().to_string(),
             agent: p2p_schema::agent("p2pd"),
+            key: Some(hex::encode(self.links.key.public())),
+            closed: self.config.swarm.is_some(),
         }
     }
 
@@ -273,6 +275,7 @@ impl Node {
         StatusReport {
             info: self.info(),
             tracker_connected: self.tracker.is_connected(),
+            tracker_problem: self.tracker.problem(),
             shares,
             downloads,
         }
