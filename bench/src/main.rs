@@ -186,6 +186,7 @@ fn derive(rows: &mut [Row]) {
                 .filter(|o| {
                     !o.ours
                         && o.verified
+                        && !o.tool.starts_with("p2p,")
                         && o.scenario == rows[i].scenario
                         && o.bytes == rows[i].bytes
                 })
@@ -400,6 +401,16 @@ fn loopback_from(
         rows.push(Row::new(scenario, OURS, true, false, size, hashing));
     }
     rows.push(Row::new(scenario, OURS, true, true, size, sample));
+    if seeders == 1 {
+        // The cost of encryption: the same download over Noise-encrypted links (what a
+        // closed swarm always uses), no `sendfile`.
+        let tool = "p2p, encrypted links (--encrypt; as a closed swarm)";
+        eprint!("{scenario}: {tool}, {} MiB ", size / MIB);
+        let dir = scratch(base, "ours-encrypted");
+        let (sample, _) = ours::download(&net, seeders, &dir, file, opts.reps, &["--encrypt"]);
+        eprintln!(" {:.2} s", sample.seconds);
+        rows.push(Row::new(scenario, tool, true, false, size, sample));
+    }
     if !run_others {
         return;
     }

@@ -1,4 +1,4 @@
-//! [`Link`]: a connection between two daemons, plain (an open swarm) or secure (a closed
+//! A link: a connection between two daemons, plain (an open swarm) or secure (a closed
 //! swarm, or `--encrypt`): the same frames either way, `sendfile` only on a plain one.
 //!
 //! Opening one is the only place the two kinds differ: [`open`] on the connecting side,

@@ -34,11 +34,18 @@
 //! ([`MAX_FRAME`], or [`MAX_PEER_FRAME`] for what peers send) before anything is allocated.
 //! Chunk payloads are not framed: they follow their header raw.
 //!
-//! # Handshake and versions
+//! # Secure sessions, handshake and versions
 //!
-//! Every connection opens with a hello from the connecting side carrying
+//! A tracker connection, and a peer connection in a closed swarm (or with `--encrypt`),
+//! first runs a Noise handshake ([`secure`]): both sides prove their long-lived key (a
+//! daemon's [`PeerId`] is derived from it), a closed swarm's secret is proven without being
+//! sent, and every byte after it is encrypted. Frames then travel inside the encrypted
+//! stream exactly as on a plain connection. Peer connections in an open swarm stay plain.
+//!
+//! Then every connection opens with a hello from the connecting side carrying
 //! [`PROTOCOL_VERSION`]; the other side answers with a welcome, or with an error
-//! ([`ErrorCode::UnsupportedVersion`]) and closes. Enum variants travel by name, so new
+//! ([`ErrorCode::UnsupportedVersion`]) and closes. A plain hello where a secure session is
+//! expected (a daemon of version 1) is answered with that error in the plain framing. Enum variants travel by name, so new
 //! variants and new `Option` fields with `#[serde(default)]` keep the wire compatible.
 //!
 //! # Identity and integrity
