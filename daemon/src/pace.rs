@@ -35,7 +35,8 @@ impl Pace {
         }
     }
 
-    /// Is there a limit?
+    /// Is there a limit? (Asked only where chunks go out by `sendfile`.)
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     pub fn is_limited(&self) -> bool {
         self.per_unit.is_some()
     }
