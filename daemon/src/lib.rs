@@ -73,6 +73,8 @@ pub enum Error {
     Io(String, #[source] std::io::Error),
     #[error("{0}: {1}")]
     Db(String, #[source] sled::Error),
+    #[error(transparent)]
+    Key(#[from] p2p_service::identity::KeyError),
     #[error("{0}")]
     Other(String),
 }

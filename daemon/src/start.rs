@@ -29,17 +29,7 @@ pub async fn run(
     ready: impl FnOnce(&str),
 ) -> Result<(), Error> {
     let (store, clean) = open_store(&config).await?;
-    let key_file = config.data_dir.join("identity.key");
-    let (key, made) = p2p_service::identity::load_or_create(&key_file)
-        .map_err(|e| Error::Other(e.to_string()))?;
-    if made {
-        info!(key = %key_file.display(), "made a new identity");
-    }
-    let links = LinkPolicy {
-        key: Arc::new(key),
-        swarm: config.swarm.clone(),
-        encrypt: config.encrypt,
-    };
+    let links = link_policy(&config).await?;
     let peer_id = links.key.peer_id();
     let bound = peers
         .local_addr()
@@ -90,12 +80,9 @@ pub async fn run(
         "serving peers on {bound}, control socket {}",
         socket.display()
     );
-    info!(
-        peer_id = %peer_id.short(),
-        key = %hex::encode(node.links.key.public()),
-        closed = node.config.swarm.is_some(),
-        "p2pd ready: {status}"
-    );
+    let key = hex::encode(node.links.key.public());
+    let closed = node.config.swarm.is_some();
+    info!(peer_id = %peer_id.short(), %key, closed, "p2pd ready: {status}");
     ready(&status);
 
     tokio::select! {
@@ -111,6 +98,25 @@ pub async fn run(
     shut_down(&node, tasks).await?;
     info!("stopped");
     Ok(())
+}
+
+/// How links to other daemons are opened: the daemon's key pair (`identity.key` in the data
+/// directory, made on first start; read off the executor), the swarm's key, `--encrypt`.
+async fn link_policy(config: &Config) -> Result<LinkPolicy, Error> {
+    let key_file = config.data_dir.join("identity.key");
+    let path = key_file.clone();
+    let (key, made) =
+        tokio::task::spawn_blocking(move || p2p_service::identity::load_or_create(&path))
+            .await
+            .map_err(|e| Error::Other(format!("reading the identity key: {e}")))??;
+    if made {
+        info!(key = %key_file.display(), "made a new identity");
+    }
+    Ok(LinkPolicy {
+        key: Arc::new(key),
+        swarm: config.swarm.clone(),
+        encrypt: config.encrypt,
+    })
 }
 
 /// The daemon's long-running tasks besides its downloads.
