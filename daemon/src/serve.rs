@@ -341,7 +341,8 @@ async fn send_read(
 ) -> Result<(), String> {
     *buf = read_chunk(uploads, local, offset, len, std::mem::take(buf)).await?;
     writer.feed(header).await.map_err(|e| e.to_string())?;
-    for piece in buf.chunks(PACE_PIECE as usize) {
+    // Pieces of one encrypted record each (a piece of 64 KiB would make a second, tiny one).
+    for piece in buf.chunks(p2p_schema::secure::MAX_RECORD_PLAINTEXT) {
         uploads.limit.spend(piece.len() as u64).await;
         writer.write_raw(piece).await.map_err(|e| e.to_string())?;
     }

@@ -407,14 +407,19 @@ pub struct SecureRead<R> {
     transport: Arc<StatelessTransportState>,
     /// The next record's nonce (the confirmation took 0).
     nonce: u64,
-    /// The record being read: its two length bytes, then its ciphertext.
-    record: Vec<u8>,
-    want: usize,
+    /// Ciphertext read but not yet decrypted: `input[start..filled]`, as many records as one
+    /// read brought (room for two whole ones).
+    input: Vec<u8>,
+    start: usize,
+    filled: usize,
     /// Decrypted bytes not yet handed out: `plain[pos..end]`.
     plain: Vec<u8>,
     pos: usize,
     end: usize,
 }
+
+/// A record on the wire: two length bytes, then at most a Noise message.
+const MAX_RECORD: usize = 2 + MAX_MESSAGE;
 
 impl<R> SecureRead<R> {
     fn new(inner: R, transport: Arc<StatelessTransportState>) -> Self {
@@ -422,8 +427,9 @@ impl<R> SecureRead<R> {
             inner,
             transport,
             nonce: 1,
-            record: Vec::with_capacity(2 + MAX_MESSAGE),
-            want: 2,
+            input: vec![0; 2 * MAX_RECORD],
+            start: 0,
+            filled: 0,
             plain: vec![0; MAX_RECORD_PLAINTEXT],
             pos: 0,
             end: 0,
@@ -433,6 +439,31 @@ impl<R> SecureRead<R> {
     /// The underlying stream.
     pub fn get_ref(&self) -> &R {
         &self.inner
+    }
+
+    /// The length of the whole record at the front of the input, if it is all there.
+    fn whole_record(&self) -> io::Result<Option<usize>> {
+        let have = &self.input[self.start..self.filled];
+        if have.len() < 2 {
+            return Ok(None);
+        }
+        let len = usize::from(u16::from_be_bytes([have[0], have[1]]));
+        if len < TAG {
+            return Err(bad_record());
+        }
+        Ok((have.len() >= 2 + len).then_some(2 + len))
+    }
+
+    /// Decrypts the record of `len` bytes at the front of the input into `out`.
+    fn open(&mut self, len: usize, out: &mut [u8]) -> io::Result<usize> {
+        let body = &self.input[self.start + 2..self.start + len];
+        let n = self
+            .transport
+            .read_message(self.nonce, body, out)
+            .map_err(|_| bad_record())?;
+        self.nonce += 1;
+        self.start += len;
+        Ok(n)
     }
 }
 
@@ -448,38 +479,39 @@ impl<R: AsyncRead + Unpin> AsyncRead for SecureRead<R> {
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
         while this.pos == this.end {
-            // Read the next record: its two length bytes, then its ciphertext.
-            while this.record.len() < this.want {
-                let start = this.record.len();
-                this.record.resize(this.want, 0);
-                let mut rb = ReadBuf::new(&mut this.record[start..]);
-                let polled = Pin::new(&mut this.inner).poll_read(cx, &mut rb);
-                let got = rb.filled().len();
-                this.record.truncate(start + got);
-                ready!(polled)?;
-                if got == 0 {
-                    if start == 0 {
-                        return Poll::Ready(Ok(())); // closed between records
+            if let Some(len) = this.whole_record()? {
+                if buf.remaining() >= len - 2 - TAG {
+                    // Room for all of it: decrypted straight into the caller's buffer.
+                    let out = buf.initialize_unfilled_to(len - 2 - TAG);
+                    let n = this.open(len, out)?;
+                    buf.advance(n);
+                    if n > 0 {
+                        return Poll::Ready(Ok(()));
                     }
-                    return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+                    continue;
                 }
-                if this.want == 2 && this.record.len() == 2 {
-                    let len = usize::from(u16::from_be_bytes([this.record[0], this.record[1]]));
-                    if len < TAG {
-                        return Poll::Ready(Err(bad_record()));
-                    }
-                    this.want = 2 + len;
-                }
+                let mut plain = std::mem::take(&mut this.plain);
+                let n = this.open(len, &mut plain);
+                this.plain = plain;
+                (this.pos, this.end) = (0, n?);
+                continue;
             }
-            let n = this
-                .transport
-                .read_message(this.nonce, &this.record[2..], &mut this.plain)
-                .map_err(|_| bad_record())?;
-            this.nonce += 1;
-            this.record.clear();
-            this.want = 2;
-            this.pos = 0;
-            this.end = n;
+            // Not a whole record yet: make room at the back, then read what the socket has.
+            if this.start > 0 {
+                this.input.copy_within(this.start..this.filled, 0);
+                this.filled -= this.start;
+                this.start = 0;
+            }
+            let mut rb = ReadBuf::new(&mut this.input[this.filled..]);
+            ready!(Pin::new(&mut this.inner).poll_read(cx, &mut rb))?;
+            let got = rb.filled().len();
+            if got == 0 {
+                if this.filled == 0 {
+                    return Poll::Ready(Ok(())); // closed between records
+                }
+                return Poll::Ready(Err(io::ErrorKind::UnexpectedEof.into()));
+            }
+            this.filled += got;
         }
         let n = buf.remaining().min(this.end - this.pos);
         buf.put_slice(&this.plain[this.pos..this.pos + n]);

@@ -107,6 +107,11 @@ fn hex_decode(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// One answer, and it is an `Unauthorized` refusal.
+fn refused_only(answers: &[PeerResponse]) -> bool {
+    matches!(answers, [PeerResponse::Error(e)] if e.code == ErrorCode::Unauthorized)
+}
+
 fn peer_id_of(d: &Daemon) -> PeerId {
     let hex = d.status()["info"]["peer_id"].as_str().unwrap().to_string();
     let bytes = hex_decode(&hex);
@@ -138,12 +143,7 @@ fn an_outsider_without_the_secret_gets_nothing_and_members_are_served_meanwhile(
     // refusal and a close; no chunk, no have.
     for claimed in [PeerId::random(), stolen] {
         let answers = plain_chunk_request(seeder, claimed, file_id(&id));
-        assert!(
-            answers
-                .iter()
-                .all(|a| matches!(a, PeerResponse::Error(e) if e.code == ErrorCode::Unauthorized)),
-            "an outsider got {answers:?}"
-        );
+        assert!(refused_only(&answers), "an outsider got {answers:?}");
     }
     // A secure handshake without the secret, or with a wrong one, is refused.
     assert_eq!(
@@ -546,4 +546,22 @@ fn daemons_of_the_previous_protocol_version_are_told_to_upgrade() {
     let d = Daemon::start_unconnected(&dir.path().join("d"), old_addr, &[]);
     d.proc
         .wait_for("speaks an earlier version of the protocol", STARTUP);
+}
+
+#[test]
+fn encrypted_links_in_an_open_swarm_carry_files_and_refuse_plain_connections() {
+    let swarm = p2p_tests::Swarm::new(2, "30s", &["--encrypt"]);
+    let file = swarm.path("encrypted.bin");
+    p2p_tests::write_random(&file, 5 << 20, 8);
+    let id = swarm.daemons[0].register(&file);
+    let got = swarm.path("got.bin");
+    swarm.daemons[1]
+        .ctl(&["download", &id, "-o", got.to_str().unwrap()])
+        .ok();
+    assert_eq!(file_sha256(&got), file_sha256(&file));
+    // A plain connection is refused; a secure one needs no secret in an open swarm.
+    let seeder = swarm.daemons[0].addr;
+    let answers = plain_chunk_request(seeder, PeerId::random(), file_id(&id));
+    assert!(refused_only(&answers), "a plain connection got {answers:?}");
+    assert!(secure::connect(seeder, None, None).is_ok());
 }

@@ -144,3 +144,37 @@ fn keys_round_trip_and_debug_hides_secrets() {
     assert!(!shown.contains(&hex::encode(k.private())));
     assert!(!shown.contains("hunter2"));
 }
+
+#[tokio::test]
+async fn records_split_across_reads_are_reassembled_for_small_and_large_reads() {
+    // A pipe of 7 bytes: every record arrives in many pieces, its length bytes too.
+    for read_size in [5usize, 100_000] {
+        let (mut a, mut b) = duplex(7);
+        let (ka, kb) = (Keypair::generate().unwrap(), Keypair::generate().unwrap());
+        let (sa, sb) = tokio::join!(connect(&mut a, &ka, None, None), accept(&mut b, &kb, None));
+        let (ar, aw) = split(a);
+        let (br, bw) = split(b);
+        let (_ar, mut aw) = sa.unwrap().into_stream(ar, aw);
+        let (mut br, _bw) = sb.unwrap().into_stream(br, bw);
+        let data: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
+        let writer = async {
+            for piece in data.chunks(70_001) {
+                aw.write_all(piece).await.unwrap();
+            }
+            aw.shutdown().await.unwrap();
+        };
+        let mut got = Vec::new();
+        let reader = async {
+            let mut buf = vec![0u8; read_size];
+            loop {
+                let n = br.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        };
+        tokio::join!(writer, reader);
+        assert_eq!(got, data, "reads of {read_size}");
+    }
+}
