@@ -7,8 +7,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use p2p_schema::secure::SwarmKey;
-
 use crate::Config;
 
 /// Every setting, each optional until merged. The same struct is read from the command line
@@ -189,11 +187,8 @@ impl Settings {
         config.socket = get(&self.socket);
         config.download_dir = get(&self.download_dir);
         config.advertise = self.advertise;
-        config.swarm = match (&self.secret, &self.secret_file) {
-            (Some(s), _) => Some(SwarmKey::from_secret(s.expose())),
-            (None, Some(path)) => Some(SwarmKey::from_secret(&p2p_service::read_secret(path)?)),
-            (None, None) => None,
-        };
+        config.swarm =
+            p2p_service::identity::swarm_key(self.secret.as_ref(), self.secret_file.as_deref())?;
         config.tracker_key = self.tracker_key.as_deref().map(parse_key).transpose()?;
         config.encrypt = self.encrypt.unwrap_or(false);
         if let Some(t) = &self.request_timeout {

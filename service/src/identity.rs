@@ -3,11 +3,25 @@
 //! reason to make a new identity silently.
 //!
 //! The file is two lines of text: a header naming the format, and the private key in hex.
+//! Also the swarm key, from `--secret` or `--secret-file`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use p2p_schema::secure::Keypair;
+use p2p_schema::secure::{Keypair, SwarmKey};
+
+/// The key of the swarm whose secret is given (`--secret`) or in a file (`--secret-file`,
+/// its first line); `None` for an open swarm. The flag wins over the file.
+pub fn swarm_key(
+    secret: Option<&crate::Secret>,
+    file: Option<&Path>,
+) -> Result<Option<SwarmKey>, String> {
+    match (secret, file) {
+        (Some(s), _) => Ok(Some(SwarmKey::from_secret(s.expose()))),
+        (None, Some(path)) => crate::read_secret(path).map(|s| Some(SwarmKey::from_secret(&s))),
+        (None, None) => Ok(None),
+    }
+}
 
 /// The first line of a key file.
 const HEADER: &str = "p2p identity key v1";

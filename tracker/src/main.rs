@@ -77,13 +77,7 @@ fn main() -> ExitCode {
         json,
     }) = &args.command
     {
-        let swarm = match (secret, secret_file) {
-            (Some(s), _) => Ok(Some(SwarmKey::from_secret(s.expose()))),
-            (None, Some(path)) => {
-                p2p_service::read_secret(path).map(|s| Some(SwarmKey::from_secret(&s)))
-            }
-            (None, None) => Ok(None),
-        };
+        let swarm = p2p_service::identity::swarm_key(secret.as_ref(), secret_file.as_deref());
         return match swarm.and_then(|swarm| stats(tracker, swarm.as_ref(), *json)) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(e),
@@ -128,7 +122,11 @@ fn serve(
         let addr = listener
             .local_addr()
             .map_err(|e| format!("reading bound address: {e}"))?;
-        let key = load_key(&data_dir)?;
+        // After the registry: only the tracker that holds the data directory writes there.
+        let dir = data_dir.clone();
+        let key = tokio::task::spawn_blocking(move || load_key(&dir))
+            .await
+            .map_err(|e| format!("reading the tracker key: {e}"))??;
         info!(
             ttl = ?config.ttl,
             closed = config.swarm.is_some(),

@@ -6,8 +6,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use p2p_schema::secure::SwarmKey;
-
 use crate::{Config, DEFAULT_TTL};
 
 /// Where peers connect unless told otherwise.
@@ -127,11 +125,8 @@ impl Settings {
         if let Some(t) = &self.ttl {
             config.ttl = p2p_service::parse_duration(t)?;
         }
-        config.swarm = match (&self.secret, &self.secret_file) {
-            (Some(s), _) => Some(SwarmKey::from_secret(s.expose())),
-            (None, Some(path)) => Some(SwarmKey::from_secret(&p2p_service::read_secret(path)?)),
-            (None, None) => None,
-        };
+        config.swarm =
+            p2p_service::identity::swarm_key(self.secret.as_ref(), self.secret_file.as_deref())?;
         config.trust_advertised = self.trust_advertised.unwrap_or(false);
         config.max_files_per_peer = self
             .max_files_per_peer
