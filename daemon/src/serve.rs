@@ -434,5 +434,6 @@ async fn read_chunk(
     .map_err(|e| format!("reading a chunk to serve: {e}"))
 }
 
-/// Bytes sent at a time under an upload limit.
+/// Bytes sent at a time by `sendfile` under an upload limit.
+#[cfg(target_os = "linux")]
 const PACE_PIECE: u32 = 64 << 10;
