@@ -216,6 +216,9 @@ pub fn format_status(s: &StatusReport) -> String {
         let swarm = if s.info.closed { "closed" } else { "open" };
         let _ = writeln!(out, "Key {key} ({swarm} swarm)");
     }
+    if let Some(addr) = s.info.metrics {
+        let _ = writeln!(out, "Metrics http://{addr}/metrics");
+    }
     let _ = writeln!(out, "Sharing {} files:", s.shares.len());
     for f in &s.shares {
         let _ = write!(

@@ -8,6 +8,7 @@ use p2p_schema::PeerId;
 use tokio_util::sync::CancellationToken;
 
 use crate::link::LinkPolicy;
+use crate::metrics::Metrics;
 use crate::store::Store;
 use crate::tracker_client::TrackerClient;
 use crate::Config;
@@ -22,6 +23,7 @@ pub struct Context {
     pub listen: SocketAddr,
     pub store: Store,
     pub tracker: TrackerClient,
+    pub metrics: std::sync::Arc<Metrics>,
     /// Cancelled when the daemon stops; every task's token is a child of it.
     stop: CancellationToken,
 }
@@ -33,6 +35,7 @@ impl Context {
         listen: SocketAddr,
         store: Store,
         tracker: TrackerClient,
+        metrics: std::sync::Arc<Metrics>,
         stop: CancellationToken,
     ) -> Context {
         Context {
@@ -42,6 +45,7 @@ impl Context {
             listen,
             store,
             tracker,
+            metrics,
             stop,
         }
     }

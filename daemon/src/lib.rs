@@ -31,6 +31,7 @@ pub mod download;
 pub mod fileio;
 pub mod link;
 pub mod local;
+pub mod metrics;
 pub mod node;
 mod pace;
 pub mod part;
@@ -115,6 +116,8 @@ pub struct Config {
     pub max_uploads: usize,
     /// Bytes per second this daemon uploads at most (0: unlimited). For tests and slow links.
     pub upload_rate: u64,
+    /// Where metrics are served (`http://ADDR/metrics`); once bound, the bound address.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Config {
@@ -133,6 +136,7 @@ impl Config {
             max_in_flight: 16,
             max_uploads: 32,
             upload_rate: 0,
+            metrics: None,
         }
     }
 }

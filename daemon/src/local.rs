@@ -87,6 +87,9 @@ pub struct LocalFile {
     pub uploaded: AtomicU64,
     /// What was sent to whom (see [`LocalFile::may_send`]).
     sent: Mutex<Sends>,
+    /// Bumped each time chunks are added: peers watching the file are told (see
+    /// [`LocalFile::watch`]).
+    gained: tokio::sync::watch::Sender<u64>,
 }
 
 struct Inner {
@@ -132,7 +135,14 @@ impl LocalFile {
                 ever: Bitfield::new(chunks),
                 epoch: 0,
             }),
+            gained: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Wakes when chunks are added (see [`LocalFile::add`]); the caller compares
+    /// [`LocalFile::have`] with what it last told.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.gained.subscribe()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -175,6 +185,8 @@ impl LocalFile {
         for &i in indices {
             inner.have.set(i);
         }
+        drop(inner);
+        self.gained.send_modify(|n| *n += 1);
     }
 
     /// Where the data lies now.

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use p2p_schema::{
-    ErrorCode, FrameReader, FrameWriter, PeerId, PeerRequest, PeerResponse, WireError,
-    MAX_HELLO_FRAME, MAX_PEER_FRAME, PROTOCOL_VERSION,
+    Bitfield, ErrorCode, FrameReader, FrameWriter, PeerId, PeerRequest, PeerResponse, WireError,
+    MAX_GAINED, MAX_HELLO_FRAME, MAX_PEER_FRAME, PROTOCOL_VERSION,
 };
 use p2p_service::accept::Throttle;
 use tokio::net::{TcpListener, TcpStream};
@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use crate::link::{self, Accepted, LinkRead, LinkWrite};
+use crate::local::LocalFile;
 use crate::lock;
+use crate::metrics::{Direction, Metrics};
 use crate::node::Node;
 use crate::pace::Pace;
 
@@ -125,17 +127,32 @@ async fn connection(
         return Ok(());
     };
     let _fetching = Fetching::new(uploads, peer);
+    let _counted = node.metrics.connection(Direction::In);
 
     let mut buf = SendBuf::default();
     let budget = Pace::new(REQUESTS_PER_SEC, REQUEST_BURST);
+    let mut watching: Option<Watching> = None;
+    let mut idle = tokio::time::Instant::now() + IDLE_TIMEOUT;
     loop {
+        // Waits for the next request, pushing what the watched file gains meanwhile.
+        tokio::select! {
+            () = stop.cancelled() => return Ok(()),
+            () = tokio::time::sleep_until(idle) => return Err("idle".into()),
+            () = gained(&mut watching) => {
+                if let Some(w) = watching.as_mut() {
+                    w.push(&mut writer, &node.metrics).await?;
+                }
+                continue;
+            }
+            ready = reader.ready() => match ready {
+                Ok(true) => {}
+                Ok(false) => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            },
+        }
         // Throttle a peer that floods us with requests.
         budget.spend(1).await;
-        let request = tokio::select! {
-            () = stop.cancelled() => return Ok(()),
-            r = tokio::time::timeout(IDLE_TIMEOUT, reader.recv::<PeerRequest>()) => r,
-        };
-        let request = match request {
+        let request = match tokio::time::timeout(IDLE_TIMEOUT, reader.recv::<PeerRequest>()).await {
             Err(_) => return Err("idle".into()),
             Ok(Ok(Some(r))) => r,
             Ok(Ok(None)) => return Ok(()),
@@ -146,6 +163,7 @@ async fn connection(
                 return Err(e.to_string());
             }
         };
+        idle = tokio::time::Instant::now() + IDLE_TIMEOUT;
         match request {
             PeerRequest::GetChunk { file_id, index } => {
                 let chunk = Chunk {
@@ -164,6 +182,18 @@ async fn connection(
                 };
                 writer.send(&reply).await.map_err(|e| e.to_string())?;
             }
+            PeerRequest::Watch { file_id } => {
+                let reply = match node.local_file(&file_id) {
+                    Some(local) => {
+                        let w = Watching::new(local);
+                        let chunks = w.told.clone();
+                        watching = Some(w);
+                        PeerResponse::Have { chunks }
+                    }
+                    None => PeerResponse::Error(not_shared(&file_id)),
+                };
+                writer.send(&reply).await.map_err(|e| e.to_string())?;
+            }
             PeerRequest::Hello { .. } => {
                 let e = WireError::new(ErrorCode::BadRequest, "already said hello");
                 writer
@@ -173,6 +203,52 @@ async fn connection(
             }
         }
     }
+}
+
+/// The file a connection watches: what it was last told of it (see [`PeerRequest::Watch`]).
+struct Watching {
+    local: Arc<LocalFile>,
+    changes: tokio::sync::watch::Receiver<u64>,
+    told: Bitfield,
+}
+
+impl Watching {
+    fn new(local: Arc<LocalFile>) -> Watching {
+        let mut changes = local.watch();
+        changes.mark_unchanged();
+        Watching {
+            told: local.have(),
+            changes,
+            local,
+        }
+    }
+
+    /// Pushes the chunks gained since the peer was last told, in messages of at most
+    /// [`MAX_GAINED`] indices.
+    async fn push(&mut self, writer: &mut Writer, metrics: &Metrics) -> Result<(), String> {
+        let now = self.local.have();
+        let added = now.added_since(&self.told);
+        self.told = now;
+        for indices in added.chunks(MAX_GAINED) {
+            let push = PeerResponse::Gained {
+                file_id: self.local.id,
+                indices: indices.to_vec(),
+            };
+            writer.feed(&push).await.map_err(|e| e.to_string())?;
+            metrics.pushed(Direction::In);
+        }
+        writer.flush().await.map_err(|e| e.to_string())
+    }
+}
+
+/// Resolves when the watched file has gained chunks (never, when nothing is watched).
+async fn gained(watching: &mut Option<Watching>) {
+    if let Some(w) = watching {
+        if w.changes.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Takes the hello: the peer's ID if it speaks our version (then the frame limit opens up),
@@ -202,6 +278,7 @@ async fn hello(
             let welcome = PeerResponse::Welcome {
                 version: PROTOCOL_VERSION,
                 peer_id: node.peer_id,
+                pushes: true,
             };
             writer.send(&welcome).await.map_err(|e| e.to_string())?;
             reader.set_max(MAX_PEER_FRAME);
@@ -325,6 +402,7 @@ async fn send_chunk(
     #[cfg(not(target_os = "linux"))]
     send_read(uploads, writer, (&local, offset, len), &header, buf).await?;
     local.add_uploaded(u64::from(len));
+    node.metrics.sent(&file_id, u64::from(len));
     // The spread counts from when the peer has the whole chunk.
     local.sent(index, peer);
     Ok(())

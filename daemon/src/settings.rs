@@ -78,6 +78,11 @@ pub struct Settings {
     #[arg(long, env = "P2PD_UPLOAD_RATE")]
     pub upload_rate: Option<u64>,
 
+    /// Serve metrics in the Prometheus text format at http://ADDR/metrics (bind it to
+    /// loopback or a management network: they name the files shared) [default: none].
+    #[arg(long, env = "P2PD_METRICS")]
+    pub metrics: Option<SocketAddr>,
+
     /// Log level or filter; RUST_LOG overrides it [default: info].
     #[arg(long, env = "P2PD_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -105,6 +110,7 @@ p2p_service::settings_or!(Settings {
     request_timeout,
     max_in_flight,
     upload_rate,
+    metrics,
     log_level,
     pid_file,
     log_file,
@@ -139,6 +145,7 @@ impl Settings {
             request_timeout: Some("20s".into()),
             max_in_flight: Some(16),
             upload_rate: Some(0),
+            metrics: None,
             log_level: Some("info".into()),
             pid_file: Some(data_dir.join("p2pd.pid")),
             log_file: Some(data_dir.join("p2pd.log")),
@@ -196,6 +203,7 @@ impl Settings {
         }
         config.max_in_flight = self.max_in_flight.unwrap_or(16).max(1);
         config.upload_rate = self.upload_rate.unwrap_or(0);
+        config.metrics = self.metrics;
         Ok(config)
     }
 }

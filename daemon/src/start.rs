@@ -11,6 +11,7 @@ use tracing::info;
 use crate::context::Context;
 use crate::control::ControlListener;
 use crate::link::LinkPolicy;
+use crate::metrics::Metrics;
 use crate::node::{announce_all, Files, Node};
 use crate::serve::Uploads;
 use crate::store::Store;
@@ -49,13 +50,17 @@ pub async fn run(
     };
     // The session waits until what we hold is loaded: its first announcement must be whole.
     let (loaded, gate) = tokio::sync::oneshot::channel();
+    let metrics = Arc::new(Metrics::new());
     let (tracker, tracker_task) = TrackerClient::start(
         config.tracker.clone(),
         identity,
         announce,
         gate,
+        metrics.clone(),
         stop.clone(),
     );
+    let mut config = config;
+    let metrics_listener = bind_metrics(&mut config).await?;
     let uploads = Arc::new(Uploads::new(&config));
     let ctx = Arc::new(Context::new(
         config,
@@ -63,6 +68,7 @@ pub async fn run(
         listen,
         store,
         tracker,
+        metrics,
         stop.clone(),
     ));
     let node = Arc::new(Node::new(ctx, files));
@@ -76,6 +82,9 @@ pub async fn run(
     ));
     let socket = node.config.socket.clone();
     let controller = tokio::spawn(crate::control::serve(node.clone(), control, stop.clone()));
+    if let Some(listener) = metrics_listener {
+        tokio::spawn(serve_metrics(node.clone(), listener, stop.clone()));
+    }
     let status = format!(
         "serving peers on {bound}, control socket {}",
         socket.display()
@@ -117,6 +126,40 @@ async fn link_policy(config: &Config) -> Result<LinkPolicy, Error> {
         swarm: config.swarm.clone(),
         encrypt: config.encrypt,
     })
+}
+
+/// Binds `--metrics`, if set, and records the bound address in `config` (port 0 resolved).
+async fn bind_metrics(config: &mut Config) -> Result<Option<TcpListener>, Error> {
+    let Some(addr) = config.metrics else {
+        return Ok(None);
+    };
+    let listener = p2p_service::metrics::bind(addr)
+        .await
+        .map_err(|e| Error::io("binding the metrics address", e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| Error::io("reading the bound metrics address", e))?;
+    config.metrics = Some(bound);
+    info!("serving metrics on http://{bound}/metrics");
+    Ok(Some(listener))
+}
+
+/// Serves the metrics, with the catalog's gauges read at each scrape.
+async fn serve_metrics(node: Arc<Node>, listener: TcpListener, stop: CancellationToken) {
+    let weak = Arc::downgrade(&node);
+    drop(node);
+    let render: p2p_service::metrics::Render = Arc::new(move || {
+        let Some(node) = weak.upgrade() else {
+            return "# EOF\n".to_string();
+        };
+        let downloads = node
+            .downloads()
+            .iter()
+            .map(|d| d.state())
+            .collect::<Vec<_>>();
+        node.metrics.render(downloads, node.share_count())
+    });
+    p2p_service::metrics::serve(listener, render, stop).await;
 }
 
 /// The daemon's long-running tasks besides its downloads.

@@ -179,6 +179,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Ok(())
     }
 
+    /// Waits until bytes can be read (`true`) or the other side closed the connection
+    /// (`false`). Cancellation safe, unlike [`Self::recv`]: nothing is consumed, so it can
+    /// wait in a `select!` beside other events, and the frame is then read with `recv`.
+    pub async fn ready(&mut self) -> Result<bool, FrameError> {
+        use tokio::io::AsyncBufReadExt;
+        Ok(!self.inner.fill_buf().await?.is_empty())
+    }
+
     /// Changes the largest frame accepted from now on (raised once the hello is accepted).
     pub fn set_max(&mut self, max: usize) {
         self.max = max;

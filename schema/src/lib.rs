@@ -25,7 +25,11 @@
 //!   daemons is still answered, with at most [`LIST_UNPAGED_MAX`] files.
 //! - **peer**: a downloader opens a TCP connection to each holder ([`PeerRequest`] /
 //!   [`PeerResponse`]) and pipelines several `GetChunk` requests; each chunk comes back as a
-//!   small [`PeerResponse::Chunk`] frame followed by the raw bytes.
+//!   small [`PeerResponse::Chunk`] frame followed by the raw bytes. A downloader also
+//!   watches the file on each connection ([`PeerRequest::Watch`], to a peer whose welcome
+//!   said `pushes`): the holder answers with what it holds and from then on pushes every
+//!   chunk it gains ([`PeerResponse::Gained`]) between its answers, so connected peers know
+//!   within a commit interval what each other holds, without asking the tracker.
 //!
 //! # Framing
 //!
@@ -134,6 +138,7 @@ mod tests {
             agent: agent("p2pd"),
             key: Some("ab".repeat(32)),
             closed: true,
+            metrics: Some("127.0.0.1:9100".parse().unwrap()),
         }
     }
 
@@ -298,6 +303,9 @@ mod tests {
             PeerRequest::GetHave {
                 file_id: FileId([1; 32]),
             },
+            PeerRequest::Watch {
+                file_id: FileId([2; 32]),
+            },
         ] {
             round_trip(&m);
         }
@@ -305,6 +313,11 @@ mod tests {
             PeerResponse::Welcome {
                 version: 1,
                 peer_id: PeerId([1; 16]),
+                pushes: true,
+            },
+            PeerResponse::Gained {
+                file_id: FileId([1; 32]),
+                indices: vec![0, 7, 4_000_000],
             },
             PeerResponse::Chunk { index: 3, len: 99 },
             PeerResponse::Have {
@@ -314,6 +327,40 @@ mod tests {
         ] {
             round_trip(&m);
         }
+    }
+
+    #[test]
+    fn a_full_gained_push_fits_a_peer_frame_and_old_welcomes_say_no_pushes() {
+        let push = PeerResponse::Gained {
+            file_id: FileId([0xff; 32]),
+            indices: vec![u32::MAX; MAX_GAINED],
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&push, &mut bytes).unwrap();
+        assert!(bytes.len() + 4 <= MAX_PEER_FRAME, "{} bytes", bytes.len());
+        // A welcome from a daemon before pushes has no `pushes` field.
+        #[derive(serde::Serialize)]
+        enum Old {
+            Welcome { version: u32, peer_id: PeerId },
+        }
+        let mut old = Vec::new();
+        ciborium::into_writer(
+            &Old::Welcome {
+                version: 2,
+                peer_id: PeerId([3; 16]),
+            },
+            &mut old,
+        )
+        .unwrap();
+        let decoded: PeerResponse = ciborium::from_reader(&old[..]).unwrap();
+        assert_eq!(
+            decoded,
+            PeerResponse::Welcome {
+                version: 2,
+                peer_id: PeerId([3; 16]),
+                pushes: false
+            }
+        );
     }
 
     #[test]

@@ -145,6 +145,27 @@ pub enum TrackerRequest {
     },
 }
 
+impl TrackerRequest {
+    /// The request's kind, in snake case, for logs and metrics (`locate`, `gained`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TrackerRequest::Hello { .. } => "hello",
+            TrackerRequest::Register { .. } => "register",
+            TrackerRequest::Have { .. } => "have",
+            TrackerRequest::Gained { .. } => "gained",
+            TrackerRequest::Drop { .. } => "drop",
+            TrackerRequest::List => "list",
+            TrackerRequest::Find { .. } => "find",
+            TrackerRequest::GetManifest { .. } => "get_manifest",
+            TrackerRequest::Locate { .. } => "locate",
+            TrackerRequest::Heartbeat => "heartbeat",
+            TrackerRequest::Bye => "bye",
+            TrackerRequest::Stats => "stats",
+            TrackerRequest::ListPage { .. } => "list_page",
+        }
+    }
+}
+
 /// Where a page of [`TrackerRequest::ListPage`] ends: the last file's name and ID.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListCursor {
@@ -225,17 +246,35 @@ pub enum PeerRequest {
     GetChunk { file_id: FileId, index: u32 },
     /// Which chunks of a file the peer holds now.
     GetHave { file_id: FileId },
+    /// Which chunks of a file the peer holds now (answered by [`PeerResponse::Have`]), and
+    /// from then on every chunk it gains, pushed as [`PeerResponse::Gained`] between answers.
+    /// One file per connection: a second `Watch` replaces the first. Only to a peer whose
+    /// welcome said `pushes`.
+    Watch { file_id: FileId },
 }
+
+/// Most chunk indices in one [`PeerResponse::Gained`] (at most 40 KiB of CBOR, under
+/// [`crate::MAX_PEER_FRAME`]); more go in several.
+pub const MAX_GAINED: usize = 8_192;
 
 /// A daemon's answers to another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum PeerResponse {
     /// The connection is open.
-    Welcome { version: u32, peer_id: PeerId },
+    Welcome {
+        version: u32,
+        peer_id: PeerId,
+        /// This peer answers [`PeerRequest::Watch`] (false from peers before it).
+        #[serde(default)]
+        pushes: bool,
+    },
     /// Chunk `index` follows as `len` raw bytes.
     Chunk { index: u32, len: u32 },
     /// The chunks held now.
     Have { chunks: Bitfield },
+    /// Pushed to a watcher (see [`PeerRequest::Watch`]), never an answer: chunks of the
+    /// watched file the peer has gained since it last said (at most [`MAX_GAINED`] a message).
+    Gained { file_id: FileId, indices: Vec<u32> },
     /// The request failed (the connection stays open).
     Error(WireError),
 }
@@ -348,6 +387,9 @@ pub struct DaemonInfo {
     /// In a closed swarm (a swarm secret is set)?
     #[serde(default)]
     pub closed: bool,
+    /// Where the daemon serves its metrics (`http://ADDR/metrics`), if it does.
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// What a daemon shares and downloads.

@@ -12,6 +12,7 @@
 //!   logging; readiness for systemd or a `--daemon` parent; detaching; the runtime; the
 //!   shutdown signal (SIGINT/SIGTERM; Ctrl-C elsewhere); the exit code.
 //! - `store` (feature `store`): opening a sled database by the rule both servers follow.
+//! - `metrics` (feature `metrics`): `--metrics ADDR`, the Prometheus text format over HTTP.
 //!
 //! Platform code lives here: systemd notification and `--daemon` exist on Unix only (they are
 //! a no-op and a clear refusal elsewhere), so the programs build for Windows too.
@@ -23,6 +24,8 @@ pub mod caps;
 pub mod identity;
 #[cfg(feature = "lifecycle")]
 pub mod lifecycle;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 pub mod paths;
 mod secret;
 #[cfg(feature = "store")]

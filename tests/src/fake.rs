@@ -182,9 +182,11 @@ fn serve(
                 &PeerResponse::Welcome {
                     version: PROTOCOL_VERSION,
                     peer_id,
+                    // A peer from before pushes: downloaders poll it.
+                    pushes: false,
                 },
             )?,
-            PeerRequest::GetHave { .. } => send(
+            PeerRequest::GetHave { .. } | PeerRequest::Watch { .. } => send(
                 &mut conn,
                 &PeerResponse::Have {
                     chunks: p2p_schema::Bitfield::full(manifest.chunk_count()),

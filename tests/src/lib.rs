@@ -15,6 +15,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod fake;
+pub mod metrics;
 pub mod proxy;
 pub mod secure;
 
@@ -481,6 +482,16 @@ impl Daemon {
     /// The status of this daemon's first download (`null` if none).
     pub fn download_status(&self) -> serde_json::Value {
         self.status()["downloads"][0].clone()
+    }
+
+    /// Scrapes its metrics (it must run with `--metrics`; `status` says where).
+    pub fn metrics(&self) -> metrics::Scrape {
+        let status = self.status();
+        let addr = status["info"]["metrics"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no metrics address in {status}"));
+        metrics::scrape(addr)
     }
 
     /// Waits until the first download holds at least `chunks` chunks; returns what it saw.

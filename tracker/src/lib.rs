@@ -11,6 +11,7 @@
 //! `heartbeat_ms`, and is dropped (with its holdings) when it says `Bye` or after the TTL of
 //! silence.
 
+pub mod metrics;
 pub mod registry;
 pub mod session;
 pub mod settings;
@@ -57,6 +58,8 @@ pub struct Config {
     /// Most connections held at once, in all and from one IP address; more are refused.
     pub max_connections: usize,
     pub max_per_address: usize,
+    /// Where metrics are served (`http://ADDR/metrics`), if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for Config {
@@ -69,6 +72,7 @@ impl Default for Config {
             max_holders: 200,
             max_connections: 4096,
             max_per_address: 256,
+            metrics: None,
         }
     }
 }
@@ -88,6 +92,20 @@ pub async fn run(
     let caps =
         p2p_service::caps::ConnectionCaps::new(config.max_connections, config.max_per_address);
     let stop = CancellationToken::new();
+    let metrics = Arc::new(metrics::Metrics::new());
+    if let Some(addr) = config.metrics {
+        let listener = p2p_service::metrics::bind(addr)
+            .await
+            .map_err(|e| Error::Io("binding the metrics address".into(), e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| Error::Io("reading the bound metrics address".into(), e))?;
+        info!("serving metrics on http://{bound}/metrics");
+        let (registry, metrics) = (registry.clone(), metrics.clone());
+        let render: p2p_service::metrics::Render =
+            Arc::new(move || metrics.render(&registry.stats()));
+        tokio::spawn(p2p_service::metrics::serve(listener, render, stop.clone()));
+    }
     let reaper = tokio::spawn(reap(registry.clone(), config.ttl, stop.clone()));
     let accepting = async {
         while let Some((stream, addr, slot)) =
@@ -102,6 +120,7 @@ pub async fn run(
                     config: config.clone(),
                     key: key.clone(),
                     refusals: refusals.clone(),
+                    metrics: metrics.clone(),
                 },
                 stop.clone(),
             );

@@ -33,6 +33,7 @@ pub struct Shared {
     pub key: Arc<Keypair>,
     /// Refused handshakes are logged at most once a second.
     pub refusals: Arc<Throttle>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Serves one connection until it ends. Never panics on peer input; errors end only this
@@ -52,9 +53,11 @@ pub async fn serve(
     let session = match secured {
         Ok(Ok(session)) => session,
         Ok(Err(HandshakeError::EarlierVersion { first })) => {
+            shared.metrics.refused();
             return answer_earlier_version(stream, first).await;
         }
         Ok(Err(e)) => {
+            shared.metrics.refused();
             if let Some(skipped) = shared.refusals.allow() {
                 warn!(%remote, skipped, "refused a session: {e}");
             }
@@ -74,7 +77,9 @@ pub async fn serve(
     let (registry, config) = (&shared.registry, &shared.config);
     if greet(&mut reader, &mut writer, (peer, remote), registry, config).await {
         reader.set_max(MAX_FRAME);
-        answer(reader, writer, peer, registry, config, stop).await;
+        let _open = shared.metrics.session();
+        let shared = (registry.as_ref(), config.as_ref(), shared.metrics.as_ref());
+        answer(reader, writer, peer, shared, stop).await;
     }
 }
 
@@ -140,8 +145,7 @@ async fn answer(
     mut reader: Reader,
     mut writer: Writer,
     peer: PeerId,
-    registry: &Registry,
-    config: &Config,
+    (registry, config, metrics): (&Registry, &Config, &crate::metrics::Metrics),
     stop: CancellationToken,
 ) {
     // A daemon heartbeats several times per TTL; silence for a whole TTL ends the session
@@ -176,6 +180,7 @@ async fn answer(
             let _ = writer.send(&TrackerResponse::Error(e)).await;
             return;
         }
+        let (kind, started) = (request.kind(), std::time::Instant::now());
         let (response, changed) = handle(request, peer, registry, config);
         if changed {
             // Registrations are rare and worth keeping: make them durable before confirming.
@@ -183,6 +188,7 @@ async fn answer(
                 warn!(error = %e, "flushing a registration");
             }
         }
+        metrics.answered(kind, started.elapsed());
         // Pipelined requests already buffered get their answers in one write.
         if writer.feed(&response).await.is_err() {
             return;

@@ -49,6 +49,10 @@ pub struct Settings {
     #[arg(long, env = "P2P_TRACKER_MAX_FILES_PER_PEER")]
     pub max_files_per_peer: Option<usize>,
 
+    /// Serve metrics in the Prometheus text format at http://ADDR/metrics [default: none].
+    #[arg(long, env = "P2P_TRACKER_METRICS")]
+    pub metrics: Option<SocketAddr>,
+
     /// Log level or filter; RUST_LOG overrides it [default: info].
     #[arg(long, env = "P2P_TRACKER_LOG_LEVEL")]
     pub log_level: Option<String>,
@@ -70,6 +74,7 @@ p2p_service::settings_or!(Settings {
     secret_file,
     trust_advertised,
     max_files_per_peer,
+    metrics,
     log_level,
     pid_file,
     log_file,
@@ -86,6 +91,7 @@ impl Settings {
             secret_file: None,
             trust_advertised: Some(false),
             max_files_per_peer: Some(crate::registry::DEFAULT_MAX_FILES_PER_PEER),
+            metrics: None,
             log_level: Some("info".into()),
             pid_file: Some(data_dir.join("p2p-tracker.pid")),
             log_file: Some(data_dir.join("p2p-tracker.log")),
@@ -132,6 +138,7 @@ impl Settings {
             .max_files_per_peer
             .unwrap_or(crate::registry::DEFAULT_MAX_FILES_PER_PEER)
             .max(1);
+        config.metrics = self.metrics;
         Ok(config)
     }
 }

@@ -83,10 +83,18 @@ const STALL_RECHECK: Duration = Duration::from_secs(1);
 const MAX_WORKERS: usize = 32;
 /// The request window holds about this much of a peer's measured rate.
 const WINDOW_LATENCY: Duration = Duration::from_millis(50);
-/// How often a running download asks the tracker for holders.
+/// How often a running download asks the tracker for holders while it learns of new ones;
+/// each answer with no new holder doubles the wait, up to [`MAX_RELOCATE_INTERVAL`]. What
+/// connected holders gain they push (see `PeerRequest::Watch`): the tracker is only where
+/// new peers are found.
 const RELOCATE_INTERVAL: Duration = Duration::from_millis(500);
-/// How often a worker whose peer has nothing we need asks it again what it holds.
+const MAX_RELOCATE_INTERVAL: Duration = Duration::from_secs(4);
+/// How often a worker whose peer has nothing we need asks it again what it holds, where the
+/// peer does not push what it gains (a daemon from before pushes).
 const HAVE_POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a worker idle on a peer that pushes asks it what it holds all the same: a
+/// check that nothing was missed, and it keeps the connection from idling out.
+const HAVE_RESYNC_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the committer makes written chunks durable, at most.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -447,6 +455,8 @@ async fn coordinate(
     committer: &tokio::task::JoinHandle<bool>,
 ) -> Ended {
     let mut backoff = Duration::from_millis(200);
+    let mut relocate = RELOCATE_INTERVAL;
+    let mut known: HashSet<PeerId> = HashSet::new();
     while !dl.local.is_complete() {
         if stop.is_cancelled() {
             return Ended::Stopped;
@@ -466,24 +476,25 @@ async fn coordinate(
             }
             continue;
         }
-        // Ask again soon: other downloaders become holders within a commit interval, and the
-        // sooner we know them the sooner they share the load.
-        let mut wait = RELOCATE_INTERVAL;
-        match node.tracker.locate(dl.id, 64).await {
-            Ok((_, holders)) => {
+        // Ask again soon while new holders turn up: other downloaders become holders within
+        // a commit interval, and the sooner we know them the sooner they share the load.
+        let wait = match find_holders(node, swarm, &mut known).await {
+            Ok(new) => {
                 backoff = Duration::from_millis(200);
-                dl.stalled
-                    .store(count_stalled(swarm, &holders), Ordering::Relaxed);
-                for holder in holders {
-                    start_worker(swarm, holder);
-                }
+                relocate = if new {
+                    RELOCATE_INTERVAL
+                } else {
+                    (relocate * 2).min(MAX_RELOCATE_INTERVAL)
+                };
+                relocate
             }
             Err(e) => {
                 debug!(error = %e, "cannot locate holders; retrying");
-                wait = backoff;
+                let wait = backoff;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+                wait
             }
-        }
+        };
         tokio::select! {
             () = stop.cancelled() => {}
             () = swarm.progress.notified() => {}
@@ -491,6 +502,29 @@ async fn coordinate(
         }
     }
     Ended::Complete
+}
+
+/// Asks the tracker for holders and starts a worker for each new one (and hands what the
+/// tracker says to those running). Returns whether a holder not `known` before turned up.
+async fn find_holders(
+    node: &Context,
+    swarm: &Arc<Swarm>,
+    known: &mut HashSet<PeerId>,
+) -> Result<bool, p2p_schema::WireError> {
+    let (_, holders) = node.tracker.locate(swarm.dl.id, 64).await?;
+    swarm
+        .dl
+        .stalled
+        .store(count_stalled(swarm, &holders), Ordering::Relaxed);
+    if known.len() > MAX_PEER_RECORDS {
+        known.clear();
+    }
+    let mut new = false;
+    for holder in holders {
+        new |= known.insert(holder.peer_id);
+        start_worker(swarm, holder);
+    }
+    Ok(new)
 }
 
 /// Chunks still missing that none of `holders` (nor a connected worker) has.

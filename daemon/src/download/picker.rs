@@ -72,11 +72,15 @@ impl Picker {
         new
     }
 
+    pub(super) fn add_availability_of(&mut self, i: u32, delta: i32) {
+        if let Some(a) = self.availability.get_mut(i as usize) {
+            *a = (i32::from(*a) + delta).clamp(0, i32::from(u16::MAX)) as u16;
+        }
+    }
+
     pub(super) fn add_availability(&mut self, has: &Bitfield, delta: i32) {
         for i in has.iter() {
-            if let Some(a) = self.availability.get_mut(i as usize) {
-                *a = (i32::from(*a) + delta).clamp(0, i32::from(u16::MAX)) as u16;
-            }
+            self.add_availability_of(i, delta);
         }
     }
 }

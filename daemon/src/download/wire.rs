@@ -51,6 +51,8 @@ pub(super) enum Received {
     /// arrived.
     Chunk(u32, Option<bool>),
     Refused(u32, p2p_schema::WireError),
+    /// Not an answer: the peer pushed chunks it gained (see `PeerRequest::Watch`).
+    Gained(FileId, Vec<u32>),
 }
 
 /// Reads the answer to the oldest request into `buf`.
@@ -96,6 +98,7 @@ pub(super) async fn receive(
             asked.pop_front();
             Ok(Received::Refused(expected, e))
         }
+        PeerResponse::Gained { file_id, indices } => Ok(Received::Gained(file_id, indices)),
         other => Err(Misbehaved(format!("unexpected answer {other:?}"))),
     }
 }

@@ -1,6 +1,7 @@
 //! A worker: fetches chunks from one peer, verifies and writes them.
 
 use super::*;
+use crate::metrics::Direction;
 
 pub(super) fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
     if holder.peer_id == swarm.node.peer_id {
@@ -102,6 +103,8 @@ struct Worker {
     delivered: u32,
     /// Refusals since the last chunk delivered, in quarters (see [`MAX_REFUSALS`]).
     refusals: u32,
+    /// The peer pushes what it gains (it answered our `Watch`); else it is polled.
+    pushes: bool,
 }
 
 /// A chunk being verified and written: its index, buffer, and whether it matched.
@@ -141,6 +144,7 @@ impl Worker {
             since: Instant::now(),
             delivered: 0,
             refusals: 0,
+            pushes: false,
         }
     }
 
@@ -156,9 +160,18 @@ impl Worker {
     /// already started stay queued for [`Worker::drain`]).
     async fn run(&mut self, chunks: Bitfield) -> Result<(), WorkerError> {
         let timeout = self.swarm.node.config.request_timeout;
-        let (mut reader, mut writer, read) = self.connect(timeout).await?;
+        let (mut reader, mut writer, read, pushes) = self.connect(timeout).await?;
+        let _counted = self.swarm.node.metrics.connection(Direction::Out);
         self.set_has(chunks);
-        debug!("connected");
+        if pushes {
+            let watch = PeerRequest::Watch {
+                file_id: self.swarm.dl.id,
+            };
+            self.ask_have(&mut reader, &mut writer, watch, timeout)
+                .await?;
+            self.pushes = true;
+        }
+        debug!(pushes, "connected");
         let mut buf = AlignedBuf::new();
         loop {
             self.take_fresh();
@@ -172,13 +185,7 @@ impl Worker {
                 if self.swarm.picker().remaining == 0 {
                     return Ok(());
                 }
-                // Nothing this peer has is needed now: wait for a change, then ask it what
-                // it holds (it may be downloading too).
-                tokio::select! {
-                    () = self.swarm.changed.notified() => {}
-                    () = tokio::time::sleep(HAVE_POLL_INTERVAL) => {}
-                }
-                self.ask_have(&mut reader, &mut writer, timeout).await?;
+                self.idle(&mut reader, &mut writer, timeout).await?;
                 continue;
             }
             let hash_inline = self.hash_inline();
@@ -196,11 +203,76 @@ impl Worker {
         }
     }
 
+    /// Nothing this peer has is needed now: waits for a change here (a chunk released) or
+    /// there. A peer that pushes says what it gains (and is asked what it holds now and then,
+    /// which also keeps the connection from idling out); one that does not is asked every
+    /// [`HAVE_POLL_INTERVAL`] (it may be downloading too).
+    async fn idle(
+        &mut self,
+        reader: &mut PeerReader,
+        writer: &mut PeerWriter,
+        timeout: Duration,
+    ) -> Result<(), WorkerError> {
+        let file_id = self.swarm.dl.id;
+        if !self.pushes {
+            tokio::select! {
+                () = self.swarm.changed.notified() => {}
+                () = tokio::time::sleep(HAVE_POLL_INTERVAL) => {}
+            }
+            return self
+                .ask_have(reader, writer, PeerRequest::GetHave { file_id }, timeout)
+                .await;
+        }
+        tokio::select! {
+            () = self.swarm.changed.notified() => Ok(()),
+            () = tokio::time::sleep(HAVE_RESYNC_INTERVAL) => {
+                self.ask_have(reader, writer, PeerRequest::GetHave { file_id }, timeout).await
+            }
+            ready = reader.ready() => match ready {
+                Ok(true) => self.take_push(reader, timeout).await,
+                Ok(false) => Err(WorkerError::Unreachable("the peer closed the connection".into())),
+                Err(e) => Err(net(e)),
+            },
+        }
+    }
+
+    /// Reads a frame the peer sent unasked: only a push of what it gained may come.
+    async fn take_push(
+        &mut self,
+        reader: &mut PeerReader,
+        timeout: Duration,
+    ) -> Result<(), WorkerError> {
+        use WorkerError::Misbehaved;
+        match tokio::time::timeout(timeout, reader.expect::<PeerResponse>()).await {
+            Ok(Ok(PeerResponse::Gained { file_id, indices })) => self.gain(file_id, &indices),
+            Ok(Ok(other)) => Err(Misbehaved(format!("unexpected message {other:?}"))),
+            Ok(Err(e)) => Err(net(e)),
+            Err(_) => Err(Misbehaved("a message cut short".into())),
+        }
+    }
+
+    /// Takes in chunks the peer says it gained (pushed).
+    fn gain(&mut self, file_id: FileId, indices: &[u32]) -> Result<(), WorkerError> {
+        let n = self.swarm.dl.manifest.chunk_count();
+        if file_id != self.swarm.dl.id || indices.iter().any(|&i| i >= n) {
+            return Err(WorkerError::Misbehaved("a malformed push".into()));
+        }
+        let mut picker = self.swarm.picker();
+        for &i in indices {
+            if self.has.set(i) {
+                picker.add_availability_of(i, 1);
+            }
+        }
+        self.swarm.node.metrics.pushed(Direction::Out);
+        Ok(())
+    }
+
     /// Connects to the peer and says hello; the peer must answer as the peer it was listed as.
+    /// Also returns whether the peer pushes what it gains.
     async fn connect(
         &self,
         timeout: Duration,
-    ) -> Result<(PeerReader, PeerWriter, Arc<AtomicU64>), WorkerError> {
+    ) -> Result<(PeerReader, PeerWriter, Arc<AtomicU64>, bool), WorkerError> {
         use WorkerError::{Misbehaved, Unreachable};
         let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(self.addr))
             .await
@@ -231,9 +303,9 @@ impl Worker {
             .await
             .map_err(net)?;
         match tokio::time::timeout(timeout, reader.expect::<PeerResponse>()).await {
-            Ok(Ok(PeerResponse::Welcome { peer_id, .. })) if peer_id == self.peer => {
-                Ok((reader, writer, read))
-            }
+            Ok(Ok(PeerResponse::Welcome {
+                peer_id, pushes, ..
+            })) if peer_id == self.peer => Ok((reader, writer, read, pushes)),
             Ok(Ok(PeerResponse::Welcome { .. })) => {
                 Err(Misbehaved("a different peer answered".into()))
             }
@@ -278,20 +350,26 @@ impl Worker {
         Ok(())
     }
 
-    /// Asks the peer what it holds now.
+    /// Asks the peer what it holds now (`GetHave`, or `Watch` to be told from then on too),
+    /// taking in pushes that come before the answer.
     async fn ask_have(
         &mut self,
         reader: &mut PeerReader,
         writer: &mut PeerWriter,
+        ask: PeerRequest,
         timeout: Duration,
     ) -> Result<(), WorkerError> {
         use WorkerError::Misbehaved;
-        let file_id = self.swarm.dl.id;
-        writer
-            .send(&PeerRequest::GetHave { file_id })
-            .await
-            .map_err(net)?;
-        match tokio::time::timeout(timeout, reader.expect::<PeerResponse>()).await {
+        writer.send(&ask).await.map_err(net)?;
+        let answered = tokio::time::timeout(timeout, async {
+            loop {
+                match reader.expect::<PeerResponse>().await.map_err(net)? {
+                    PeerResponse::Gained { file_id, indices } => self.gain(file_id, &indices)?,
+                    other => return Ok(other),
+                }
+            }
+        });
+        match answered.await {
             Ok(Ok(PeerResponse::Have { chunks })) => {
                 let n = self.swarm.dl.manifest.chunk_count();
                 let chunks = chunks
@@ -302,7 +380,7 @@ impl Worker {
             }
             Ok(Ok(PeerResponse::Error(e))) => Err(Misbehaved(format!("peer: {e}"))),
             Ok(Ok(other)) => Err(Misbehaved(format!("unexpected answer {other:?}"))),
-            Ok(Err(e)) => Err(net(e)),
+            Ok(Err(e)) => Err(e),
             Err(_) => Err(Misbehaved("no answer in time".into())),
         }
     }
@@ -315,6 +393,7 @@ impl Worker {
         buf: &mut AlignedBuf,
     ) -> Result<(), WorkerError> {
         match received {
+            Received::Gained(file_id, indices) => self.gain(file_id, &indices)?,
             Received::Refused(index, e) => {
                 debug!(index, "peer refused a chunk: {e}");
                 self.swarm.picker().release(index);
@@ -461,6 +540,7 @@ impl Worker {
                 self.refusals = 0;
                 if new {
                     dl.record_chunk(self.addr, len);
+                    swarm.node.metrics.verified(&dl.id, len);
                     let _ = swarm.commits.send(index);
                     let _ = dl.events.send(Event::Chunk {
                         index,
@@ -474,6 +554,7 @@ impl Worker {
             }
             Ok(false) => {
                 dl.wasted.fetch_add(len, Ordering::Relaxed);
+                swarm.node.metrics.rejected();
                 swarm.picker().release(index);
                 swarm.changed.notify_waiters();
                 let strikes = lock(&swarm.peers).strike(self.peer);

@@ -73,6 +73,14 @@ impl Node {
         lock(&self.downloads).values().cloned().collect()
     }
 
+    /// How many files this daemon holds whole (shares and finished downloads).
+    pub fn share_count(&self) -> usize {
+        read_lock(&self.files)
+            .values()
+            .filter(|f| f.is_complete())
+            .count()
+    }
+
     /// The file with ID `id`, if this daemon holds any of it.
     pub fn local_file(&self, id: &FileId) -> Option<Arc<LocalFile>> {
         read_lock(&self.files).get(id).cloned()
@@ -96,6 +104,7 @@ impl Node {
             agent: p2p_schema::agent("p2pd"),
             key: Some(hex::encode(self.links.key.public())),
             closed: self.config.swarm.is_some(),
+            metrics: self.config.metrics,
         }
     }
 

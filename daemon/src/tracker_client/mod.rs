@@ -63,6 +63,8 @@ pub struct TrackerClient {
     list_pages: Arc<AtomicBool>,
     /// Why the last attempt to open the session failed, while it keeps failing.
     problem: Arc<Mutex<Option<String>>>,
+    /// Counts the requests made.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Most files a listing gathers over its pages: a tracker whose pages never end is an error.
@@ -87,6 +89,7 @@ impl TrackerClient {
         identity: Identity,
         announce: Announce,
         gate: oneshot::Receiver<()>,
+        metrics: Arc<crate::metrics::Metrics>,
         stop: CancellationToken,
     ) -> (TrackerClient, tokio::task::JoinHandle<()>) {
         let (calls_tx, calls_rx) = mpsc::channel(1024);
@@ -119,6 +122,7 @@ impl TrackerClient {
                 address,
                 list_pages,
                 problem,
+                metrics,
             },
             task,
         )
@@ -246,6 +250,7 @@ impl TrackerClient {
         if !self.is_connected() {
             return Err(unavailable(&self.address, "not connected (retrying)"));
         }
+        self.metrics.tracker_request(request.kind());
         let (tx, rx) = oneshot::channel();
         self.calls
             .send(Call {
@@ -269,6 +274,7 @@ impl TrackerClient {
         if !self.is_connected() {
             return;
         }
+        self.metrics.tracker_request(request.kind());
         let call = Call {
             request,
             reply: None,
