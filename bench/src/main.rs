@@ -8,6 +8,7 @@
 //! `--skip-S` for a section S (`loopback`, `others`, `namespaces`, `crowd`, `memory`,
 //! `tracker`), or `--only S`.
 
+mod crowd;
 mod lab;
 mod measure;
 mod others;
@@ -63,7 +64,7 @@ struct Args {
     /// Skip the namespace section (3 sources behind limited uplinks).
     #[arg(long)]
     skip_namespaces: bool,
-    /// Skip the crowd section (1 seeder, 10 leechers).
+    /// Skip the crowd section (1 seeder and 10 or 40 leechers, ours and aria2c).
     #[arg(long)]
     skip_crowd: bool,
     /// Skip the memory section (a large file's peak RSS).
@@ -297,17 +298,15 @@ fn main() {
     let mut lines = Vec::new();
     match (opts.namespaces || opts.crowd, lab::unavailable()) {
         (false, _) => notes.push("namespace scenarios skipped".into()),
-        (true, Some(why)) => {
-            notes.push(format!("namespace scenarios skipped: {why}"));
-            if opts.crowd {
-                lines.push(emulated_crowd(&base, &files, opts.quick));
-            }
-        }
+        (true, Some(why)) => notes.push(format!("namespace scenarios skipped: {why}")),
         (true, None) => {
             lines.extend(namespaces(
                 &mut rows, &base, &big_file, &files, &opts, run_others,
             ));
         }
+    }
+    if opts.crowd {
+        lines.extend(crowd::capped(&base, &files, opts.quick, run_others));
     }
     if opts.memory {
         lines.push(memory(&base, &files, &rows, opts.quick));
@@ -529,9 +528,9 @@ fn namespaces(
                 "{UPLINK_MBIT} Mbit/s uplinks, 1 seeder -> 10 leechers, {} MiB ",
                 size / MIB
             );
-            let c = ours::crowd(&net, &scratch(base, "ns-crowd"), &crowd_file, &[]);
+            let c = ours::crowd(&net, &scratch(base, "ns-crowd"), &crowd_file, 10, &[]);
             eprintln!();
-            lines.push(crowd_line(&net.label, size, &c));
+            lines.push(crowd::line(&net.label, "ours", 10, size, &c));
         }
     }
     lines
@@ -596,45 +595,4 @@ fn three_sources(
         }
     }
     lines
-}
-
-fn crowd_line(label: &str, size: u64, c: &ours::Crowd) -> String {
-    format!(
-        "{label}, 1 seeder -> 10 leechers, {} MiB: one leecher alone {:.2} s; 10 started \
-         together: fastest {:.2} s, slowest {:.2} s = {:.2}x alone (without leechers feeding each other: about \
-         10x); the seeder sent the file {:.2} times to the 10; seeder peak RSS {:.0} MiB",
-        size / MIB,
-        c.alone,
-        c.fastest,
-        c.slowest,
-        c.slowest / c.alone,
-        c.seeder_sent,
-        c.seeder_rss
-    )
-}
-
-/// Without namespaces: every daemon's uplink limited with `--upload-rate` on loopback.
-fn emulated_crowd(base: &Path, files: &Path, quick: bool) -> String {
-    let size = if quick { 16 * MIB } else { 64 * MIB };
-    let file = files.join(format!("crowd-{}m.bin", size / MIB));
-    p2p_tests::write_random(&file, size as usize, 7);
-    settle(&file);
-    let rate = (UPLINK_MBIT as u64 * 1_000_000 / 8).to_string();
-    eprint!(
-        "emulated uplinks, 1 seeder -> 10 leechers, {} MiB ",
-        size / MIB
-    );
-    let net = Net::loopback(12);
-    let c = ours::crowd(
-        &net,
-        &scratch(base, "crowd"),
-        &file,
-        &["--upload-rate", &rate],
-    );
-    eprintln!();
-    crowd_line(
-        &format!("{UPLINK_MBIT} Mbit/s uplinks emulated with --upload-rate on loopback"),
-        size,
-        &c,
-    )
 }

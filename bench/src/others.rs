@@ -25,7 +25,7 @@ pub fn missing() -> Vec<&'static str> {
 }
 
 /// aria2c flags common to every BitTorrent peer: everything local, nothing discovered.
-fn aria2_bt_flags(port: u16) -> Vec<String> {
+pub(crate) fn aria2_bt_flags(port: u16) -> Vec<String> {
     [
         "--enable-dht=false",
         "--enable-dht6=false",
@@ -47,23 +47,29 @@ fn aria2_bt_flags(port: u16) -> Vec<String> {
 }
 
 /// A running opentracker on the hub, and a torrent of `file` announcing to it.
-struct BtTracker {
+pub(crate) struct BtTracker {
     _proc: Proc,
-    torrent: PathBuf,
+    pub(crate) torrent: PathBuf,
     url: String,
     info_hash: String,
 }
 
 impl BtTracker {
-    fn start(hub: &Host, dir: &Path, file: &Path) -> Result<BtTracker, String> {
+    /// Pieces of 2^`piece_log` bytes.
+    pub(crate) fn start(
+        hub: &Host,
+        dir: &Path,
+        file: &Path,
+        piece_log: u32,
+    ) -> Result<BtTracker, String> {
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let port = free_port();
         let url = format!("http://{}:{port}", hub.ip);
         let torrent = dir.join("file.torrent");
         let _ = std::fs::remove_file(&torrent);
-        // Pieces of 1 MiB (2^20), the size a BitTorrent user would pick for a GiB.
         let out = std::process::Command::new("mktorrent")
-            .args(["-l", "20", "-a", &format!("{url}/announce"), "-o"])
+            .args(["-l", &piece_log.to_string()])
+            .args(["-a", &format!("{url}/announce"), "-o"])
             .arg(&torrent)
             .arg(file)
             .output()
@@ -110,7 +116,7 @@ impl BtTracker {
     }
 
     /// How many complete peers (seeders) the tracker lists for the torrent.
-    fn seeders(&self, hub: &Host) -> usize {
+    pub(crate) fn seeders(&self, hub: &Host) -> usize {
         let escaped: String = self
             .info_hash
             .as_bytes()
@@ -132,7 +138,7 @@ impl BtTracker {
     }
 }
 
-fn curl_ok(host: &Host, url: &str) -> bool {
+pub(crate) fn curl_ok(host: &Host, url: &str) -> bool {
     host.command("curl")
         .args(["-s", "-o", "/dev/null", "--max-time", "2", url])
         .status()
@@ -148,7 +154,8 @@ pub fn bittorrent(
     file: &Path,
     reps: usize,
 ) -> Result<Sample, String> {
-    let tracker = BtTracker::start(&net.hub, &dir.join("opentracker"), file)?;
+    // Pieces of 1 MiB (2^20), the size a BitTorrent user would pick for a GiB.
+    let tracker = BtTracker::start(&net.hub, &dir.join("opentracker"), file, 20)?;
     let name = file.file_name().ok_or("file has no name")?;
     let mut procs = Vec::new();
     for (i, host) in net.hosts[..seeders].iter().enumerate() {

@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use p2p_tests::{Daemon, Tracker};
 
+use crate::crowd::Crowd;
 use crate::lab::Net;
 use crate::measure::{peak_rss_mib, repeat};
 use crate::Sample;
@@ -84,33 +85,32 @@ pub fn download(
     (sample.expect("repetitions"), register_secs)
 }
 
-/// What one seeder and ten leechers started together measured.
-pub struct Crowd {
-    pub alone: f64,
-    pub slowest: f64,
-    pub fastest: f64,
-    pub seeder_rss: f64,
-    /// Bytes the seeder sent, over the file's size: 1.0 means every chunk left it once.
-    pub seeder_sent: f64,
-}
-
-/// One seeder (host 0) and `file`: one leecher alone (host 1), then 10 leechers (hosts 2 to
-/// 11) started together. Every daemon gets `extra` (an `--upload-rate` where uplinks are
-/// emulated on loopback).
-pub fn crowd(net: &Net, dir: &Path, file: &Path, extra: &[&str]) -> Crowd {
+/// One seeder (host 0) and `file`: one leecher alone (host 1), then `n` leechers (hosts 2
+/// to n + 1) started together. Every daemon gets `extra` (an `--upload-rate` where uplinks
+/// are emulated on loopback). What the seeder sent is read from its metrics.
+pub fn crowd(net: &Net, dir: &Path, file: &Path, n: usize, extra: &[&str]) -> Crowd {
     let tracker = start_tracker(net, dir);
     let name = file
         .file_name()
         .and_then(|n| n.to_str())
         .expect("UTF-8 file name");
-    let seeder = start_daemon(net, 0, &dir.join("seed"), &tracker, extra);
-    seeder.ctl_json(&["register", &file.to_string_lossy()]);
+    let metrics = format!("{}:0", net.hosts[0].ip);
+    let seeder_flags: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--metrics", &metrics])
+        .collect();
+    let seeder = start_daemon(net, 0, &dir.join("seed"), &tracker, &seeder_flags);
+    let id = seeder.ctl_json(&["register", &file.to_string_lossy()])["file"]["id"]
+        .as_str()
+        .expect("file id")
+        .to_string();
     let alone = {
         let d = start_daemon(net, 1, &dir.join("alone"), &tracker, extra);
         fetch(&d, name, &dir.join("out-alone"))
     };
     crate::tick();
-    let leechers: Vec<Daemon> = (0..10)
+    let leechers: Vec<Daemon> = (0..n)
         .map(|i| start_daemon(net, 2 + i, &dir.join(format!("l{i}")), &tracker, extra))
         .collect();
     let times: Vec<f64> = std::thread::scope(|s| {
@@ -124,11 +124,11 @@ pub fn crowd(net: &Net, dir: &Path, file: &Path, extra: &[&str]) -> Crowd {
             .collect()
     });
     crate::tick();
-    for i in 0..10 {
+    for i in 0..n {
         let _ = std::fs::remove_file(dir.join(format!("out{i}")));
     }
-    let sent = seeder.ctl_json(&["status"])["shares"][0]["uploaded"]
-        .as_f64()
+    let sent = metrics_of(&seeder)
+        .get(&format!("p2pd_sent_bytes_total{{file=\"{id}\"}}"))
         .unwrap_or(f64::NAN);
     let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(1) as f64;
     Crowd {
@@ -139,4 +139,19 @@ pub fn crowd(net: &Net, dir: &Path, file: &Path, extra: &[&str]) -> Crowd {
         fastest: times.iter().cloned().fold(f64::INFINITY, f64::min),
         seeder_rss: peak_rss_mib(seeder.proc.pid()),
     }
+}
+
+/// Scrapes `daemon`'s metrics from inside its host (it runs with `--metrics`).
+fn metrics_of(daemon: &Daemon) -> p2p_tests::metrics::Scrape {
+    let status = daemon.status();
+    let addr = status["info"]["metrics"].as_str().unwrap_or_default();
+    let prefix: Vec<&str> = daemon.prefix();
+    let out = p2p_tests::prefixed(&prefix, std::path::Path::new("curl"))
+        .args(["-s", "--max-time", "10"])
+        .arg(format!("http://{addr}/metrics"))
+        .output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    p2p_tests::metrics::parse(&text).unwrap_or_default()
 }

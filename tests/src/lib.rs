@@ -484,6 +484,11 @@ impl Daemon {
         self.status()["downloads"][0].clone()
     }
 
+    /// The command prefix it runs through (empty, or `ip netns exec NAME`).
+    pub fn prefix(&self) -> Vec<&str> {
+        self.prefix.iter().map(String::as_str).collect()
+    }
+
     /// Scrapes its metrics (it must run with `--metrics`; `status` says where).
     pub fn metrics(&self) -> metrics::Scrape {
         let status = self.status();
