@@ -306,7 +306,8 @@ fn main() {
         }
     }
     if opts.crowd {
-        lines.extend(crowd::capped(&base, &files, opts.quick, run_others));
+        // aria2c is part of the crowd section: it runs wherever the tools are installed.
+        lines.extend(crowd::capped(&base, &files, opts.quick, missing.is_empty()));
     }
     if opts.memory {
         lines.push(memory(&base, &files, &rows, opts.quick));

@@ -240,14 +240,18 @@ impl LocalFile {
         self.lock().problem.clone()
     }
 
-    /// Whether chunk `index` may go to peer `to` now: not if it is going, or went less than
-    /// `spread` ago (see [`LocalFile::sent`]), to another peer that is still fetching from us
-    /// (`fetching`), so still downloading. That peer will soon serve it too; meanwhile our
-    /// uplink is better spent on chunks nobody else has (a download asks for another chunk
-    /// and comes back later). A peer holding the whole file also holds a chunk back, whatever
-    /// the spread, until every chunk has gone out once: its first pass over the file is all
-    /// new data for the swarm (a pass starts when peers begin fetching from an idle server:
-    /// `epoch` changes then). Records the send when allowed.
+    /// Whether chunk `index` may go to peer `to` now. Only a peer holding the whole file (a
+    /// seeder) holds chunks back: not if it is going, or went less than `spread` ago (see
+    /// [`LocalFile::sent`]), to another peer that is still fetching from us (`fetching`), so
+    /// still downloading. That peer will soon serve it too; meanwhile the seeder's uplink is
+    /// better spent on chunks nobody else has (a download asks for another chunk and comes
+    /// back later). It also holds a chunk back, whatever the spread, until every chunk has
+    /// gone out once: its first pass over the file is all new data for the swarm (a pass
+    /// starts when peers begin fetching from an idle server: `epoch` changes then). A peer
+    /// still downloading sends whatever it holds to whoever asks: every downloader needs
+    /// every chunk, so none of its uplink is spent in vain, and in a crowd it holds few
+    /// chunks at a time (holding each back for a while would idle its uplink). Records the
+    /// send when allowed.
     pub fn may_send(
         &self,
         index: u32,
@@ -258,6 +262,9 @@ impl LocalFile {
     ) -> bool {
         let now = Instant::now();
         let whole = self.is_complete();
+        if !whole {
+            return true;
+        }
         let mut sends = lock(&self.sent);
         if sends.epoch != epoch {
             sends.epoch = epoch;
@@ -353,6 +360,25 @@ mod tests {
             };
             assert_eq!(recorded.change(&faked), Some("another file took its place"));
         }
+    }
+
+    #[test]
+    fn a_peer_still_downloading_holds_nothing_back() {
+        let manifest = Manifest {
+            name: "x.bin".into(),
+            size: 4096,
+            chunk_size: 1024,
+            hashes: vec![0; 4 * 32],
+        };
+        let mut have = Bitfield::new(4);
+        have.set(1);
+        let file = tempfile::tempfile().expect("temp file");
+        let f = LocalFile::new(Arc::new(manifest), file, "x.bin".into(), have);
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let spread = Duration::from_secs(60);
+        assert!(f.may_send(1, a, spread, 0, |_| true));
+        f.sent(1, a);
+        assert!(f.may_send(1, b, spread, 0, |_| true));
     }
 
     #[test]
