@@ -110,7 +110,11 @@ fn load_session(
                     indices: vec![((n + k) % 1024) as u32],
                 }
             } else {
-                TrackerRequest::Locate { file_id, max: 50 }
+                TrackerRequest::Locate {
+                    file_id,
+                    max: 50,
+                    brief: false,
+                }
             };
             encode_frame(&request, &mut buf).expect("encode");
         }

@@ -319,6 +319,7 @@ mod tests {
             peer_id: PeerId([1; 16]),
             addr: "127.0.0.1:54374".parse().unwrap(),
             chunks: Bitfield::full(7),
+            complete: true,
         };
         let s = format_locate(&[h]);
         assert_eq!(

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::link::LinkPolicy;
 use crate::metrics::Metrics;
 use crate::store::Store;
-use crate::tracker_client::TrackerClient;
+use crate::tracker_client::Trackers;
 use crate::Config;
 
 pub struct Context {
@@ -22,7 +22,8 @@ pub struct Context {
     /// The address other peers reach us at.
     pub listen: SocketAddr,
     pub store: Store,
-    pub tracker: TrackerClient,
+    /// The tracker sessions (one per tracker; each file's requests go to its own).
+    pub tracker: Trackers,
     pub metrics: std::sync::Arc<Metrics>,
     /// Cancelled when the daemon stops; every task's token is a child of it.
     stop: CancellationToken,
@@ -34,7 +35,7 @@ impl Context {
         links: LinkPolicy,
         listen: SocketAddr,
         store: Store,
-        tracker: TrackerClient,
+        tracker: Trackers,
         metrics: std::sync::Arc<Metrics>,
         stop: CancellationToken,
     ) -> Context {

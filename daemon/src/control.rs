@@ -235,7 +235,7 @@ async fn locate(node: &Node, query: String) -> CtlResponse {
         Ok(file) => file,
         Err(r) => return resolve_failure(query, r),
     };
-    match node.tracker.locate(file.id, 1000).await {
+    match node.tracker.locate(file.id, 1000, false).await {
         Ok((file, mut holders)) => {
             holders.sort_by_key(|h| h.addr);
             CtlResponse::Located { file, holders }

@@ -87,11 +87,23 @@ impl Error {
     }
 }
 
+/// The items of a comma-separated list, trimmed, empty ones left out.
+pub fn split_list(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// Settings of a running daemon.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The tracker's address (`host:port`).
-    pub tracker: String,
+    /// The trackers' addresses (`host:port`), in the order configured (the same list on every
+    /// daemon: each file's trackers are chosen from it by rendezvous hashing).
+    pub trackers: Vec<String>,
+    /// On how many of the trackers each file's record is kept.
+    pub tracker_replicas: usize,
     /// Directory for the database (and, by default, the socket and downloads).
     pub data_dir: PathBuf,
     /// The control socket's path.
@@ -103,8 +115,9 @@ pub struct Config {
     pub swarm: Option<SwarmKey>,
     /// Encrypt peer links in an open swarm too (always so in a closed one).
     pub encrypt: bool,
-    /// The tracker's public key, if pinned: a tracker with another key is refused.
-    pub tracker_key: Option<[u8; 32]>,
+    /// The trackers' public keys, if pinned (one per tracker, in order): a tracker with
+    /// another key is refused.
+    pub tracker_keys: Vec<[u8; 32]>,
     /// Address to announce instead of the bound one (e.g. behind NAT); `None`: the bound one.
     pub advertise: Option<SocketAddr>,
     /// How long to wait for one chunk from a peer before giving up on that peer.
@@ -121,16 +134,17 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults for everything but the tracker and data directory.
-    pub fn new(tracker: String, data_dir: PathBuf) -> Config {
+    /// Defaults for everything but the trackers (a comma-separated list) and data directory.
+    pub fn new(trackers: &str, data_dir: PathBuf) -> Config {
         Config {
-            tracker,
+            trackers: split_list(trackers),
+            tracker_replicas: tracker_client::DEFAULT_REPLICAS,
             socket: p2p_service::socket_in(&data_dir),
             download_dir: data_dir.join("downloads"),
             data_dir,
             swarm: None,
             encrypt: false,
-            tracker_key: None,
+            tracker_keys: Vec::new(),
             advertise: None,
             request_timeout: Duration::from_secs(20),
             max_in_flight: 16,

@@ -67,7 +67,7 @@ fn serve(
             .await
             .map_err(|e| format!("binding peer address {listen}: {e}"))?;
         let control = p2pd::control::bind(&config.socket).map_err(|e| e.to_string())?;
-        info!(tracker = %config.tracker, data_dir = %config.data_dir.display(), "starting");
+        info!(trackers = %config.trackers.join(","), data_dir = %config.data_dir.display(), "starting");
         p2pd::run(config, peers, control, shutdown, |status| {
             readiness.ready(status)
         })

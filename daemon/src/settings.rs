@@ -14,7 +14,9 @@ use crate::Config;
 #[derive(Debug, Default, Clone, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Settings {
-    /// The tracker's address (host:port) [default: 127.0.0.1:7070].
+    /// The tracker's address (host:port), or several, comma-separated: each file's record is
+    /// kept on --tracker-replicas of them (give every daemon the same list)
+    /// [default: 127.0.0.1:7070].
     #[arg(long, env = "P2PD_TRACKER")]
     pub tracker: Option<String>,
 
@@ -56,9 +58,13 @@ pub struct Settings {
     pub secret_file: Option<PathBuf>,
 
     /// The tracker's public key (hex, as in its tracker.pub): a tracker with another key is
-    /// refused.
+    /// refused. With several trackers, one key per tracker, comma-separated, in order.
     #[arg(long, env = "P2PD_TRACKER_KEY")]
     pub tracker_key: Option<String>,
+
+    /// On how many of the trackers each file's record is kept [default: 2].
+    #[arg(long, env = "P2PD_TRACKER_REPLICAS")]
+    pub tracker_replicas: Option<usize>,
 
     /// Encrypt peer links in an open swarm too, and refuse plain ones (a closed swarm always
     /// encrypts) [default: false].
@@ -106,6 +112,7 @@ p2p_service::settings_or!(Settings {
     secret,
     secret_file,
     tracker_key,
+    tracker_replicas,
     encrypt,
     request_timeout,
     max_in_flight,
@@ -115,6 +122,14 @@ p2p_service::settings_or!(Settings {
     pid_file,
     log_file,
 });
+
+/// Keys as `--tracker-key` takes them: comma-separated.
+fn parse_keys(text: &str) -> Result<Vec<[u8; 32]>, String> {
+    crate::split_list(text)
+        .iter()
+        .map(|k| parse_key(k))
+        .collect()
+}
 
 /// A public key as `--tracker-key` takes it: 64 hex digits.
 fn parse_key(text: &str) -> Result<[u8; 32], String> {
@@ -141,6 +156,7 @@ impl Settings {
             secret: None,
             secret_file: None,
             tracker_key: None,
+            tracker_replicas: Some(crate::tracker_client::DEFAULT_REPLICAS),
             encrypt: Some(false),
             request_timeout: Some("20s".into()),
             max_in_flight: Some(16),
@@ -178,8 +194,19 @@ impl Settings {
         if let Some(t) = &s.request_timeout {
             p2p_service::parse_duration(t).map_err(|e| format!("request-timeout: {e}"))?;
         }
-        if let Some(k) = &s.tracker_key {
-            parse_key(k)?;
+        let trackers = crate::split_list(s.tracker.as_deref().unwrap_or_default());
+        if trackers.is_empty() {
+            return Err("tracker: no tracker address given".into());
+        }
+        if let Some(keys) = &s.tracker_key {
+            let keys = parse_keys(keys)?;
+            if keys.len() != trackers.len() {
+                return Err(format!(
+                    "tracker-key: {} keys for {} trackers: give one per tracker, in order",
+                    keys.len(),
+                    trackers.len()
+                ));
+            }
         }
         Ok(s)
     }
@@ -188,15 +215,22 @@ impl Settings {
     pub fn to_config(&self) -> Result<Config, String> {
         let get = |o: &Option<PathBuf>| o.clone().unwrap_or_default();
         let mut config = Config::new(
-            self.tracker.clone().unwrap_or_default(),
+            self.tracker.as_deref().unwrap_or_default(),
             get(&self.data_dir),
         );
+        config.tracker_replicas = self
+            .tracker_replicas
+            .unwrap_or(crate::tracker_client::DEFAULT_REPLICAS)
+            .max(1);
         config.socket = get(&self.socket);
         config.download_dir = get(&self.download_dir);
         config.advertise = self.advertise;
         config.swarm =
             p2p_service::identity::swarm_key(self.secret.as_ref(), self.secret_file.as_deref())?;
-        config.tracker_key = self.tracker_key.as_deref().map(parse_key).transpose()?;
+        config.tracker_keys = match &self.tracker_key {
+            Some(keys) => parse_keys(keys)?,
+            None => Vec::new(),
+        };
         config.encrypt = self.encrypt.unwrap_or(false);
         if let Some(t) = &self.request_timeout {
             config.request_timeout = p2p_service::parse_duration(t)?;
@@ -230,7 +264,8 @@ mod tests {
         assert_eq!(s.download_dir, Some(PathBuf::from("/srv/p2pd/downloads")));
         let c = s.to_config().unwrap();
         assert_eq!(c.upload_rate, 5);
-        assert_eq!(c.tracker, "flag:1");
+        assert_eq!(c.trackers, vec!["flag:1".to_string()]);
+        assert_eq!(c.tracker_replicas, 2);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::node::{announce_all, Files, Node};
 use crate::serve::Uploads;
 use crate::store::Store;
-use crate::tracker_client::{Announce, Identity, TrackerClient};
+use crate::tracker_client::{file_of, homes, Announce, Identity, TrackerClient, Trackers};
 use crate::{Config, Error};
 
 /// Runs the daemon until `shutdown` resolves or `p2pctl quit` asks it to stop: serves peers
@@ -38,26 +38,19 @@ pub async fn run(
     let listen = config.advertise.unwrap_or(bound);
     let stop = CancellationToken::new();
     let files: Files = Arc::default();
-    let announce: Announce = {
-        let files = files.clone();
-        Arc::new(move || announce_all(&files))
-    };
-    let identity = Identity {
-        key: links.key.clone(),
-        listen,
-        swarm: config.swarm.clone(),
-        tracker_key: config.tracker_key,
-    };
-    // The session waits until what we hold is loaded: its first announcement must be whole.
-    let (loaded, gate) = tokio::sync::oneshot::channel();
     let metrics = Arc::new(Metrics::new());
-    let (tracker, tracker_task) = TrackerClient::start(
-        config.tracker.clone(),
-        identity,
-        announce,
-        gate,
-        metrics.clone(),
-        stop.clone(),
+    // The sessions wait until what we hold is loaded: their first announcement must be whole.
+    let (loaded, gate) = tokio::sync::watch::channel(false);
+    let (tracker, tracker_tasks) = start_trackers(
+        &config,
+        Identity {
+            key: links.key.clone(),
+            listen,
+            swarm: config.swarm.clone(),
+            tracker_key: None,
+        },
+        &files,
+        (gate, metrics.clone(), stop.clone()),
     );
     let mut config = config;
     let metrics_listener = bind_metrics(&mut config).await?;
@@ -73,7 +66,7 @@ pub async fn run(
     ));
     let node = Arc::new(Node::new(ctx, files));
     node.load(clean).await;
-    let _ = loaded.send(());
+    let _ = loaded.send(true);
     let server = tokio::spawn(crate::serve::serve(
         node.clone(),
         uploads,
@@ -100,13 +93,58 @@ pub async fn run(
     }
     info!("shutting down");
     let tasks = Running {
-        tracker: tracker_task,
+        trackers: tracker_tasks,
         server,
         controller,
     };
     shut_down(&node, tasks).await?;
     info!("stopped");
     Ok(())
+}
+
+/// Starts one session per tracker. Each re-announces only the files whose records live on
+/// its tracker, once `gate` turns true (what we hold is loaded).
+fn start_trackers(
+    config: &Config,
+    identity: Identity,
+    files: &Files,
+    (gate, metrics, stop): (
+        tokio::sync::watch::Receiver<bool>,
+        Arc<Metrics>,
+        CancellationToken,
+    ),
+) -> (Trackers, Vec<tokio::task::JoinHandle<()>>) {
+    let addresses = config.trackers.clone();
+    let replicas = config.tracker_replicas;
+    let mut clients = Vec::new();
+    let mut tasks = Vec::new();
+    for (i, address) in addresses.iter().enumerate() {
+        let announce: Announce = {
+            let (files, addresses) = (files.clone(), addresses.clone());
+            Arc::new(move || {
+                let mut all = announce_all(&files);
+                all.retain(|r| {
+                    file_of(r).is_none_or(|id| homes(&addresses, &id, replicas).contains(&i))
+                });
+                all
+            })
+        };
+        let identity = Identity {
+            tracker_key: config.tracker_keys.get(i).copied(),
+            ..identity.clone()
+        };
+        let (client, task) = TrackerClient::start(
+            address.clone(),
+            identity,
+            announce,
+            gate.clone(),
+            metrics.clone(),
+            stop.clone(),
+        );
+        clients.push(client);
+        tasks.push(task);
+    }
+    (Trackers::new(clients, replicas), tasks)
 }
 
 /// How links to other daemons are opened: the daemon's key pair (`identity.key` in the data
@@ -164,7 +202,7 @@ async fn serve_metrics(node: Arc<Node>, listener: TcpListener, stop: Cancellatio
 
 /// The daemon's long-running tasks besides its downloads.
 struct Running {
-    tracker: tokio::task::JoinHandle<()>,
+    trackers: Vec<tokio::task::JoinHandle<()>>,
     server: tokio::task::JoinHandle<()>,
     controller: tokio::task::JoinHandle<()>,
 }
@@ -175,7 +213,12 @@ struct Running {
 async fn shut_down(node: &Node, tasks: Running) -> Result<(), Error> {
     p2p_service::lifecycle::notify_stopping();
     node.request_stop();
-    let _ = tokio::time::timeout(Duration::from_secs(3), tasks.tracker).await;
+    let byes = async {
+        for t in tasks.trackers {
+            let _ = t.await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(3), byes).await;
     let _ = tasks.server.await;
     let _ = tasks.controller.await;
     for dl in node.downloads() {

@@ -343,6 +343,7 @@ mod tests {
                 peer_id: PeerId([2; 16]),
                 addr: "127.0.0.1:1".parse().unwrap(),
                 chunks: Bitfield::full(10),
+                complete: true,
             }],
         };
         let mut frame = Vec::new();

@@ -232,6 +232,7 @@ mod tests {
             TrackerRequest::Locate {
                 file_id: fid,
                 max: 50,
+                brief: true,
             },
             TrackerRequest::Heartbeat,
             TrackerRequest::Bye,
@@ -279,6 +280,7 @@ mod tests {
                     peer_id: PeerId([2; 16]),
                     addr: "[::1]:5".parse().unwrap(),
                     chunks: Bitfield::new(7),
+                    complete: false,
                 }],
             },
             TrackerResponse::Stats(TrackerStats::default()),

@@ -89,8 +89,11 @@ pub struct Holder {
     pub peer_id: PeerId,
     /// Where it serves chunks.
     pub addr: SocketAddr,
-    /// Which chunks it has announced.
+    /// Which chunks it has announced (empty, of length 0, in a brief `Locate` answer).
     pub chunks: Bitfield,
+    /// It holds every chunk (false from trackers before it: then see `chunks`).
+    #[serde(default)]
+    pub complete: bool,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -126,8 +129,16 @@ pub enum TrackerRequest {
     /// The manifest of a file.
     GetManifest { file_id: FileId },
     /// Live holders of a file (at most `max`, shuffled), the sender included if it holds any of
-    /// it (a downloader skips its own peer ID).
-    Locate { file_id: FileId, max: u32 },
+    /// it (a downloader skips its own peer ID). With `brief`, each holder's `chunks` is empty
+    /// (length 0) and only `complete` says what it holds: an answer of about 60 bytes a
+    /// holder, whatever the file's size; the asker learns the rest from the peers themselves
+    /// (`PeerRequest::Watch`). A tracker from before `brief` ignores it and sends bitfields.
+    Locate {
+        file_id: FileId,
+        max: u32,
+        #[serde(default)]
+        brief: bool,
+    },
     /// Keeps the session alive; sent every `heartbeat_ms`.
     Heartbeat,
     /// The sender leaves the network: drop its holdings now.

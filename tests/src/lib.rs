@@ -316,7 +316,8 @@ pub struct Daemon {
     pub socket: PathBuf,
     /// Where it serves chunks.
     pub addr: SocketAddr,
-    tracker: SocketAddr,
+    /// Its `--tracker` (one address, or several comma-separated).
+    tracker: String,
     extra: Vec<String>,
     listen: String,
     prefix: Vec<String>,
@@ -327,6 +328,22 @@ impl Daemon {
     /// is connected to the tracker.
     pub fn start(data_dir: &Path, tracker: SocketAddr, extra: &[&str]) -> Daemon {
         let d = Self::start_unconnected(data_dir, tracker, extra);
+        d.proc.wait_for("connected to the tracker", STARTUP);
+        d
+    }
+
+    /// Starts a daemon given several trackers, and waits until it is connected to one.
+    pub fn start_with_trackers(data_dir: &Path, trackers: &[SocketAddr], extra: &[&str]) -> Daemon {
+        let list: Vec<String> = trackers.iter().map(SocketAddr::to_string).collect();
+        let socket = data_dir.join("p2pd.sock");
+        let d = Self::start_full(
+            &[],
+            "127.0.0.1:0",
+            data_dir,
+            &socket,
+            &list.join(","),
+            extra,
+        );
         d.proc.wait_for("connected to the tracker", STARTUP);
         d
     }
@@ -343,7 +360,14 @@ impl Daemon {
         tracker: SocketAddr,
         extra: &[&str],
     ) -> Daemon {
-        Self::start_full(&[], "127.0.0.1:0", data_dir, socket, tracker, extra)
+        Self::start_full(
+            &[],
+            "127.0.0.1:0",
+            data_dir,
+            socket,
+            &tracker.to_string(),
+            extra,
+        )
     }
 
     /// Starts a daemon serving peers on `listen`, run through `prefix` (such as
@@ -356,7 +380,14 @@ impl Daemon {
         extra: &[&str],
     ) -> Daemon {
         let socket = data_dir.join("p2pd.sock");
-        let d = Self::start_full(prefix, listen, data_dir, &socket, tracker, extra);
+        let d = Self::start_full(
+            prefix,
+            listen,
+            data_dir,
+            &socket,
+            &tracker.to_string(),
+            extra,
+        );
         d.proc.wait_for("connected to the tracker", STARTUP);
         d
     }
@@ -366,12 +397,12 @@ impl Daemon {
         listen: &str,
         data_dir: &Path,
         socket: &Path,
-        tracker: SocketAddr,
+        tracker: &str,
         extra: &[&str],
     ) -> Daemon {
         let socket = socket.to_path_buf();
         let mut cmd = prefixed(prefix, &bin("p2pd"));
-        cmd.args(["--tracker", &tracker.to_string(), "--listen", listen])
+        cmd.args(["--tracker", tracker, "--listen", listen])
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--socket")
@@ -394,7 +425,7 @@ impl Daemon {
             data_dir: data_dir.to_path_buf(),
             socket,
             addr,
-            tracker,
+            tracker: tracker.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             listen: listen.to_string(),
             prefix: prefix.iter().map(|s| s.to_string()).collect(),
@@ -410,7 +441,7 @@ impl Daemon {
             &self.listen,
             &self.data_dir,
             &self.socket,
-            self.tracker,
+            &self.tracker,
             &extra,
         );
         *self = fresh;

@@ -482,32 +482,45 @@ impl Registry {
             .ok_or_else(|| not_found(format!("no file {id}")))
     }
 
-    /// Live holders of file `id` other than `except`: at most `max`, in random order.
+    /// Live holders of file `id` other than `except`: at most `max`, in random order. With
+    /// `brief`, without what each holds (only whether it holds everything): the answer stays
+    /// small however many chunks the file has, and the asker learns the rest from the peers.
     pub fn locate(
         &self,
         id: &FileId,
         except: Option<&PeerId>,
         max: usize,
+        brief: bool,
     ) -> Result<(FileSummary, Vec<Holder>), WireError> {
         let state = self.lock();
         let file = state
             .files
             .get(id)
             .ok_or_else(|| not_found(format!("no file {id}")))?;
-        let mut holders: Vec<Holder> = file
+        // Chosen first, then copied: a file with thousands of holders costs one pass over
+        // references, not thousands of bitfield copies.
+        let mut chosen: Vec<(&PeerId, &Bitfield)> = file
             .holders
             .iter()
-            .filter(|(pid, _)| Some(*pid) != except)
+            .filter(|(pid, _)| Some(*pid) != except && state.peers.contains_key(*pid))
+            .collect();
+        fastrand::shuffle(&mut chosen);
+        chosen.truncate(max);
+        let holders = chosen
+            .into_iter()
             .filter_map(|(pid, bits)| {
                 Some(Holder {
                     peer_id: *pid,
                     addr: state.peers.get(pid)?.addr,
-                    chunks: bits.clone(),
+                    complete: bits.is_full(),
+                    chunks: if brief {
+                        Bitfield::new(0)
+                    } else {
+                        bits.clone()
+                    },
                 })
             })
             .collect();
-        fastrand::shuffle(&mut holders);
-        holders.truncate(max);
         Ok((summary(&state, id), holders))
     }
 
@@ -640,14 +653,46 @@ mod tests {
         assert_eq!(reg.find(&s.id.to_hex()[..6]).len(), 1);
         assert!(reg.find("nope").is_empty());
 
-        let (_, holders) = reg.locate(&s.id, Some(&a), 10).unwrap();
+        let (_, holders) = reg.locate(&s.id, Some(&a), 10, false).unwrap();
         assert_eq!(holders.len(), 1);
         assert_eq!(holders[0].addr, addr(2));
 
         reg.remove_peer(&a);
         reg.remove_peer(&b);
         assert!(reg.list().is_empty(), "a file nobody holds is gone");
-        assert!(reg.locate(&s.id, None, 10).is_err());
+        assert!(reg.locate(&s.id, None, 10, false).is_err());
+    }
+
+    #[test]
+    fn a_brief_locate_answer_stays_small_whatever_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        // 16,384 chunks (the most a file gets by default), 64 holders: half whole, half not.
+        let m = manifest("big", 1, 16_384 * 1024);
+        let seeder = PeerId([200; 16]);
+        reg.hello(seeder, addr(1));
+        let id = reg.register(seeder, m).unwrap().0.id;
+        for k in 0..63u8 {
+            let p = PeerId([k; 16]);
+            reg.hello(p, addr(100 + u16::from(k)));
+            let held = if k % 2 == 0 { 16_384 } else { 1000 };
+            reg.gained(p, id, &(0..held).collect::<Vec<_>>()).unwrap();
+        }
+        let size = |brief| {
+            let (file, holders) = reg.locate(&id, None, 64, brief).unwrap();
+            let answer = p2p_schema::TrackerResponse::Holders { file, holders };
+            let mut bytes = Vec::new();
+            p2p_schema::frame::encode_frame(&answer, &mut bytes).unwrap();
+            bytes.len()
+        };
+        let (brief, full) = (size(true), size(false));
+        assert!(brief < 64 * 80, "{brief} bytes for 64 holders");
+        assert!(full > 64 * 2048, "{full}");
+        let (_, holders) = reg.locate(&id, None, 64, true).unwrap();
+        assert_eq!(holders.len(), 64);
+        let complete = holders.iter().filter(|h| h.complete).count();
+        assert_eq!(complete, 33, "the seeder and the 32 that hold everything");
+        assert!(holders.iter().all(|h| h.chunks.is_empty()));
     }
 
     #[test]
@@ -660,13 +705,13 @@ mod tests {
         let (s, _) = reg.register(a, manifest("f", 2, 4000)).unwrap();
         reg.gained(b, s.id, &[0, 2]).unwrap();
         assert!(reg.gained(b, s.id, &[4]).is_err(), "index out of range");
-        let (sum, holders) = reg.locate(&s.id, Some(&a), 10).unwrap();
+        let (sum, holders) = reg.locate(&s.id, Some(&a), 10, false).unwrap();
         assert_eq!(sum.holders, 2);
         assert_eq!(sum.seeders, 1);
         assert_eq!(holders[0].chunks.iter().collect::<Vec<_>>(), vec![0, 2]);
         assert!(reg.have(b, s.id, Bitfield::full(3)).is_err(), "wrong size");
         reg.have(b, s.id, Bitfield::new(4)).unwrap();
-        assert_eq!(reg.locate(&s.id, None, 10).unwrap().0.holders, 1);
+        assert_eq!(reg.locate(&s.id, None, 10, false).unwrap().0.holders, 1);
     }
 
     #[test]
@@ -685,7 +730,7 @@ mod tests {
         };
         let reg = Registry::open(dir.path(), ttl).unwrap();
         assert_eq!(reg.list().len(), 1);
-        assert_eq!(reg.locate(&id, None, 10).unwrap().1.len(), 1);
+        assert_eq!(reg.locate(&id, None, 10, false).unwrap().1.len(), 1);
         assert!(reg.expire().is_empty(), "a fresh grace period");
         std::thread::sleep(Duration::from_millis(80));
         let gone = reg.expire();

@@ -328,8 +328,12 @@ fn handle(
                     manifest: (*m).clone(),
                 })
         }
-        TrackerRequest::Locate { file_id, max } => registry
-            .locate(&file_id, None, max.min(config.max_holders) as usize)
+        TrackerRequest::Locate {
+            file_id,
+            max,
+            brief,
+        } => registry
+            .locate(&file_id, None, max.min(config.max_holders) as usize, brief)
             .map(|(file, holders)| TrackerResponse::Holders { file, holders }),
         TrackerRequest::Heartbeat => Ok(TrackerResponse::Ok),
         TrackerRequest::Bye => {

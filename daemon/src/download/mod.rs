@@ -511,7 +511,7 @@ async fn find_holders(
     swarm: &Arc<Swarm>,
     known: &mut HashSet<PeerId>,
 ) -> Result<bool, p2p_schema::WireError> {
-    let (_, holders) = node.tracker.locate(swarm.dl.id, 64).await?;
+    let (_, holders) = node.tracker.locate(swarm.dl.id, 64, true).await?;
     swarm
         .dl
         .stalled
@@ -528,12 +528,25 @@ async fn find_holders(
 }
 
 /// Chunks still missing that none of `holders` (nor a connected worker) has.
+/// None are counted while a holder whose chunks are unknown (a brief answer) is not yet
+/// connected: it may hold any of them.
 fn count_stalled(swarm: &Swarm, holders: &[Holder]) -> u32 {
     let me = swarm.node.peer_id;
+    let n = swarm.dl.manifest.chunk_count();
+    let others: Vec<&Holder> = holders.iter().filter(|h| h.peer_id != me).collect();
+    let unknown = |h: &&Holder| !h.complete && h.chunks.len() != n;
+    let workers = lock(&swarm.workers);
+    if others
+        .iter()
+        .any(|h| unknown(h) && !workers.contains(&h.peer_id))
+    {
+        return 0;
+    }
+    drop(workers);
     let picker = swarm.picker();
     (0..picker.done.len())
         .filter(|&i| !picker.done.get(i))
         .filter(|&i| picker.availability[i as usize] == 0)
-        .filter(|&i| !holders.iter().any(|h| h.peer_id != me && h.chunks.get(i)))
+        .filter(|&i| !others.iter().any(|h| h.complete || h.chunks.get(i)))
         .count() as u32
 }

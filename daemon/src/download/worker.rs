@@ -10,17 +10,25 @@ pub(super) fn start_worker(swarm: &Arc<Swarm>, holder: Holder) {
     if !lock(&swarm.peers).may_try(&holder.peer_id) {
         return;
     }
-    let Some(chunks) = holder
-        .chunks
-        .clone()
-        .checked(swarm.dl.manifest.chunk_count())
-    else {
+    let n = swarm.dl.manifest.chunk_count();
+    // A brief answer says only whether the holder has everything; the rest the peer says
+    // itself once connected (its answer to `Watch`, or to `GetHave`).
+    let known = holder.complete || holder.chunks.len() == n;
+    let chunks = if holder.complete {
+        Bitfield::full(n)
+    } else if holder.chunks.len() == n {
+        holder.chunks.clone()
+    } else if holder.chunks.is_empty() {
+        Bitfield::new(n)
+    } else {
         return;
     };
     {
         let mut workers = lock(&swarm.workers);
         if workers.contains(&holder.peer_id) {
-            lock(&swarm.fresh).insert(holder.peer_id, chunks);
+            if known {
+                lock(&swarm.fresh).insert(holder.peer_id, chunks);
+            }
             return;
         }
         if workers.len() >= MAX_WORKERS {

@@ -99,7 +99,7 @@ impl Node {
         DaemonInfo {
             peer_id: self.peer_id,
             listen: self.listen,
-            tracker: self.tracker.address().to_string(),
+            tracker: self.tracker.address(),
             download_dir: self.config.download_dir.display().to_string(),
             agent: p2p_schema::agent("p2pd"),
             key: Some(hex::encode(self.links.key.public())),

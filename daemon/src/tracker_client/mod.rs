@@ -28,6 +28,9 @@ use crate::lock;
 use tracing::{debug, info, warn};
 
 mod session;
+mod set;
+
+pub use set::{file_of, homes, Trackers, DEFAULT_REPLICAS};
 
 use session::session_loop;
 
@@ -88,7 +91,7 @@ impl TrackerClient {
         address: String,
         identity: Identity,
         announce: Announce,
-        gate: oneshot::Receiver<()>,
+        mut gate: watch::Receiver<bool>,
         metrics: Arc<crate::metrics::Metrics>,
         stop: CancellationToken,
     ) -> (TrackerClient, tokio::task::JoinHandle<()>) {
@@ -102,7 +105,7 @@ impl TrackerClient {
         let task = tokio::spawn(async move {
             let early_stop = stop.clone();
             tokio::select! {
-                _ = gate => {}
+                _ = gate.wait_for(|loaded| *loaded) => {}
                 () = early_stop.cancelled() => return,
             }
             session_loop(
@@ -179,14 +182,20 @@ impl TrackerClient {
         }
     }
 
-    /// Up to `max` holders of file `id`, with what each holds.
+    /// Up to `max` holders of file `id`, with what each holds (with `brief`, only whether
+    /// it holds everything).
     pub async fn locate(
         &self,
         id: FileId,
         max: u32,
+        brief: bool,
     ) -> Result<(FileSummary, Vec<Holder>), WireError> {
         match self
-            .call(TrackerRequest::Locate { file_id: id, max })
+            .call(TrackerRequest::Locate {
+                file_id: id,
+                max,
+                brief,
+            })
             .await?
         {
             TrackerResponse::Holders { file, holders } => Ok((file, holders)),
