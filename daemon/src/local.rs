@@ -112,6 +112,15 @@ struct Sends {
     epoch: u64,
 }
 
+/// How long a seeder holds a chunk back from others (see [`LocalFile::may_send`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Hold {
+    /// After a send, in general.
+    pub spread: Duration,
+    /// After a send in the first pass over the file (at least `spread`).
+    pub first_pass: Duration,
+}
+
 /// Most entries kept in [`Sends::last`] (old ones go first).
 const MAX_SENDS: usize = 65_536;
 
@@ -245,9 +254,11 @@ impl LocalFile {
     /// [`LocalFile::sent`]), to another peer that is still fetching from us (`fetching`), so
     /// still downloading. That peer will soon serve it too; meanwhile the seeder's uplink is
     /// better spent on chunks nobody else has (a download asks for another chunk and comes
-    /// back later). It also holds a chunk back, whatever the spread, until every chunk has
-    /// gone out once: its first pass over the file is all new data for the swarm (a pass
-    /// starts when peers begin fetching from an idle server: `epoch` changes then). A peer
+    /// back later): for `hold.spread`. It also holds a chunk back longer, up to `hold.first_pass`, until every
+    /// chunk has gone out once: its first pass over the file is all new data for the swarm (a
+    /// pass starts when peers begin fetching from an idle server: `epoch` changes then). The
+    /// hold is bounded: a recipient that does not pass a chunk on (no one happens to fetch
+    /// from it) must not keep it from the swarm for ever. A peer
     /// still downloading sends whatever it holds to whoever asks: every downloader needs
     /// every chunk, so none of its uplink is spent in vain, and in a crowd it holds few
     /// chunks at a time (holding each back for a while would idle its uplink). Records the
@@ -256,7 +267,7 @@ impl LocalFile {
         &self,
         index: u32,
         to: PeerId,
-        spread: Duration,
+        hold: Hold,
         epoch: u64,
         fetching: impl Fn(&PeerId) -> bool,
     ) -> bool {
@@ -272,7 +283,12 @@ impl LocalFile {
         }
         let first_pass = whole && !sends.ever.is_full();
         if let Some(&(at, last)) = sends.last.get(&index) {
-            let recent = first_pass || now.duration_since(at) < spread;
+            let held = if first_pass {
+                hold.first_pass.max(hold.spread)
+            } else {
+                hold.spread
+            };
+            let recent = now.duration_since(at) < held;
             if last != to && recent && fetching(&last) {
                 return false;
             }
@@ -280,7 +296,7 @@ impl LocalFile {
         if sends.last.len() >= MAX_SENDS {
             sends
                 .last
-                .retain(|_, (at, _)| now.duration_since(*at) < spread);
+                .retain(|_, (at, _)| now.duration_since(*at) < hold.spread);
         }
         sends.last.insert(index, (now, to));
         sends.ever.set(index);
@@ -304,6 +320,14 @@ impl LocalFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hold of `spread`, and of a minute in a first pass.
+    fn hold(spread: Duration) -> Hold {
+        Hold {
+            spread,
+            first_pass: Duration::from_secs(60),
+        }
+    }
 
     fn local() -> LocalFile {
         let manifest = Manifest {
@@ -363,6 +387,22 @@ mod tests {
     }
 
     #[test]
+    fn a_first_pass_hold_ends_after_its_time_even_if_the_recipient_stays() {
+        let f = local();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let short = Hold {
+            spread: Duration::from_millis(1),
+            first_pass: Duration::from_millis(30),
+        };
+        let all = |_: &PeerId| true;
+        assert!(f.may_send(0, a, short, 0, all));
+        assert!(!f.may_send(0, b, short, 0, all), "held in the first pass");
+        std::thread::sleep(Duration::from_millis(40));
+        // Chunks 1 to 3 never went out, a is still fetching: the hold has ended anyway.
+        assert!(f.may_send(0, b, short, 0, all));
+    }
+
+    #[test]
     fn a_peer_still_downloading_holds_nothing_back() {
         let manifest = Manifest {
             name: "x.bin".into(),
@@ -375,7 +415,7 @@ mod tests {
         let file = tempfile::tempfile().expect("temp file");
         let f = LocalFile::new(Arc::new(manifest), file, "x.bin".into(), have);
         let (a, b) = (PeerId::random(), PeerId::random());
-        let spread = Duration::from_secs(60);
+        let spread = hold(Duration::from_secs(60));
         assert!(f.may_send(1, a, spread, 0, |_| true));
         f.sent(1, a);
         assert!(f.may_send(1, b, spread, 0, |_| true));
@@ -385,7 +425,7 @@ mod tests {
     fn a_whole_file_goes_out_once_before_any_chunk_goes_out_twice() {
         let f = local();
         let (a, b) = (PeerId::random(), PeerId::random());
-        let spread = Duration::from_millis(1);
+        let spread = hold(Duration::from_millis(1));
         let all = |_: &PeerId| true;
         for i in 0..3 {
             assert!(f.may_send(i, a, spread, 0, all));
@@ -413,10 +453,10 @@ mod tests {
         // Every chunk out once (to a peer since gone): only the spread applies from here.
         let c = PeerId::random();
         for i in 0..4 {
-            assert!(f.may_send(i, c, Duration::ZERO, 0, |_| false));
+            assert!(f.may_send(i, c, hold(Duration::ZERO), 0, |_| false));
         }
         let (a, b) = (PeerId::random(), PeerId::random());
-        let spread = Duration::from_millis(200);
+        let spread = hold(Duration::from_millis(200));
         let all = |p: &PeerId| *p != c;
         assert!(f.may_send(1, a, spread, 0, all));
         // The same peer may have it again (it asked twice, or lost it); another not yet.
@@ -427,7 +467,7 @@ mod tests {
         assert!(!f.may_send(1, a, spread, 0, all));
         // Other chunks are not affected.
         assert!(f.may_send(2, a, spread, 0, all));
-        std::thread::sleep(spread + Duration::from_millis(20));
+        std::thread::sleep(spread.spread + Duration::from_millis(20));
         assert!(f.may_send(1, a, spread, 0, all));
     }
 }

@@ -66,7 +66,8 @@ const MAX_FAULTS: u32 = 3;
 /// How long a peer that keeps faulting is left out of a download.
 const SET_ASIDE: Duration = Duration::from_secs(600);
 /// Refusals in a row (a chunk it announced, then would not send) that end a session with a
-/// fault; a refusal for "busy, ask later" counts as a quarter.
+/// fault. "Busy, ask later" (a seeder spreading its chunks) is not one: the chunk is asked of
+/// others, and of this peer again once it says anew what it holds.
 const MAX_REFUSALS: u32 = 8;
 /// First wait before trying a peer again after a session ends badly; doubled each time up to
 /// [`MAX_RETRY_WAIT`].
@@ -79,8 +80,14 @@ const MAX_PEER_RECORDS: usize = 4096;
 const MIN_PROGRESS: u64 = 16 << 10;
 /// How often a download stalled by a write error checks whether it can go on.
 const STALL_RECHECK: Duration = Duration::from_secs(1);
-/// Most peers one download fetches from at once.
-const MAX_WORKERS: usize = 32;
+/// Most peers one download fetches from at once: about as many as BitTorrent clients keep
+/// connected. In a crowd, the more of the swarm each downloader watches, the sooner it finds
+/// the peer that holds a chunk nobody else has yet (16 left late joiners unseen; see
+/// `docs/performance.md`). Past it, idle peers give their slots up (`ROTATE_IDLE`).
+const MAX_WORKERS: usize = 64;
+/// A peer that has had nothing a download needs for this long gives its slot up when every
+/// slot is taken (see `Worker::idle`).
+const ROTATE_IDLE: Duration = Duration::from_secs(2);
 /// The request window holds about this much of a peer's measured rate.
 const WINDOW_LATENCY: Duration = Duration::from_millis(50);
 /// How often a running download asks the tracker for holders while it learns of new ones;

@@ -109,10 +109,12 @@ struct Worker {
     since: Instant,
     /// Verified chunks this session delivered.
     delivered: u32,
-    /// Refusals since the last chunk delivered, in quarters (see [`MAX_REFUSALS`]).
+    /// Refusals since the last chunk delivered (see [`MAX_REFUSALS`]).
     refusals: u32,
     /// The peer pushes what it gains (it answered our `Watch`); else it is polled.
     pushes: bool,
+    /// Since when nothing this peer has was needed (`None` while it had something).
+    idle_since: Option<Instant>,
 }
 
 /// A chunk being verified and written: its index, buffer, and whether it matched.
@@ -153,6 +155,7 @@ impl Worker {
             delivered: 0,
             refusals: 0,
             pushes: false,
+            idle_since: None,
         }
     }
 
@@ -193,7 +196,16 @@ impl Worker {
                 if self.swarm.picker().remaining == 0 {
                     return Ok(());
                 }
-                self.idle(&mut reader, &mut writer, timeout).await?;
+                if !self.idle(&mut reader, &mut writer, timeout).await? {
+                    debug!("nothing needed from this peer for a while: its slot goes to another");
+                    return Ok(());
+                }
+                continue;
+            }
+            // A chunk verified and written is taken in (committed, served, announced) as soon
+            // as it is, not when the next answer happens to arrive: that may be long, or a
+            // refusal, and the swarm waits for the chunk meanwhile.
+            if !self.verifying.is_empty() && !self.answer_or_verified(&mut reader).await? {
                 continue;
             }
             let hash_inline = self.hash_inline();
@@ -211,28 +223,61 @@ impl Worker {
         }
     }
 
+    /// Waits until the peer's next answer begins to arrive (true), or the oldest chunk being
+    /// verified is taken in (false), whichever comes first.
+    async fn answer_or_verified(&mut self, reader: &mut PeerReader) -> Result<bool, WorkerError> {
+        tokio::select! {
+            biased;
+            done = self.finish_one() => done.map(|()| false),
+            ready = reader.ready() => match ready {
+                Ok(true) => Ok(true),
+                Ok(false) => Err(WorkerError::Unreachable("the peer closed the connection".into())),
+                Err(e) => Err(net(e)),
+            },
+        }
+    }
+
     /// Nothing this peer has is needed now: waits for a change here (a chunk released) or
     /// there. A peer that pushes says what it gains (and is asked what it holds now and then,
     /// which also keeps the connection from idling out); one that does not is asked every
     /// [`HAVE_POLL_INTERVAL`] (it may be downloading too).
+    ///
+    /// Returns false when the worker should end and give its slot up: every slot is taken and
+    /// this peer has had nothing we need for [`ROTATE_IDLE`]. Peers that joined later (and
+    /// hold chunks nobody else has yet) then get a slot.
     async fn idle(
         &mut self,
         reader: &mut PeerReader,
         writer: &mut PeerWriter,
         timeout: Duration,
-    ) -> Result<(), WorkerError> {
+    ) -> Result<bool, WorkerError> {
         let file_id = self.swarm.dl.id;
+        let rotate_at = *self.idle_since.get_or_insert_with(Instant::now) + ROTATE_IDLE;
+        let full = lock(&self.swarm.workers).len() >= MAX_WORKERS;
+        if full && Instant::now() >= rotate_at {
+            return Ok(false);
+        }
+        let rotate = async {
+            if full {
+                tokio::time::sleep_until(rotate_at.into()).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         if !self.pushes {
             tokio::select! {
                 () = self.swarm.changed.notified() => {}
                 () = tokio::time::sleep(HAVE_POLL_INTERVAL) => {}
+                () = rotate => return Ok(true),
             }
             return self
                 .ask_have(reader, writer, PeerRequest::GetHave { file_id }, timeout)
-                .await;
+                .await
+                .map(|()| true);
         }
-        tokio::select! {
+        let woke = tokio::select! {
             () = self.swarm.changed.notified() => Ok(()),
+            () = rotate => Ok(()),
             () = tokio::time::sleep(HAVE_RESYNC_INTERVAL) => {
                 self.ask_have(reader, writer, PeerRequest::GetHave { file_id }, timeout).await
             }
@@ -241,7 +286,8 @@ impl Worker {
                 Ok(false) => Err(WorkerError::Unreachable("the peer closed the connection".into())),
                 Err(e) => Err(net(e)),
             },
-        }
+        };
+        woke.map(|()| true)
     }
 
     /// Reads a frame the peer sent unasked: only a push of what it gained may come.
@@ -346,6 +392,7 @@ impl Worker {
                 break;
             };
             self.asked.push_back(i);
+            self.idle_since = None;
             writer
                 .feed(&PeerRequest::GetChunk { file_id, index: i })
                 .await
@@ -409,8 +456,10 @@ impl Worker {
                 has.unset(index);
                 self.set_has(has);
                 self.swarm.changed.notify_waiters();
-                self.refusals += if e.code == ErrorCode::Busy { 1 } else { 4 };
-                if self.refusals >= MAX_REFUSALS * 4 {
+                if e.code != ErrorCode::Busy {
+                    self.refusals += 1;
+                }
+                if self.refusals >= MAX_REFUSALS {
                     return Err(WorkerError::Misbehaved(format!(
                         "it refused chunk after chunk it announced (last: {e})"
                     )));
@@ -434,18 +483,20 @@ impl Worker {
         Ok(())
     }
 
-    /// Requests to keep in flight: enough for about [`WINDOW_LATENCY`] of this peer's rate
-    /// (a slow or busy peer gets a shallow queue, so every asker gets its first chunks soon),
-    /// at least 2 and at most the download's window; 4 until the rate is known.
+    /// Requests to keep in flight: enough for about [`WINDOW_LATENCY`] of this peer's rate,
+    /// at least 1 and at most the download's window; 2 until the rate is known. A slow or busy
+    /// peer gets one request at a time: in a crowd every peer is asked by many, and the
+    /// deeper each asker's queue there, the longer a chunk waits at each hop through the
+    /// swarm (a fast peer's queue still covers its rate).
     fn window(&self) -> usize {
         let elapsed = self.since.elapsed().as_secs_f64();
         if self.received == 0 || elapsed < 0.05 {
-            return self.swarm.window.min(4);
+            return self.swarm.window.min(2);
         }
         let rate = self.received as f64 / elapsed;
         let chunk = f64::from(self.swarm.dl.manifest.chunk_size.max(1));
         let wanted = (rate * WINDOW_LATENCY.as_secs_f64() / chunk).ceil() as usize;
-        wanted.clamp(2, self.swarm.window.max(2))
+        wanted.clamp(1, self.swarm.window.max(1))
     }
 
     /// Waits for every chunk still being verified and takes in the outcomes: all of them,
