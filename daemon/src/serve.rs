@@ -167,45 +167,64 @@ async fn connection(
             }
         };
         idle = tokio::time::Instant::now() + IDLE_TIMEOUT;
-        match request {
-            PeerRequest::GetChunk { file_id, index } => {
-                let chunk = Chunk {
-                    peer,
-                    file_id,
-                    index,
-                };
-                send_chunk(&node, uploads, &mut writer, chunk, &mut buf).await?;
-            }
-            PeerRequest::GetHave { file_id } => {
-                let reply = match node.local_file(&file_id) {
-                    Some(local) => PeerResponse::Have {
-                        chunks: local.have(),
-                    },
-                    None => PeerResponse::Error(not_shared(&file_id)),
-                };
-                writer.send(&reply).await.map_err(|e| e.to_string())?;
-            }
-            PeerRequest::Watch { file_id } => {
-                let reply = match node.local_file(&file_id) {
-                    Some(local) => {
-                        let w = Watching::new(local);
-                        let chunks = w.told.clone();
-                        watching = Some(w);
-                        PeerResponse::Have { chunks }
-                    }
-                    None => PeerResponse::Error(not_shared(&file_id)),
-                };
-                writer.send(&reply).await.map_err(|e| e.to_string())?;
-            }
-            PeerRequest::Hello { .. } => {
-                let e = WireError::new(ErrorCode::BadRequest, "already said hello");
-                writer
-                    .send(&PeerResponse::Error(e))
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-        }
+        let conn = Conn {
+            node: &node,
+            uploads,
+            peer,
+        };
+        answer(conn, request, &mut writer, &mut watching, &mut buf).await?;
     }
+}
+
+/// One connection's fixed parts: the daemon, its upload limits, the peer.
+struct Conn<'a> {
+    node: &'a Node,
+    uploads: &'a Uploads,
+    peer: PeerId,
+}
+
+/// Answers one request (a `Watch` starts pushes: see [`Watching`]).
+async fn answer(
+    conn: Conn<'_>,
+    request: PeerRequest,
+    writer: &mut Writer,
+    watching: &mut Option<Watching>,
+    buf: &mut SendBuf,
+) -> Result<(), String> {
+    let Conn {
+        node,
+        uploads,
+        peer,
+    } = conn;
+    let reply = match request {
+        PeerRequest::GetChunk { file_id, index } => {
+            let chunk = Chunk {
+                peer,
+                file_id,
+                index,
+            };
+            return send_chunk(node, uploads, writer, chunk, buf).await;
+        }
+        PeerRequest::GetHave { file_id } => match node.local_file(&file_id) {
+            Some(local) => PeerResponse::Have {
+                chunks: local.have(),
+            },
+            None => PeerResponse::Error(not_shared(&file_id)),
+        },
+        PeerRequest::Watch { file_id } => match node.local_file(&file_id) {
+            Some(local) => {
+                let w = Watching::new(local);
+                let chunks = w.told.clone();
+                *watching = Some(w);
+                PeerResponse::Have { chunks }
+            }
+            None => PeerResponse::Error(not_shared(&file_id)),
+        },
+        PeerRequest::Hello { .. } => {
+            PeerResponse::Error(WireError::new(ErrorCode::BadRequest, "already said hello"))
+        }
+    };
+    writer.send(&reply).await.map_err(|e| e.to_string())
 }
 
 /// The file a connection watches: what it was last told of it (see [`PeerRequest::Watch`]).
