@@ -250,16 +250,16 @@ impl LocalFile {
     }
 
     /// Whether chunk `index` may go to peer `to` now. Only a peer holding the whole file (a
-    /// seeder) holds chunks back: not if it is going, or went less than `spread` ago (see
+    /// seeder) holds chunks back: not if it is going, or went less than `hold.spread` ago (see
     /// [`LocalFile::sent`]), to another peer that is still fetching from us (`fetching`), so
     /// still downloading. That peer will soon serve it too; meanwhile the seeder's uplink is
     /// better spent on chunks nobody else has (a download asks for another chunk and comes
-    /// back later): for `hold.spread`. It also holds a chunk back longer, up to `hold.first_pass`, until every
-    /// chunk has gone out once: its first pass over the file is all new data for the swarm (a
-    /// pass starts when peers begin fetching from an idle server: `epoch` changes then). The
-    /// hold is bounded: a recipient that does not pass a chunk on (no one happens to fetch
-    /// from it) must not keep it from the swarm for ever. A peer
-    /// still downloading sends whatever it holds to whoever asks: every downloader needs
+    /// back later). Until every chunk has gone out once it holds a chunk
+    /// back longer, for `hold.first_pass`: its first pass over the file is all new data for
+    /// the swarm (a pass starts when peers begin fetching from an idle server: `epoch` changes
+    /// then). That hold is bounded too: a recipient that does not pass a chunk on (no one
+    /// happens to fetch from it) must not keep it from the swarm for ever. A peer still
+    /// downloading sends whatever it holds to whoever asks: every downloader needs
     /// every chunk, so none of its uplink is spent in vain, and in a crowd it holds few
     /// chunks at a time (holding each back for a while would idle its uplink). Records the
     /// send when allowed.

@@ -45,9 +45,12 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 ///
 /// [`LocalFile::may_send`]: crate::local::LocalFile::may_send
 const SPREAD: Duration = Duration::from_secs(1);
-/// In a seeder's first pass over a file, a chunk is held back longer, but not for ever (see
-/// [`LocalFile::may_send`]).
-const FIRST_PASS_HOLD: Duration = Duration::from_secs(5);
+/// A seeder's hold: [`SPREAD`], and in its first pass over a file 5 s (longer, but not for
+/// ever: see [`LocalFile::may_send`]).
+const HOLD: crate::local::Hold = crate::local::Hold {
+    spread: SPREAD,
+    first_pass: Duration::from_secs(5),
+};
 
 /// The peer server's own state: its upload limits, and who is fetching from it now.
 pub struct Uploads {
@@ -384,11 +387,7 @@ async fn send_chunk(
     };
     let fetching = |p: &PeerId| lock(&uploads.fetching).contains_key(p);
     let epoch = uploads.epoch.load(std::sync::atomic::Ordering::Relaxed);
-    let hold = crate::local::Hold {
-        spread: SPREAD,
-        first_pass: FIRST_PASS_HOLD,
-    };
-    if !local.may_send(index, peer, hold, epoch, fetching) {
+    if !local.may_send(index, peer, HOLD, epoch, fetching) {
         let busy = WireError::new(
             ErrorCode::Busy,
             format!("chunk {index} was just sent to another peer; ask it"),
