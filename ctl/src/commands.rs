@@ -2,12 +2,14 @@
 //! prints the answer as prose or (with `--json`) as one JSON document on stdout.
 
 use std::collections::BTreeSet;
+use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::path::Path;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use p2p_schema::{CtlRequest, CtlResponse, FileSummary, WireError};
+use p2p_service::HumanBytes;
 use p2pctl::{
     absolute, format_list, format_locate, format_status, unexpected, Client, CtlError, JsonHolder,
 };
@@ -59,7 +61,43 @@ pub async fn register(
         b.finish_and_clear();
     }
     match answer? {
-        CtlResponse::Registered { file, path } => {
+        CtlResponse::Registered {
+            file,
+            path,
+            collection: Some(tree),
+        } => {
+            if out.json {
+                print_json(&json!({ "file": file, "path": path, "collection": tree }));
+                return Ok(());
+            }
+            let mut text = format!(
+                "Registration of {}/ ({} files, {}) successful.\nID: {}\n",
+                file.name,
+                tree.files,
+                HumanBytes(tree.bytes),
+                file.id
+            );
+            if !tree.skipped.is_empty() {
+                let _ = writeln!(
+                    text,
+                    "Skipped {} entries that are not regular files or directories{}",
+                    tree.skipped.len(),
+                    if out.verbose {
+                        ":"
+                    } else {
+                        " (-v lists them)."
+                    }
+                );
+                if out.verbose {
+                    for s in &tree.skipped {
+                        let _ = writeln!(text, "  {s}");
+                    }
+                }
+            }
+            print(&text);
+            Ok(())
+        }
+        CtlResponse::Registered { file, path, .. } => {
             if out.json {
                 print_json(&json!({ "file": file, "path": path }));
             } else {
@@ -166,6 +204,18 @@ async fn follow(client: &mut Client, file: &FileSummary, out: Output) -> Result<
                     b.set_position(u64::from(have) * u64::from(file.chunk_size));
                 }
             }
+            Ok(CtlResponse::Progress {
+                files_done,
+                files,
+                bytes_done,
+                bytes,
+            }) => {
+                if let Some(b) = &bar {
+                    b.set_length(bytes);
+                    b.set_position(bytes_done);
+                    b.set_message(format!("{files_done}/{files} files"));
+                }
+            }
             Ok(CtlResponse::Completed {
                 file,
                 output,
@@ -188,8 +238,9 @@ async fn follow(client: &mut Client, file: &FileSummary, out: Output) -> Result<
             "chunks": received.chunks,
         }));
     } else {
+        let slash = if file.collection { "/" } else { "" };
         print(&format!(
-            "{} has completed downloading.\nSaved to {output}\n",
+            "{}{slash} has completed downloading.\nSaved to {output}\n",
             file.name
         ));
     }

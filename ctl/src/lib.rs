@@ -171,6 +171,17 @@ pub fn format_list(files: &[FileSummary]) -> String {
         files.len()
     );
     for (i, f) in files.iter().enumerate() {
+        if f.collection {
+            // The tracker knows the size of the tree's index, not of the tree.
+            let _ = writeln!(
+                out,
+                "({}) Name: {}/ (a directory) ID: {}",
+                i + 1,
+                f.name,
+                f.id
+            );
+            continue;
+        }
         let _ = writeln!(
             out,
             "({}) Name: {} Size: {} bytes ID: {}",
@@ -235,6 +246,30 @@ pub fn format_status(s: &StatusReport) -> String {
         }
         out.push('\n');
     }
+    if !s.collections.is_empty() {
+        let _ = writeln!(out, "Directories: {}", s.collections.len());
+    }
+    for c in &s.collections {
+        let state = match &c.state {
+            DownloadState::Running => "running".to_string(),
+            DownloadState::Paused => "paused".to_string(),
+            DownloadState::Complete => "complete".to_string(),
+            DownloadState::Failed(why) => format!("failed: {why}"),
+        };
+        let _ = writeln!(
+            out,
+            "  {}  {}/  {}/{} files  {}/{}  {}  uploaded {}  {}",
+            c.id.short(),
+            c.name,
+            c.files_done,
+            c.files,
+            HumanBytes(c.bytes_done),
+            HumanBytes(c.bytes),
+            state,
+            HumanBytes(c.uploaded),
+            c.path
+        );
+    }
     let _ = writeln!(out, "Downloads: {}", s.downloads.len());
     for d in &s.downloads {
         let pct = if d.chunks == 0 {
@@ -296,6 +331,7 @@ mod tests {
 
     fn summary() -> FileSummary {
         FileSummary {
+            collection: false,
             id: FileId([0x3f; 32]),
             name: "doug.png".into(),
             size: 107_330,

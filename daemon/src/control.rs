@@ -14,8 +14,8 @@ use std::sync::Arc;
 use interprocess::local_socket::tokio::{prelude::*, Listener, Stream};
 use interprocess::local_socket::{GenericFilePath, ListenerOptions};
 use p2p_schema::{
-    CtlRequest, CtlResponse, ErrorCode, FrameReader, FrameWriter, WireError, MAX_FRAME,
-    PROTOCOL_VERSION,
+    CtlRequest, CtlResponse, DownloadState, ErrorCode, FrameReader, FrameWriter, WireError,
+    MAX_FRAME, PROTOCOL_VERSION,
 };
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::{broadcast, mpsc};
@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
 use crate::download::{Download, Event};
-use crate::node::{Node, Resolve};
+use crate::node::{Node, Resolve, TreeEvent, TreeProgress};
 use crate::Error;
 
 /// A bound control socket, with the lock that makes it ours.
@@ -285,9 +285,10 @@ async fn register(
         }
     };
     let reply = match result {
-        Ok(file) => CtlResponse::Registered {
+        Ok((file, collection)) => CtlResponse::Registered {
             file,
             path: path.to_string(),
+            collection,
         },
         Err(e) => CtlResponse::Error(e),
     };
@@ -310,6 +311,9 @@ async fn download(
                 .map_err(|e| e.to_string())
         }
     };
+    if file.collection {
+        return download_tree(node, writer, &file, output, follow).await;
+    }
     let dl = match node.start_download(&file, output).await {
         Ok(dl) => dl,
         Err(e) => {
@@ -331,6 +335,65 @@ async fn download(
         return Ok(());
     }
     follow_download(writer, &dl, &file, events).await
+}
+
+/// `download` of a collection: starts it, then follows it if asked.
+async fn download_tree(
+    node: &Arc<Node>,
+    writer: &mut Writer,
+    file: &p2p_schema::FileSummary,
+    output: Option<&str>,
+    follow: bool,
+) -> Result<(), String> {
+    let tree = match node.start_tree(file, output).await {
+        Ok(tree) => tree,
+        Err(e) => return send(writer, CtlResponse::Error(e)).await,
+    };
+    let mut events = tree.events.subscribe();
+    let started = CtlResponse::Started {
+        file: file.clone(),
+        output: tree.output.display().to_string(),
+        have: 0,
+    };
+    writer.send(&started).await.map_err(|e| e.to_string())?;
+    if !follow {
+        return Ok(());
+    }
+    let completed = CtlResponse::Completed {
+        file: file.clone(),
+        output: tree.output.display().to_string(),
+        peers: 0,
+    };
+    let progress = |p: TreeProgress| CtlResponse::Progress {
+        files_done: p.files_done,
+        files: p.files,
+        bytes_done: p.bytes_done,
+        bytes: p.bytes,
+    };
+    let failed = |why: String| {
+        CtlResponse::Error(WireError::new(
+            ErrorCode::Io,
+            format!("download of {}/: {why}", file.name),
+        ))
+    };
+    match tree.state() {
+        DownloadState::Complete => return send(writer, completed).await,
+        DownloadState::Failed(why) => return send(writer, failed(why)).await,
+        _ => {}
+    }
+    send(writer, progress(tree.progress())).await?;
+    loop {
+        match events.recv().await {
+            Ok(TreeEvent::Progress(p)) => send(writer, progress(p)).await?,
+            Ok(TreeEvent::Completed) => return send(writer, completed).await,
+            Ok(TreeEvent::Failed(why)) => return send(writer, failed(why)).await,
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => {
+                let e = WireError::new(ErrorCode::Internal, "the download ended unexpectedly");
+                return send(writer, CtlResponse::Error(e)).await;
+            }
+        }
+    }
 }
 
 /// Passes a download's progress to `p2pctl` until it completes, fails, stalls, or is

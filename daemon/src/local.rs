@@ -1,11 +1,11 @@
 //! [`LocalFile`]: a file this daemon can serve chunks of, whole (a share) or in part (a
 //! download in progress). The peer server reads chunks through it; downloads add to it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{File, Metadata};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use p2p_schema::{Bitfield, FileId, Manifest, PeerId};
@@ -80,8 +80,12 @@ pub struct LocalFile {
     pub id: FileId,
     pub manifest: Arc<Manifest>,
     /// An open handle on the data (the share itself, or the partial file; a rename on
-    /// completion does not disturb it).
-    file: Arc<File>,
+    /// completion does not disturb it). A whole file's handle is opened on demand and closed
+    /// again when others were opened since (see [`MAX_OPEN_SHARES`]): a daemon sharing
+    /// thousands of files holds a few descriptors, not thousands.
+    file: Slot,
+    /// Whether the handle may be closed and opened again (a whole file, nothing writing it).
+    evictable: AtomicBool,
     inner: Mutex<Inner>,
     /// Bytes served to other peers.
     pub uploaded: AtomicU64,
@@ -101,6 +105,9 @@ struct Inner {
     /// For a whole file: its identity as hashed (or as completed). Checked before serving, so
     /// a file changed behind our back is never served stale.
     source: Option<Identity>,
+    /// The collection this file is part of, when it is held only as a member of one: it is
+    /// then announced through the collection, not on its own.
+    collection: Option<FileId>,
 }
 
 /// Chunk sends, for [`LocalFile::may_send`].
@@ -124,19 +131,57 @@ pub struct Hold {
 /// Most entries kept in [`Sends::last`] (old ones go first).
 const MAX_SENDS: usize = 65_536;
 
+/// Most handles of whole files kept open at once; the one opened first is closed when
+/// another is opened past this (a read in progress keeps its own reference until it ends).
+pub const MAX_OPEN_SHARES: usize = 64;
+
+/// A file's handle, if open.
+type Handle = Mutex<Option<Arc<File>>>;
+type Slot = Arc<Handle>;
+
+/// Handles of whole files open now, first opened first.
+static OPEN_SHARES: Mutex<VecDeque<Weak<Handle>>> = Mutex::new(VecDeque::new());
+
+/// Counts `slot`'s handle among those open, closing the oldest past [`MAX_OPEN_SHARES`].
+fn admit(slot: &Slot) {
+    let mut open = lock(&OPEN_SHARES);
+    open.push_back(Arc::downgrade(slot));
+    while open.len() > MAX_OPEN_SHARES {
+        if let Some(old) = open.pop_front().and_then(|w| w.upgrade()) {
+            lock(&old).take();
+        }
+    }
+}
+
 impl LocalFile {
     /// A file over `file`, holding the chunks in `have`.
     pub fn new(manifest: Arc<Manifest>, file: File, path: PathBuf, have: Bitfield) -> LocalFile {
+        let whole = have.is_full();
+        let local = LocalFile::new_with(manifest, Some(file), path, have);
+        if whole {
+            local.make_evictable();
+        }
+        local
+    }
+
+    fn new_with(
+        manifest: Arc<Manifest>,
+        file: Option<File>,
+        path: PathBuf,
+        have: Bitfield,
+    ) -> LocalFile {
         let chunks = manifest.chunk_count();
         LocalFile {
             id: manifest.file_id(),
             manifest,
-            file: Arc::new(file),
+            file: Arc::new(Mutex::new(file.map(Arc::new))),
+            evictable: AtomicBool::new(false),
             inner: Mutex::new(Inner {
                 have,
                 path,
                 problem: None,
                 source: None,
+                collection: None,
             }),
             uploaded: AtomicU64::new(0),
             sent: Mutex::new(Sends {
@@ -158,9 +203,51 @@ impl LocalFile {
         lock(&self.inner)
     }
 
-    /// The handle to read from (or write to, for a download).
-    pub fn handle(&self) -> Arc<File> {
-        self.file.clone()
+    /// A whole file, not opened until a chunk of it is read.
+    pub fn closed(manifest: Arc<Manifest>, path: PathBuf, source: Identity) -> LocalFile {
+        let chunks = manifest.chunk_count();
+        let local = LocalFile::new_with(manifest, None, path, Bitfield::full(chunks));
+        local.set_source(source);
+        local.evictable.store(true, Ordering::Relaxed);
+        local
+    }
+
+    /// The handle to read from (or write to, for a download), opened if it was closed: then
+    /// checked to be the file recorded (else it is no longer served).
+    pub fn handle(&self) -> std::io::Result<Arc<File>> {
+        if let Some(f) = lock(&self.file).as_ref() {
+            return Ok(f.clone());
+        }
+        let (path, source) = {
+            let inner = self.lock();
+            if let Some(p) = &inner.problem {
+                return Err(std::io::Error::other(p.clone()));
+            }
+            (inner.path.clone(), inner.source)
+        };
+        let file = File::open(&path)?;
+        if let Some(recorded) = source {
+            if let Some(what) = recorded.change(&Identity::of(&file.metadata()?)) {
+                let why = format!(
+                    "{} changed since it was registered ({what}); register it again to share it",
+                    path.display()
+                );
+                self.set_problem(why.clone());
+                return Err(std::io::Error::other(why));
+            }
+        }
+        let file = Arc::new(file);
+        *lock(&self.file) = Some(file.clone());
+        admit(&self.file);
+        Ok(file)
+    }
+
+    /// The file is whole and nothing of ours writes it any more: its handle may be closed
+    /// when others are opened (and opened again when needed).
+    pub fn make_evictable(&self) {
+        if !self.evictable.swap(true, Ordering::Relaxed) && lock(&self.file).is_some() {
+            admit(&self.file);
+        }
     }
 
     /// Can chunk `index` be served?
@@ -208,6 +295,16 @@ impl LocalFile {
         self.lock().path = path;
     }
 
+    /// The collection this file is held for (see [`Inner::collection`]).
+    pub fn collection(&self) -> Option<FileId> {
+        self.lock().collection
+    }
+
+    /// Holds the file for `collection` only (`None`: on its own too).
+    pub fn set_collection(&self, collection: Option<FileId>) {
+        self.lock().collection = collection;
+    }
+
     /// Records the identity the whole file must keep to be served.
     pub fn set_source(&self, identity: Identity) {
         self.lock().source = Some(identity);
@@ -242,6 +339,11 @@ impl LocalFile {
     /// Stops serving, for `why`.
     pub fn set_problem(&self, why: String) {
         self.lock().problem = Some(why);
+    }
+
+    /// Serves it again (its data was checked anew by the caller).
+    pub fn clear_problem(&self) {
+        self.lock().problem = None;
     }
 
     /// Why it is not served, if it is not.
@@ -331,6 +433,7 @@ mod tests {
 
     fn local() -> LocalFile {
         let manifest = Manifest {
+            collection: false,
             name: "x.bin".into(),
             size: 4096,
             chunk_size: 1024,
@@ -405,6 +508,7 @@ mod tests {
     #[test]
     fn a_peer_still_downloading_holds_nothing_back() {
         let manifest = Manifest {
+            collection: false,
             name: "x.bin".into(),
             size: 4096,
             chunk_size: 1024,

@@ -397,6 +397,21 @@ async fn send_chunk(
             .await
             .map_err(|e| e.to_string());
     }
+    // Opened (if it was closed) before anything is sent: a file that cannot be read is
+    // refused, not cut short.
+    let file = match local.handle() {
+        Ok(file) => file,
+        Err(e) => {
+            let e = WireError::new(
+                ErrorCode::NotFound,
+                format!("chunk {index} cannot be read: {e}"),
+            );
+            return writer
+                .send(&PeerResponse::Error(e))
+                .await
+                .map_err(|e| e.to_string());
+        }
+    };
     let header = PeerResponse::Chunk { index, len };
     #[cfg(target_os = "linux")]
     if writer.get_ref().plain_socket().is_some() {
@@ -416,16 +431,16 @@ async fn send_chunk(
         while sent < len {
             let n = piece.min(len - sent);
             uploads.limit.spend(u64::from(n)).await;
-            crate::fileio::send_file(socket, &local.handle(), offset + u64::from(sent), n)
+            crate::fileio::send_file(socket, &file, offset + u64::from(sent), n)
                 .await
                 .map_err(|e| format!("sending chunk {index}: {e}"))?;
             sent += n;
         }
     } else {
-        send_read(uploads, writer, (&local, offset, len), &header, buf).await?;
+        send_read(uploads, writer, (&file, offset, len), &header, buf).await?;
     }
     #[cfg(not(target_os = "linux"))]
-    send_read(uploads, writer, (&local, offset, len), &header, buf).await?;
+    send_read(uploads, writer, (&file, offset, len), &header, buf).await?;
     local.add_uploaded(u64::from(len));
     node.metrics.sent(&file_id, u64::from(len));
     // The spread counts from when the peer has the whole chunk.
@@ -438,11 +453,11 @@ async fn send_chunk(
 async fn send_read(
     uploads: &Uploads,
     writer: &mut Writer,
-    (local, offset, len): (&Arc<crate::local::LocalFile>, u64, u32),
+    (file, offset, len): (&Arc<std::fs::File>, u64, u32),
     header: &PeerResponse,
     buf: &mut SendBuf,
 ) -> Result<(), String> {
-    *buf = read_chunk(uploads, local, offset, len, std::mem::take(buf)).await?;
+    *buf = read_chunk(uploads, file.clone(), offset, len, std::mem::take(buf)).await?;
     writer.feed(header).await.map_err(|e| e.to_string())?;
     // Pieces of one encrypted record each (a piece of 64 KiB would make a second, tiny one).
     for piece in buf.chunks(p2p_schema::secure::MAX_RECORD_PLAINTEXT) {
@@ -520,14 +535,13 @@ fn locate_chunk(
 /// Reads a chunk into `buf` on a blocking thread (where `sendfile` is not available).
 async fn read_chunk(
     uploads: &Uploads,
-    local: &Arc<crate::local::LocalFile>,
+    file: Arc<std::fs::File>,
     offset: u64,
     len: u32,
     mut buf: Vec<u8>,
 ) -> Result<Vec<u8>, String> {
     // Bound the memory held by reads in progress across all connections.
     let _permit = uploads.slots.acquire().await.map_err(|e| e.to_string())?;
-    let file = local.handle();
     tokio::task::spawn_blocking(move || {
         buf.resize(len as usize, 0);
         crate::fileio::read_exact_at(&file, &mut buf, offset).map(|()| buf)

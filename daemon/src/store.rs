@@ -8,6 +8,7 @@
 //! - `shares`: `FileId` -> [`ShareRecord`]
 //! - `downloads`: `FileId` -> [`DownloadRecord`]
 //! - `chunks`: `FileId || u32 index` -> empty: chunk held by an unfinished download
+//! - `collections`: `FileId` (of the index) -> [`CollectionRecord`]: a collection downloaded
 //!
 //! Ordering rule (see `download::Committer`): a chunk key is written only after its bytes
 //! were written to the partial file *and* that file was synced, so after any crash every
@@ -38,6 +39,9 @@ pub struct ShareRecord {
     pub device: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ctime_ns: Option<i128>,
+    /// The collection the file is shared for, when it is shared only as part of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<FileId>,
 }
 
 impl ShareRecord {
@@ -51,6 +55,7 @@ impl ShareRecord {
             inode: identity.file.map(|(inode, _)| inode),
             device: identity.file.map(|(_, device)| device),
             ctime_ns: identity.ctime_ns,
+            collection: None,
         }
     }
 
@@ -77,6 +82,27 @@ pub struct DownloadRecord {
     /// Bytes fetched again because a crash tore them before they were made durable.
     #[serde(default)]
     pub refetched: u64,
+    /// The collection this file is fetched for, if it is fetched only as a member of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collection: Option<FileId>,
+}
+
+/// A collection being downloaded (or downloaded): its files are downloads and shares of
+/// their own, marked with the collection's ID.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CollectionRecord {
+    /// The manifest of the collection's index.
+    pub manifest: Manifest,
+    /// Where the finished tree goes.
+    pub output: String,
+    /// Where it is built until every file is verified (beside it, `.part` suffix).
+    pub part: String,
+    pub state: DownloadState,
+    /// Files in the tree and their bytes, once its index is known.
+    #[serde(default)]
+    pub files: u64,
+    #[serde(default)]
+    pub bytes: u64,
 }
 
 /// The daemon's database.
@@ -87,6 +113,7 @@ pub struct Store {
     shares: sled::Tree,
     downloads: sled::Tree,
     chunks: sled::Tree,
+    collections: sled::Tree,
 }
 
 use p2p_service::store::to_cbor as cbor;
@@ -111,6 +138,7 @@ impl Store {
             shares: tree("shares")?,
             downloads: tree("downloads")?,
             chunks: tree("chunks")?,
+            collections: tree("collections")?,
             db,
         })
     }
@@ -159,6 +187,25 @@ impl Store {
     /// All download records.
     pub fn downloads(&self) -> Vec<(FileId, DownloadRecord)> {
         decode_all(&self.downloads, "download")
+    }
+
+    /// All collection download records.
+    pub fn collections(&self) -> Vec<(FileId, CollectionRecord)> {
+        decode_all(&self.collections, "collection")
+    }
+
+    pub fn put_collection(&self, id: &FileId, rec: &CollectionRecord) -> Result<(), Error> {
+        self.collections
+            .insert(id.0, cbor(rec))
+            .map(drop)
+            .map_err(db_err("writing collection"))
+    }
+
+    pub fn remove_collection(&self, id: &FileId) -> Result<(), Error> {
+        self.collections
+            .remove(id.0)
+            .map(drop)
+            .map_err(db_err("removing collection"))
     }
 
     pub fn put_share(&self, id: &FileId, rec: &ShareRecord) -> Result<(), Error> {
@@ -283,6 +330,7 @@ mod tests {
     fn records_round_trip_and_persist() {
         let dir = tempfile::tempdir().unwrap();
         let m = Manifest {
+            collection: false,
             name: "a".into(),
             size: 3000,
             chunk_size: 1024,
@@ -294,6 +342,7 @@ mod tests {
             s.put_download(
                 &id,
                 &DownloadRecord {
+                    collection: None,
                     manifest: m.clone(),
                     output: "/o".into(),
                     part: "/o.part".into(),
@@ -327,6 +376,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let manifest = Manifest {
+            collection: false,
             name: "a".into(),
             size: 10,
             chunk_size: 1024,

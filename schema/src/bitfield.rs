@@ -329,6 +329,7 @@ mod tests {
     fn a_holder_with_a_malformed_bitfield_fails_the_whole_answer() {
         use crate::{FileSummary, Holder, PeerId, TrackerResponse};
         let summary = FileSummary {
+            collection: false,
             id: crate::FileId([1; 32]),
             name: "x".into(),
             size: 10,

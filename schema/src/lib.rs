@@ -70,6 +70,7 @@
 //! ([`validate_name`]).
 
 mod bitfield;
+mod collection;
 pub mod frame;
 mod ids;
 mod manifest;
@@ -77,12 +78,15 @@ mod msg;
 pub mod secure;
 
 pub use bitfield::{format_ranges, Bitfield, InvalidBitfield, SPELLED_RUN};
+pub use collection::{
+    validate_path, Collection, CollectionError, Entry, MAX_ENTRIES, MAX_PATH_LEN,
+};
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_HELLO_FRAME, MAX_PEER_FRAME};
 pub use ids::{is_hex_prefix, to_hex, FileId, PeerId};
 pub use manifest::{
     auto_chunk_size, chunk_count, sha256, validate_chunk_size, validate_name, ChunkHash, Manifest,
     ManifestBuilder, ManifestError, HASH_LEN, MAX_AUTO_CHUNK_SIZE, MAX_CHUNKS, MAX_CHUNK_SIZE,
-    MAX_NAME_LEN, MIN_CHUNK_SIZE,
+    MAX_INDEX_SIZE, MAX_NAME_LEN, MIN_CHUNK_SIZE,
 };
 pub use msg::*;
 
@@ -110,6 +114,7 @@ mod tests {
 
     fn summary() -> FileSummary {
         FileSummary {
+            collection: false,
             id: FileId([3; 32]),
             name: "doug.png".into(),
             size: 107_330,
@@ -122,6 +127,7 @@ mod tests {
 
     fn manifest() -> Manifest {
         Manifest {
+            collection: false,
             name: "doug.png".into(),
             size: 3000,
             chunk_size: 1024,
@@ -177,6 +183,7 @@ mod tests {
         ));
         // The largest page and the largest unpaged answer, with the longest names.
         let file = |i: u32| FileSummary {
+            collection: false,
             id: FileId([0xab; 32]),
             name: format!("{i:0>255}"),
             size: u64::MAX,
@@ -393,6 +400,7 @@ mod tests {
             round_trip(&m);
         }
         let status = StatusReport {
+            collections: Vec::new(),
             info: info(),
             tracker_connected: true,
             tracker_problem: None,
@@ -430,6 +438,7 @@ mod tests {
             },
             CtlResponse::Hashing { done: 1, total: 2 },
             CtlResponse::Registered {
+                collection: None,
                 file: summary(),
                 path: "/a".into(),
             },

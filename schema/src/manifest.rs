@@ -17,6 +17,9 @@ pub const MAX_CHUNKS: u64 = 1 << 18;
 /// Longest file name, in bytes.
 pub const MAX_NAME_LEN: usize = 255;
 
+/// Largest collection index accepted, in bytes (about a million entries of small files).
+pub const MAX_INDEX_SIZE: u64 = 256 << 20;
+
 /// Length of a SHA-256 digest.
 pub const HASH_LEN: usize = 32;
 
@@ -74,6 +77,8 @@ pub enum ManifestError {
     HashLength { got: usize, expected: u64 },
     #[error("invalid file name {name:?}: {why}")]
     Name { name: String, why: &'static str },
+    #[error("a collection index of {0} bytes is more than the {MAX_INDEX_SIZE} accepted")]
+    IndexTooLarge(u64),
     #[error("manifest does not match file ID {expected} (it hashes to {actual})")]
     IdMismatch { expected: FileId, actual: FileId },
 }
@@ -128,6 +133,11 @@ pub struct Manifest {
     /// The chunks' SHA-256 digests, concatenated (32 bytes each, in order).
     #[serde(with = "serde_bytes")]
     pub hashes: Vec<u8>,
+    /// Whether the bytes are a collection's index ([`crate::Collection`]): a tree of files
+    /// shared as one. Part of the ID; absent from the encoding of a plain file, whose
+    /// bytes and ID are as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub collection: bool,
 }
 
 impl std::fmt::Debug for Manifest {
@@ -137,6 +147,7 @@ impl std::fmt::Debug for Manifest {
             .field("size", &self.size)
             .field("chunk_size", &self.chunk_size)
             .field("chunks", &self.chunk_count())
+            .field("collection", &self.collection)
             .finish()
     }
 }
@@ -166,9 +177,15 @@ impl Manifest {
 
     /// The content identity: SHA-256 over a domain tag, the size, the chunk size and the chunk
     /// hashes. The name is not part of it: the same bytes under two names are one file.
+    /// A collection's index hashes under another tag: it is never the same file as the same
+    /// bytes shared plainly.
     pub fn file_id(&self) -> FileId {
         let mut h = Sha256::new();
-        h.update(b"p2p-file-v1\0");
+        h.update(if self.collection {
+            b"p2p-coll-v1\0"
+        } else {
+            b"p2p-file-v1\0"
+        });
         h.update(self.size.to_be_bytes());
         h.update(self.chunk_size.to_be_bytes());
         h.update(&self.hashes);
@@ -180,6 +197,9 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         validate_name(&self.name)?;
         validate_chunk_size(self.chunk_size)?;
+        if self.collection && self.size > MAX_INDEX_SIZE {
+            return Err(ManifestError::IndexTooLarge(self.size));
+        }
         let chunks = chunk_count(self.size, self.chunk_size);
         if chunks > MAX_CHUNKS {
             return Err(ManifestError::TooManyChunks(chunks));
@@ -264,6 +284,7 @@ impl ManifestBuilder {
             size: self.size,
             chunk_size: self.chunk_size,
             hashes: std::mem::take(&mut self.hashes),
+            collection: false,
         }
     }
 }
@@ -373,6 +394,7 @@ mod tests {
             Err(ManifestError::HashLength { .. })
         ));
         let m = Manifest {
+            collection: false,
             name: "a".into(),
             size: u64::MAX,
             chunk_size: MIN_CHUNK_SIZE,

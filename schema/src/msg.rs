@@ -80,6 +80,9 @@ pub struct FileSummary {
     pub seeders: u32,
     /// Live peers holding some of it.
     pub holders: u32,
+    /// A collection (a tree of files, see [`crate::Collection`]) rather than one file.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub collection: bool,
 }
 
 /// One peer holding chunks of a file.
@@ -341,8 +344,13 @@ pub enum CtlResponse {
     Welcome { version: u32, info: DaemonInfo },
     /// Progress of hashing a file for `register`.
     Hashing { done: u64, total: u64 },
-    /// A file is shared.
-    Registered { file: FileSummary, path: String },
+    /// A file is shared; for a directory, `collection` says what the tree holds.
+    Registered {
+        file: FileSummary,
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        collection: Option<CollectionInfo>,
+    },
     /// A download began (or was already under way); `have` chunks are already held.
     Started {
         file: FileSummary,
@@ -355,6 +363,13 @@ pub enum CtlResponse {
         total: u32,
         from: SocketAddr,
         have: u32,
+    },
+    /// A collection's download moved on: `files_done` of `files` are verified in place.
+    Progress {
+        files_done: u64,
+        files: u64,
+        bytes_done: u64,
+        bytes: u64,
     },
     /// The download finished; the file is complete and verified at `output`.
     Completed {
@@ -414,6 +429,37 @@ pub struct StatusReport {
     pub tracker_problem: Option<String>,
     pub shares: Vec<ShareStatus>,
     pub downloads: Vec<DownloadStatus>,
+    /// Collections (trees of files) shared or being downloaded; their files are not listed
+    /// in `shares` and `downloads`.
+    #[serde(default)]
+    pub collections: Vec<CollectionStatus>,
+}
+
+/// What a registered directory holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CollectionInfo {
+    pub files: u64,
+    pub bytes: u64,
+    /// Entries not shared (symbolic links, sockets, devices), with what they are.
+    #[serde(default)]
+    pub skipped: Vec<String>,
+}
+
+/// One collection this daemon shares or downloads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CollectionStatus {
+    pub id: FileId,
+    pub name: String,
+    /// Where the tree lies (or will, once complete).
+    pub path: String,
+    /// `complete` once every file is verified in place (a registered tree is complete).
+    pub state: DownloadState,
+    pub files_done: u64,
+    pub files: u64,
+    pub bytes_done: u64,
+    pub bytes: u64,
+    /// Bytes of its files served to other peers.
+    pub uploaded: u64,
 }
 
 /// One file this daemon serves whole.

@@ -28,6 +28,8 @@ pub enum Behaviour {
     Refuse,
     /// Answers with a header one byte short of the chunk, then those bytes.
     WrongLength,
+    /// Sends the chunk as it is (for a file whose contents, not transfer, are hostile).
+    Honest,
 }
 
 /// A running fake peer. Stops (closes its listener and tracker session) when dropped.
@@ -82,9 +84,21 @@ pub fn manifest_of(name: &str, data: &[u8], chunk_size: u32) -> Manifest {
 /// Starts a fake peer holding `file` (split into `chunk_size` chunks) and announces it to
 /// the tracker at `tracker`.
 pub fn start(tracker: SocketAddr, file: &Path, chunk_size: u32, behaviour: Behaviour) -> FakePeer {
-    let data = Arc::new(std::fs::read(file).expect("reading the fake peer's file"));
+    let data = std::fs::read(file).expect("reading the fake peer's file");
     let name = file.file_name().unwrap().to_string_lossy().into_owned();
     let manifest = manifest_of(&name, &data, chunk_size);
+    start_with(tracker, manifest, data, behaviour)
+}
+
+/// Starts a fake peer holding `data`, whose manifest is `manifest` (a collection's index,
+/// say), and announces it to the tracker at `tracker`.
+pub fn start_with(
+    tracker: SocketAddr,
+    manifest: Manifest,
+    data: Vec<u8>,
+    behaviour: Behaviour,
+) -> FakePeer {
+    let data = Arc::new(data);
     let listener = TcpListener::bind("127.0.0.1:0").expect("fake peer listener");
     let addr = listener.local_addr().unwrap();
     let key = Keypair::generate().expect("a key");
@@ -199,6 +213,10 @@ fn serve(
                 };
                 let mut chunk = data[offset as usize..offset as usize + len as usize].to_vec();
                 match behaviour {
+                    Behaviour::Honest => {
+                        send(&mut conn, &PeerResponse::Chunk { index, len })?;
+                        conn.write_all(&chunk)?;
+                    }
                     Behaviour::Silent => continue,
                     Behaviour::Refuse => send(
                         &mut conn,
@@ -297,6 +315,7 @@ pub fn start_tracker(manifest: Manifest, lie: Lie) -> FakeTracker {
         Lie::MalformedHolders => {}
     }
     let summary = p2p_schema::FileSummary {
+        collection: false,
         id,
         name: manifest.name.clone(),
         size: manifest.size,

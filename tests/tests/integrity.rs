@@ -121,6 +121,7 @@ fn register_many(tracker: std::net::SocketAddr, count: u32) -> p2p_tests::secure
         let mut hashes = vec![0u8; 32];
         hashes[..4].copy_from_slice(&i.to_be_bytes());
         let manifest = Manifest {
+            collection: false,
             name: format!("{i:0>10}-{}", "n".repeat(244)),
             size: 1,
             chunk_size: 1024,

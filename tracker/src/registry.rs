@@ -550,6 +550,7 @@ fn summary(state: &State, id: &FileId) -> FileSummary {
     let f = &state.files[id];
     let chunks = f.manifest.chunk_count();
     FileSummary {
+        collection: f.manifest.collection,
         id: *id,
         name: f.manifest.name.clone(),
         size: f.manifest.size,

@@ -52,7 +52,7 @@ pub(super) async fn commit(swarm: &Swarm, batch: Vec<u32>) -> Result<(), ()> {
     let (dl, node) = (&swarm.dl, &swarm.node);
     let file = dl.local.handle();
     // 1. The bytes reach the disk.
-    let synced = tokio::task::spawn_blocking(move || file.sync_data()).await;
+    let synced = tokio::task::spawn_blocking(move || file.and_then(|f| f.sync_data())).await;
     if let Err(e) = synced.map_err(std::io::Error::other).and_then(|r| r) {
         warn!(error = %e, "syncing {}", dl.part.display());
         return Err(());
@@ -64,10 +64,13 @@ pub(super) async fn commit(swarm: &Swarm, batch: Vec<u32>) -> Result<(), ()> {
     }
     // 3. Only then are they served and announced.
     dl.local.add(&batch);
-    node.tracker.notify(TrackerRequest::Gained {
-        file_id: dl.id,
-        indices: batch,
-    });
+    // A collection's member reaches its peers by pushes; the tracker knows only the collection.
+    if dl.local.collection().is_none() {
+        node.tracker.notify(TrackerRequest::Gained {
+            file_id: dl.id,
+            indices: batch,
+        });
+    }
     if dl.local.is_complete() {
         swarm.progress.notify_one();
     }
@@ -80,7 +83,7 @@ pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<()
     let file = dl.local.handle();
     let io = |what: String| move |source| DownloadError::Io { what, source };
     let meta = tokio::task::spawn_blocking(move || -> Result<std::fs::Metadata, DownloadError> {
-        file.sync_all()
+        file.and_then(|f| f.sync_all())
             .map_err(io(format!("syncing {}", part.display())))?;
         crate::part::rename_no_replace(&part, &output).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
@@ -111,20 +114,27 @@ pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<()
     let identity = Identity::of(&meta);
     dl.local.set_path(dl.output.clone());
     dl.local.set_source(identity);
-    let share = ShareRecord::new(
+    // Nothing writes it any more: its descriptors need not stay open.
+    lock(&dl.direct).take();
+    dl.local.make_evictable();
+    let mut share = ShareRecord::new(
         (*dl.manifest).clone(),
         dl.output.to_string_lossy().into_owned(),
         identity,
     );
+    share.collection = dl.local.collection();
     node.store.put_share(&dl.id, &share)?;
     dl.set_state(node, DownloadState::Complete);
     node.store.clear_chunks(&dl.id)?;
     if let Err(e) = node.store.flush().await {
         warn!(error = %e, "flushing state after a download");
     }
-    node.tracker.notify(TrackerRequest::Register {
-        manifest: (*dl.manifest).clone(),
-    });
+    // A collection's member is announced through its collection.
+    if share.collection.is_none() {
+        node.tracker.notify(TrackerRequest::Register {
+            manifest: (*dl.manifest).clone(),
+        });
+    }
     let peers = lock(&dl.sources).len() as u32;
     info!(
         output = %dl.output.display(),

@@ -146,7 +146,8 @@ pub struct Download {
     halt: Mutex<CancellationToken>,
     /// The partial file opened for direct I/O (`O_DIRECT`), where the file system allows:
     /// aligned chunks are written through it, bypassing the page cache.
-    direct: Option<Arc<std::fs::File>>,
+    /// Closed once the download is complete.
+    direct: Mutex<Option<Arc<std::fs::File>>>,
     /// The download's one task, while it has one. Held across starting and stopping, so a
     /// download never has two tasks (a resume waits for a pause still stopping the old one).
     task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -168,7 +169,7 @@ impl Download {
         refetched: u64,
     ) -> Download {
         Download {
-            direct: open_direct(&part).map(Arc::new),
+            direct: Mutex::new(open_direct(&part).map(Arc::new)),
             resumed_with: local.have_count(),
             refetched,
             id: manifest.file_id(),
@@ -250,6 +251,7 @@ impl Download {
             part: self.part.to_string_lossy().into_owned(),
             state,
             refetched: self.refetched,
+            collection: self.local.collection(),
         };
         if let Err(e) = node.store.put_download(&self.id, &record) {
             warn!(error = %e, "saving download state");
@@ -518,7 +520,10 @@ async fn find_holders(
     swarm: &Arc<Swarm>,
     known: &mut HashSet<PeerId>,
 ) -> Result<bool, p2p_schema::WireError> {
-    let (_, holders) = node.tracker.locate(swarm.dl.id, 64, true).await?;
+    let holders = match swarm.dl.local.collection() {
+        None => node.tracker.locate(swarm.dl.id, 64, true).await?.1,
+        Some(cid) => holders_in_collection(node, swarm.dl.id, cid).await?,
+    };
     swarm
         .dl
         .stalled
@@ -532,6 +537,30 @@ async fn find_holders(
         start_worker(swarm, holder);
     }
     Ok(new)
+}
+
+/// Holders of file `id`, a member of collection `cid`: those the tracker knows for the file
+/// itself (registered alone somewhere), and those of the collection, what they hold of the
+/// file unknown until asked (a holder of the collection may not have the file yet).
+async fn holders_in_collection(
+    node: &Context,
+    id: FileId,
+    cid: FileId,
+) -> Result<Vec<Holder>, p2p_schema::WireError> {
+    let mut holders = match node.tracker.locate(id, 64, true).await {
+        Ok((_, holders)) => holders,
+        Err(e) if e.code == p2p_schema::ErrorCode::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    let (_, of_collection) = node.tracker.locate(cid, 64, true).await?;
+    for mut h in of_collection {
+        if !holders.iter().any(|known| known.peer_id == h.peer_id) {
+            h.complete = false;
+            h.chunks = p2p_schema::Bitfield::new(0);
+            holders.push(h);
+        }
+    }
+    Ok(holders)
 }
 
 /// Chunks still missing that none of `holders` (nor a connected worker) has.

@@ -428,7 +428,7 @@ impl Worker {
         let expected = *dl.manifest.hash(index).ok_or_else(out_of_range)?;
         let file = dl.local.handle();
         let aligned = offset.is_multiple_of(ALIGN as u64) && (len as usize).is_multiple_of(ALIGN);
-        let direct = dl.direct.clone().filter(|_| aligned);
+        let direct = lock(&dl.direct).clone().filter(|_| aligned);
         let swarm = self.swarm.clone();
         Ok(tokio::task::spawn_blocking(move || {
             if !matched.unwrap_or_else(|| sha256(&data) == expected) {
@@ -441,8 +441,10 @@ impl Worker {
             let written = match direct.map(|d| write_all_at(&d, &data, offset)) {
                 Some(Ok(())) => Ok(()),
                 // Buffered where direct I/O is not possible (or was refused).
-                Some(Err(_)) | None => write_all_at(&file, &data, offset)
-                    .inspect(|()| start_writeback(&file, offset, data.len())),
+                Some(Err(_)) | None => file.and_then(|file| {
+                    write_all_at(&file, &data, offset)
+                        .inspect(|()| start_writeback(&file, offset, data.len()))
+                }),
             };
             (index, data, written.map(|()| true))
         }))

@@ -55,7 +55,25 @@ impl Node {
             }
         }
         let manifest = self.verified_manifest(&id).await?;
+        if manifest.collection {
+            return Err(err(
+                ErrorCode::Internal,
+                "a collection is downloaded as a tree, not as one file",
+            ));
+        }
         let (output, part) = self.output_paths(&manifest.name, output).await?;
+        self.begin_download(manifest, output, part, None).await
+    }
+
+    /// Starts a new download of `manifest`'s file into `part`, renamed to `output` when
+    /// complete; for `collection`, if it is one of its files.
+    pub(super) async fn begin_download(
+        self: &Arc<Self>,
+        manifest: Manifest,
+        output: PathBuf,
+        part: PathBuf,
+        collection: Option<FileId>,
+    ) -> Result<Arc<Download>, WireError> {
         let chunks = manifest.chunk_count();
         let file = {
             let path = part.clone();
@@ -66,13 +84,15 @@ impl Node {
                 .map_err(|e| part_error(&part, &output, e))?
         };
         let manifest = Arc::new(manifest);
-        self.record_new_download(&manifest, &output, &part).await?;
+        self.record_new_download(&manifest, &output, &part, collection)
+            .await?;
         let local = Arc::new(LocalFile::new(
             manifest.clone(),
             file,
             part.clone(),
             Bitfield::new(chunks),
         ));
+        local.set_collection(collection);
         self.insert_file(local.clone());
         let dl = Arc::new(Download::new(
             manifest,
@@ -88,7 +108,7 @@ impl Node {
 
     /// The manifest of file `id`, from the tracker, checked to hash to `id` (the tracker
     /// cannot substitute hashes).
-    async fn verified_manifest(&self, id: &FileId) -> Result<Manifest, WireError> {
+    pub(super) async fn verified_manifest(&self, id: &FileId) -> Result<Manifest, WireError> {
         let manifest = self.tracker.manifest(*id).await?;
         manifest.verify(id).map_err(|e| {
             err(
@@ -106,6 +126,7 @@ impl Node {
         manifest: &Manifest,
         output: &Path,
         part: &Path,
+        collection: Option<FileId>,
     ) -> Result<(), WireError> {
         let id = manifest.file_id();
         let io = |e: Error| err(ErrorCode::Io, e.to_string());
@@ -117,6 +138,7 @@ impl Node {
             part: utf8(part)?,
             state: DownloadState::Running,
             refetched: 0,
+            collection,
         };
         self.store.put_download(&id, &record).map_err(io)?;
         self.store.flush().await.map_err(io)
@@ -130,7 +152,7 @@ impl Node {
 
     /// Where a download of `name` goes: `output` if it names a file, `output/name` if it names
     /// a directory, else the download directory. Checked before any transfer starts.
-    async fn output_paths(
+    pub(super) async fn output_paths(
         &self,
         name: &str,
         output: Option<&str>,
@@ -197,6 +219,9 @@ impl Node {
 
     /// Pauses a running download (it stays paused across restarts).
     pub async fn pause(&self, query: &str) -> Result<FileSummary, WireError> {
+        if let Some(cid) = self.find_collection(query) {
+            return self.pause_tree(&cid).await;
+        }
         let dl = self.local_download(query)?;
         if dl.state() != DownloadState::Running {
             return Err(err(
@@ -215,6 +240,9 @@ impl Node {
 
     /// Resumes a paused or failed download.
     pub async fn resume(self: &Arc<Self>, query: &str) -> Result<FileSummary, WireError> {
+        if let Some(cid) = self.find_collection(query) {
+            return self.resume_tree(&cid).await;
+        }
         let dl = self.local_download(query)?;
         if dl.state() == DownloadState::Running && dl.retry_now() {
             info!(file = %dl.id.short(), "a stalled download tries again");
@@ -236,6 +264,9 @@ impl Node {
 
     /// Cancels a download: stops it, removes its partial file and forgets it.
     pub async fn cancel(&self, query: &str) -> Result<FileSummary, WireError> {
+        if let Some(cid) = self.find_collection(query) {
+            return self.cancel_tree(&cid).await;
+        }
         let dl = self.local_download(query)?;
         if dl.state() == DownloadState::Complete {
             return Err(err(

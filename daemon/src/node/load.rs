@@ -13,27 +13,30 @@ impl Node {
         for (id, rec) in self.store.downloads() {
             self.load_download(id, rec, clean).await;
         }
+        for (_, rec) in self.store.collections() {
+            self.load_tree(rec).await;
+        }
     }
 
     /// Serves a recorded share again, without re-hashing if it is unchanged.
     fn load_share(&self, id: FileId, rec: ShareRecord) {
         let identity = rec.identity();
-        let manifest = Arc::new(rec.manifest);
         let path = PathBuf::from(&rec.path);
-        let chunks = manifest.chunk_count();
-        match std::fs::File::open(&path) {
-            Ok(file) => {
-                let local = LocalFile::new(manifest, file, path, Bitfield::full(chunks));
-                local.set_source(identity);
-                if local.check_source().is_ok() {
-                    info!(file = %id.short(), path = %rec.path, "share restored without re-hashing");
-                }
-                self.insert_file(Arc::new(local));
+        // Not opened until a chunk is read: a daemon sharing thousands of files starts at
+        // once, with a few descriptors. Checked against its identity (a `stat`), not re-hashed.
+        let local = LocalFile::closed(Arc::new(rec.manifest), path, identity);
+        local.set_collection(rec.collection);
+        match local.check_source() {
+            // A collection's files are many: one line for each at debug level only.
+            Ok(()) if rec.collection.is_some() => {
+                tracing::debug!(file = %id.short(), path = %rec.path, "share restored without re-hashing")
             }
-            Err(e) => {
-                warn!(file = %id.short(), path = %rec.path, error = %e, "a shared file cannot be opened; not serving it");
+            Ok(()) => {
+                info!(file = %id.short(), path = %rec.path, "share restored without re-hashing")
             }
+            Err(why) => warn!(file = %id.short(), "{why}; not serving it"),
         }
+        self.insert_file(Arc::new(local));
     }
 
     /// Brings back a recorded download: resumes it if it was running.
@@ -56,6 +59,7 @@ impl Node {
             refetched += self.take_in_recovered(&rec, &file, &mut have).await;
         }
         let local = Arc::new(LocalFile::new(manifest.clone(), file, part.clone(), have));
+        local.set_collection(rec.collection);
         self.insert_file(local.clone());
         let dl = Arc::new(Download::new(
             manifest,

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
 use p2p_schema::{
-    Bitfield, DaemonInfo, DownloadState, ErrorCode, FileId, FileSummary, Manifest, ShareStatus,
-    StatusReport, TrackerRequest, WireError,
+    Bitfield, CollectionInfo, DaemonInfo, DownloadState, ErrorCode, FileId, FileSummary, Manifest,
+    ShareStatus, StatusReport, TrackerRequest, WireError,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -25,7 +25,12 @@ use crate::{lock, read_lock, write_lock};
 pub type Files = Arc<RwLock<HashMap<FileId, Arc<LocalFile>>>>;
 
 mod downloads;
+mod fetch_tree;
 mod load;
+mod share_tree;
+mod tree_ops;
+
+pub use fetch_tree::{Tree, TreeEvent, TreeProgress};
 
 /// The catalog of local files (shares and partial downloads, what can be served), the
 /// downloads, and the operations behind every control command. Its [`Context`] (settings,
@@ -37,6 +42,8 @@ pub struct Node {
     /// One gate per file a `download` command is starting: a second command for the same
     /// file waits for the first, then finds its download (check-and-insert is atomic).
     starting: Mutex<HashMap<FileId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Collections being downloaded (or downloaded), by the ID of their index.
+    trees: Mutex<HashMap<FileId, Arc<Tree>>>,
 }
 
 impl std::ops::Deref for Node {
@@ -60,6 +67,7 @@ impl Node {
             files,
             downloads: Mutex::default(),
             starting: Mutex::default(),
+            trees: Mutex::default(),
         }
     }
 
@@ -108,19 +116,24 @@ impl Node {
         }
     }
 
-    /// Hashes the file at `path` and shares it. Hashing progress goes to `progress`.
+    /// Hashes the file at `path` and shares it; a directory is shared as one collection
+    /// (and what it holds is returned). Hashing progress goes to `progress`.
     pub async fn register(
         &self,
         path: &str,
         chunk_size: Option<u32>,
         progress: mpsc::Sender<(u64, u64)>,
-    ) -> Result<FileSummary, WireError> {
+    ) -> Result<(FileSummary, Option<CollectionInfo>), WireError> {
         let path = PathBuf::from(path);
         if !path.is_absolute() {
             return Err(err(
                 ErrorCode::BadRequest,
                 format!("{}: the daemon needs an absolute path", path.display()),
             ));
+        }
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir()) {
+            let (file, info) = self.register_tree(path, chunk_size, progress).await?;
+            return Ok((file, Some(info)));
         }
         let name = share_name(&path)?;
         let hashed = {
@@ -135,10 +148,7 @@ impl Node {
         };
         let manifest = hashed.manifest;
         let id = manifest.file_id();
-        let path_str = path
-            .to_str()
-            .ok_or_else(|| err(ErrorCode::BadRequest, "the path is not valid UTF-8"))?
-            .to_string();
+        let path_str = utf8(&path)?;
         let record = ShareRecord::new(manifest.clone(), path_str, hashed.identity);
         self.store
             .put_share(&id, &record)
@@ -149,21 +159,29 @@ impl Node {
             .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
         let chunks = manifest.chunk_count();
         let manifest = Arc::new(manifest);
-        let existing_ok = self
-            .local_file(&id)
-            .is_some_and(|f| f.is_complete() && f.problem().is_none());
-        if !existing_ok {
-            let local = LocalFile::new(
-                manifest.clone(),
-                hashed.file,
-                path.clone(),
-                Bitfield::full(chunks),
-            );
-            local.set_source(hashed.identity);
-            self.insert_file(Arc::new(local));
+        match self.local_file(&id) {
+            Some(f) if f.is_complete() && f.problem().is_none() => {
+                // Held already (maybe only as a collection's member): now on its own too.
+                f.set_collection(None);
+            }
+            _ => {
+                let local = LocalFile::new(
+                    manifest.clone(),
+                    hashed.file,
+                    path.clone(),
+                    Bitfield::full(chunks),
+                );
+                local.set_source(hashed.identity);
+                self.insert_file(Arc::new(local));
+            }
         }
         info!(file = %id.short(), path = %path.display(), size = manifest.size, "file shared");
-        match self.tracker.register((*manifest).clone()).await {
+        Ok((self.announce_registered(&manifest).await?, None))
+    }
+
+    /// Registers a file just shared with the tracker.
+    async fn announce_registered(&self, manifest: &Manifest) -> Result<FileSummary, WireError> {
+        match self.tracker.register(manifest.clone()).await {
             Ok(file) => Ok(file),
             Err(e) if e.code == ErrorCode::TrackerUnavailable => Err(err(
                 e.code,
@@ -229,6 +247,9 @@ impl Node {
 
     /// Stops sharing a file (a registered one or a finished download); the file itself stays.
     pub async fn unregister(&self, query: &str) -> Result<FileSummary, WireError> {
+        if let Some(cid) = self.find_collection(query) {
+            return self.unregister_tree(&cid).await;
+        }
         let id = self.find_local(query)?;
         if let Some(dl) = self.download(&id) {
             if dl.state() != DownloadState::Complete {
@@ -267,7 +288,7 @@ impl Node {
     pub fn status(&self) -> StatusReport {
         let mut shares: Vec<ShareStatus> = read_lock(&self.files)
             .values()
-            .filter(|f| f.is_complete())
+            .filter(|f| f.is_complete() && f.collection().is_none() && !f.manifest.collection)
             .map(|f| ShareStatus {
                 id: f.id,
                 name: f.manifest.name.clone(),
@@ -279,7 +300,11 @@ impl Node {
             })
             .collect();
         shares.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        let mut downloads: Vec<_> = lock(&self.downloads).values().map(|d| d.status()).collect();
+        let mut downloads: Vec<_> = lock(&self.downloads)
+            .values()
+            .filter(|d| d.local.collection().is_none() && !d.manifest.collection)
+            .map(|d| d.status())
+            .collect();
         downloads.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         StatusReport {
             info: self.info(),
@@ -287,6 +312,7 @@ impl Node {
             tracker_problem: self.tracker.problem(),
             shares,
             downloads,
+            collections: self.tree_status(),
         }
     }
 }
@@ -301,6 +327,7 @@ fn local_summary(m: &Manifest) -> FileSummary {
         chunks: m.chunk_count(),
         seeders: 0,
         holders: 0,
+        collection: m.collection,
     }
 }
 
@@ -324,7 +351,11 @@ pub enum Resolve {
 pub fn announce_all(files: &Files) -> Vec<TrackerRequest> {
     let files = read_lock(files);
     let (stale, usable): (Vec<_>, Vec<_>) = files.values().partition(|f| f.problem().is_some());
-    let (complete, partial): (Vec<_>, Vec<_>) = usable.into_iter().partition(|f| f.is_complete());
+    // A collection's members are found through the collection, not registered one by one.
+    let (complete, partial): (Vec<_>, Vec<_>) = usable
+        .into_iter()
+        .filter(|f| f.collection().is_none())
+        .partition(|f| f.is_complete());
     // The tracker may still list files we no longer serve (from before a restart).
     let mut out: Vec<TrackerRequest> = stale
         .into_iter()

@@ -128,6 +128,11 @@ impl Worker {
                 self.set_has(chunks);
                 Ok(())
             }
+            // A holder of the collection this file is part of may not have begun this file
+            // yet: not a fault, asked again later.
+            Ok(Ok(PeerResponse::Error(e))) if e.code == p2p_schema::ErrorCode::NotFound => {
+                Err(WorkerError::Unreachable(format!("peer: {e}")))
+            }
             Ok(Ok(PeerResponse::Error(e))) => Err(Misbehaved(format!("peer: {e}"))),
             Ok(Ok(other)) => Err(Misbehaved(format!("unexpected answer {other:?}"))),
             Ok(Err(e)) => Err(e),

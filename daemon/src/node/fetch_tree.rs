@@ -1,0 +1,835 @@
+//! Downloading a collection: its index first (an ordinary file, then shared like one), then
+//! every file it lists, each an ordinary download marked as the collection's (resumed after
+//! a restart like any other), into `OUTPUT.part/`; when every file is verified the tree is
+//! renamed to `OUTPUT`. A file this daemon already holds is copied, not fetched.
+//!
+//! Nothing is written for a collection whose index fails its checks
+//! ([`Collection::decode`]): no path in it can lead outside `OUTPUT.part/`.
+
+use std::collections::HashSet;
+
+use p2p_schema::{Collection, CollectionStatus, Entry};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::*;
+use crate::local::Identity;
+use crate::store::CollectionRecord;
+
+/// Files of one collection downloaded at once.
+const PARALLEL_FILES: usize = 4;
+
+/// How far a collection's download is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeProgress {
+    pub files_done: u64,
+    pub files: u64,
+    pub bytes_done: u64,
+    pub bytes: u64,
+}
+
+/// What a collection's download tells those following it.
+#[derive(Debug, Clone)]
+pub enum TreeEvent {
+    Progress(TreeProgress),
+    Completed,
+    Failed(String),
+}
+
+/// One collection's download.
+pub struct Tree {
+    pub id: FileId,
+    pub manifest: Arc<Manifest>,
+    pub output: PathBuf,
+    pub part: PathBuf,
+    state: Mutex<DownloadState>,
+    progress: Mutex<TreeProgress>,
+    pub events: broadcast::Sender<TreeEvent>,
+    /// Stops the current run alone (pause, cancel).
+    halt: Mutex<CancellationToken>,
+    /// The download's one task, while it has one.
+    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Whether `part` is this download's own: created by it, or recorded by an earlier run.
+    /// It is created only once the index passed its checks, so a refused collection
+    /// leaves nothing behind.
+    pub(super) reserved: std::sync::atomic::AtomicBool,
+}
+
+impl Tree {
+    pub(super) fn new(
+        manifest: Arc<Manifest>,
+        output: PathBuf,
+        part: PathBuf,
+        state: DownloadState,
+        totals: (u64, u64),
+    ) -> Tree {
+        let (files, bytes) = totals;
+        let done = state == DownloadState::Complete;
+        Tree {
+            id: manifest.file_id(),
+            manifest,
+            output,
+            part,
+            state: Mutex::new(state),
+            progress: Mutex::new(TreeProgress {
+                files_done: if done { files } else { 0 },
+                files,
+                bytes_done: if done { bytes } else { 0 },
+                bytes,
+            }),
+            events: broadcast::channel(256).0,
+            halt: Mutex::new(CancellationToken::new()),
+            task: tokio::sync::Mutex::new(None),
+            reserved: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn state(&self) -> DownloadState {
+        lock(&self.state).clone()
+    }
+
+    pub fn progress(&self) -> TreeProgress {
+        *lock(&self.progress)
+    }
+
+    pub(super) fn record(&self) -> CollectionRecord {
+        let p = self.progress();
+        CollectionRecord {
+            manifest: (*self.manifest).clone(),
+            output: self.output.to_string_lossy().into_owned(),
+            part: self.part.to_string_lossy().into_owned(),
+            state: self.state(),
+            files: p.files,
+            bytes: p.bytes,
+        }
+    }
+
+    pub(super) fn set_state(&self, node: &Node, state: DownloadState) {
+        *lock(&self.state) = state;
+        if let Err(e) = node.store.put_collection(&self.id, &self.record()) {
+            warn!(error = %e, "saving a collection's state");
+        }
+    }
+
+    fn advance(&self, f: impl FnOnce(&mut TreeProgress)) {
+        let now = {
+            let mut p = lock(&self.progress);
+            f(&mut p);
+            *p
+        };
+        let _ = self.events.send(TreeEvent::Progress(now));
+    }
+
+    /// Stops the current run (if any) and waits for its task to end.
+    pub(super) async fn halt(&self) {
+        let mut task = self.task.lock().await;
+        lock(&self.halt).cancel();
+        if let Some(t) = task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+fn part_taken(part: &Path, output: &Path) -> WireError {
+    err(
+        ErrorCode::BadRequest,
+        format!(
+            "{} already exists: another download is writing {}, or one was cancelled; remove it or choose another --output",
+            part.display(),
+            output.display()
+        ),
+    )
+}
+
+fn io(what: String) -> impl FnOnce(std::io::Error) -> WireError {
+    move |e| err(ErrorCode::Io, format!("{what}: {e}"))
+}
+
+fn joined(e: tokio::task::JoinError) -> WireError {
+    err(ErrorCode::Internal, e.to_string())
+}
+
+impl Node {
+    pub(super) fn tree(&self, id: &FileId) -> Option<Arc<Tree>> {
+        lock(&self.trees).get(id).cloned()
+    }
+
+    /// Starts downloading collection `file` (or returns its download already under way).
+    pub async fn start_tree(
+        self: &Arc<Self>,
+        file: &FileSummary,
+        output: Option<&str>,
+    ) -> Result<Arc<Tree>, WireError> {
+        let id = file.id;
+        let gate = lock(&self.starting).entry(id).or_default().clone();
+        let started = {
+            let _only = gate.lock().await;
+            self.start_tree_alone(file, output).await
+        };
+        let mut starting = lock(&self.starting);
+        if Arc::strong_count(&gate) <= 2 {
+            starting.remove(&id);
+        }
+        started
+    }
+
+    async fn start_tree_alone(
+        self: &Arc<Self>,
+        file: &FileSummary,
+        output: Option<&str>,
+    ) -> Result<Arc<Tree>, WireError> {
+        if let Some(tree) = self.tree(&file.id) {
+            match tree.state() {
+                DownloadState::Running => return Ok(tree),
+                DownloadState::Paused | DownloadState::Failed(_) => {
+                    self.run_tree(&tree).await;
+                    return Ok(tree);
+                }
+                DownloadState::Complete => {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        format!(
+                            "this daemon already has {}/ (ID {}) at {}",
+                            file.name,
+                            file.id.short(),
+                            tree.output.display()
+                        ),
+                    ))
+                }
+            }
+        }
+        if self
+            .local_file(&file.id)
+            .is_some_and(|f| f.is_complete() && f.collection().is_none())
+        {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "this daemon shares {}/ (ID {}) already",
+                    file.name,
+                    file.id.short()
+                ),
+            ));
+        }
+        let manifest = self.verified_manifest(&file.id).await?;
+        if !manifest.collection {
+            return Err(err(
+                ErrorCode::Internal,
+                format!("{} is not a collection", file.name),
+            ));
+        }
+        let (output, part) = self.output_paths(&manifest.name, output).await?;
+        if part.symlink_metadata().is_ok() {
+            return Err(part_taken(&part, &output));
+        }
+        let tree = Arc::new(Tree::new(
+            Arc::new(manifest),
+            output,
+            part,
+            DownloadState::Running,
+            (0, 0),
+        ));
+        let io = |e: Error| err(ErrorCode::Io, e.to_string());
+        self.store
+            .put_collection(&tree.id, &tree.record())
+            .map_err(io)?;
+        self.store.flush().await.map_err(io)?;
+        lock(&self.trees).insert(tree.id, tree.clone());
+        self.run_tree(&tree).await;
+        Ok(tree)
+    }
+
+    /// Starts `tree`'s task (state `running`) unless one runs.
+    pub(super) async fn run_tree(self: &Arc<Self>, tree: &Arc<Tree>) {
+        let mut task = tree.task.lock().await;
+        if task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let stop = self.stop_token().child_token();
+        *lock(&tree.halt) = stop.clone();
+        tree.set_state(self, DownloadState::Running);
+        let (node, t) = (self.clone(), tree.clone());
+        let span =
+            tracing::info_span!("collection", id = %tree.id.short(), name = %tree.manifest.name);
+        *task = Some(tokio::spawn(
+            async move {
+                match node.fetch_tree(&t, &stop).await {
+                    Ok(true) => {
+                        t.set_state(&node, DownloadState::Complete);
+                        if let Err(e) = node.store.flush().await {
+                            warn!(error = %e, "flushing state after a collection");
+                        }
+                        info!(output = %t.output.display(), "{}/ has completed downloading.", t.manifest.name);
+                        let _ = t.events.send(TreeEvent::Completed);
+                    }
+                    Ok(false) => info!(state = ?t.state(), "collection download stopped"),
+                    Err(e) => {
+                        warn!("collection download failed: {e}");
+                        t.set_state(&node, DownloadState::Failed(e.message.clone()));
+                        let _ = t.events.send(TreeEvent::Failed(e.message));
+                    }
+                }
+            }
+            .instrument(span),
+        ));
+    }
+
+    /// Fetches the index, then every file, then moves the tree into place. `Ok(false)` if
+    /// stopped first.
+    async fn fetch_tree(
+        self: &Arc<Self>,
+        tree: &Arc<Tree>,
+        stop: &CancellationToken,
+    ) -> Result<bool, WireError> {
+        let Some(bytes) = self.fetch_index(tree, stop).await? else {
+            return Ok(false);
+        };
+        let collection = Collection::decode(&bytes).map_err(|e| {
+            err(
+                ErrorCode::BadRequest,
+                format!("collection {} refused: {e}", tree.manifest.name),
+            )
+        })?;
+        let collection = Arc::new(collection);
+        let reserved = tree.reserved.load(std::sync::atomic::Ordering::Relaxed);
+        if reserved && !tree.part.exists() && tree.output.is_dir() {
+            // Moved into place just before the daemon stopped, it seems: complete only if
+            // every file there is what the index says.
+            let (output, c) = (tree.output.clone(), collection.clone());
+            tokio::task::spawn_blocking(move || verify_in_place(&output, &c))
+                .await
+                .map_err(joined)??;
+            self.relocate_members(tree, &collection, &tree.output).await;
+            return Ok(true);
+        }
+        {
+            let (files, bytes) = (collection.file_count() as u64, collection.total_size());
+            tree.advance(|p| {
+                *p = TreeProgress {
+                    files,
+                    bytes,
+                    ..TreeProgress::default()
+                }
+            });
+        }
+        self.reserve_part(tree).await?;
+        let (part, c) = (tree.part.clone(), collection.clone());
+        tokio::task::spawn_blocking(move || lay_out(&part, &c))
+            .await
+            .map_err(joined)??;
+        // One fetch per content; files with the same content are copied from the first.
+        let mut seen = HashSet::new();
+        let mut firsts = Vec::new();
+        for e in &collection.entries {
+            if let Some(m) = e.manifest().filter(|m| m.size > 0) {
+                if seen.insert(m.file_id()) {
+                    firsts.push((e.path().to_string(), m));
+                }
+            }
+        }
+        tree.advance(|p| {
+            p.files_done = collection
+                .entries
+                .iter()
+                .filter(|e| matches!(e, Entry::File { size: 0, .. }))
+                .count() as u64
+        });
+        let mut running = tokio::task::JoinSet::new();
+        let mut queue = firsts.into_iter();
+        let mut done_ids: HashMap<FileId, PathBuf> = HashMap::new();
+        loop {
+            while running.len() < PARALLEL_FILES {
+                let Some((path, manifest)) = queue.next() else {
+                    break;
+                };
+                let (node, t, stop) = (self.clone(), tree.clone(), stop.clone());
+                running.spawn(async move {
+                    let id = manifest.file_id();
+                    let dest = t.part.join(&path);
+                    let got = node.fetch_member(&t, manifest, &dest, &stop).await;
+                    (id, dest, got)
+                });
+            }
+            let Some(joined_one) = running.join_next().await else {
+                break;
+            };
+            let (id, dest, got) = joined_one.map_err(joined)?;
+            if !got? {
+                return Ok(false);
+            }
+            done_ids.insert(id, dest);
+        }
+        let (part, c, output) = (tree.part.clone(), collection.clone(), tree.output.clone());
+        let t = tree.clone();
+        self.hold_members(tree, &collection);
+        let finished =
+            tokio::task::spawn_blocking(move || finish_tree(&part, &output, &c, &done_ids, &t))
+                .await
+                .map_err(joined)
+                .and_then(|r| r);
+        let base = if finished.is_ok() {
+            &tree.output
+        } else {
+            &tree.part
+        };
+        self.relocate_members(tree, &collection, base).await;
+        finished.map(|()| true)
+    }
+
+    /// Creates the directory the tree is built in, unless it is this download's already.
+    async fn reserve_part(&self, tree: &Tree) -> Result<(), WireError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match tokio::fs::create_dir(&tree.part).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                if !tree.reserved.load(Relaxed) {
+                    return Err(part_taken(&tree.part, &tree.output));
+                }
+            }
+            Err(e) => return Err(io(format!("creating {}", tree.part.display()))(e)),
+        }
+        tree.reserved.store(true, Relaxed);
+        Ok(())
+    }
+
+    /// The collection's index, from its share here or downloaded (and then shared).
+    async fn fetch_index(
+        self: &Arc<Self>,
+        tree: &Arc<Tree>,
+        stop: &CancellationToken,
+    ) -> Result<Option<Vec<u8>>, WireError> {
+        let id = tree.id;
+        let held = self.local_file(&id).filter(|f| f.is_complete());
+        let path = match held {
+            Some(local) => local.path(),
+            None => {
+                let dl = match self.download(&id) {
+                    Some(dl) => dl,
+                    None => {
+                        let path = self.index_path(&id);
+                        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+                        tokio::fs::create_dir_all(&dir)
+                            .await
+                            .map_err(io(format!("creating {}", dir.display())))?;
+                        // Left by an index download that ended before it was recorded.
+                        let _ = tokio::fs::remove_file(&path).await;
+                        let mut part = path.clone().into_os_string();
+                        part.push(".part");
+                        let part = PathBuf::from(part);
+                        let _ = tokio::fs::remove_file(&part).await;
+                        self.begin_download((*tree.manifest).clone(), path, part, None)
+                            .await?
+                    }
+                };
+                if !self.wait_download(&dl, stop, |_| {}).await? {
+                    return Ok(None);
+                }
+                dl.output.clone()
+            }
+        };
+        let bytes = tokio::fs::read(&path)
+            .await
+            .map_err(io(format!("reading {}", path.display())))?;
+        Ok(Some(bytes))
+    }
+
+    /// Puts one file of `tree` at `dest`: copied from a copy held here, or downloaded.
+    /// `Ok(false)` if stopped first.
+    async fn fetch_member(
+        self: &Arc<Self>,
+        tree: &Arc<Tree>,
+        manifest: Manifest,
+        dest: &Path,
+        stop: &CancellationToken,
+    ) -> Result<bool, WireError> {
+        let id = manifest.file_id();
+        let size = manifest.size;
+        let counted = |tree: &Tree| {
+            tree.advance(|p| {
+                p.files_done += 1;
+                p.bytes_done += size;
+            })
+        };
+        // Held whole here already: at its place (a restart), or elsewhere (copied).
+        if let Some(local) = self.local_file(&id).filter(|f| f.is_complete()) {
+            let l = local.clone();
+            let fine = tokio::task::spawn_blocking(move || l.check_source().is_ok())
+                .await
+                .map_err(joined)?;
+            if fine {
+                let from = local.path();
+                if from != dest {
+                    let to = dest.to_path_buf();
+                    tokio::task::spawn_blocking(move || copy_into(&from, &to))
+                        .await
+                        .map_err(joined)??;
+                    info!(file = %id.short(), "a file held here already is copied, not fetched");
+                }
+                counted(tree);
+                return Ok(true);
+            }
+        }
+        let dl = match self.download(&id) {
+            Some(dl) => {
+                if matches!(dl.state(), DownloadState::Paused | DownloadState::Failed(_)) {
+                    dl.start(self.context()).await;
+                }
+                dl
+            }
+            None => {
+                let mut part = dest.as_os_str().to_owned();
+                part.push(".part");
+                self.begin_download(
+                    manifest,
+                    dest.to_path_buf(),
+                    PathBuf::from(part),
+                    Some(tree.id),
+                )
+                .await?
+            }
+        };
+        let t = tree.clone();
+        if !self
+            .wait_download(&dl, stop, move |bytes| t.advance(|p| p.bytes_done += bytes))
+            .await?
+        {
+            return Ok(false);
+        }
+        if dl.output != dest {
+            // Another download of the same content (alone, or for another collection).
+            let (from, to) = (dl.output.clone(), dest.to_path_buf());
+            tokio::task::spawn_blocking(move || copy_into(&from, &to))
+                .await
+                .map_err(joined)??;
+        }
+        tree.advance(|p| p.files_done += 1);
+        Ok(true)
+    }
+
+    /// Waits until `dl` completes (`Ok(true)`), fails (its reason), or `stop` (`Ok(false)`);
+    /// `gained(bytes)` as chunks arrive.
+    async fn wait_download(
+        &self,
+        dl: &Arc<download::Download>,
+        stop: &CancellationToken,
+        gained: impl Fn(u64),
+    ) -> Result<bool, WireError> {
+        let mut events = dl.events.subscribe();
+        let failed = |why: String| err(ErrorCode::Io, format!("{}: {why}", dl.output.display()));
+        match dl.state() {
+            DownloadState::Complete => return Ok(true),
+            DownloadState::Failed(why) => return Err(failed(why)),
+            _ => {}
+        }
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return Ok(false),
+                e = events.recv() => e,
+            };
+            match event {
+                Ok(download::Event::Chunk { index, .. }) => {
+                    if let Some((_, len)) = dl.manifest.chunk_range(index) {
+                        gained(u64::from(len));
+                    }
+                }
+                Ok(download::Event::Completed { .. }) => return Ok(true),
+                Ok(download::Event::Failed(why)) => {
+                    if stop.is_cancelled() {
+                        return Ok(false);
+                    }
+                    return Err(failed(why));
+                }
+                // It goes on by itself once it can.
+                Ok(download::Event::Stalled(_)) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    return match dl.state() {
+                        DownloadState::Complete => Ok(true),
+                        DownloadState::Failed(why) => Err(failed(why)),
+                        _ => Ok(false),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Stops serving the tree's files while it is moved (their paths and modes change).
+    fn hold_members(&self, tree: &Tree, collection: &Collection) {
+        for e in &collection.entries {
+            let Some(local) = e.file_id().and_then(|id| self.local_file(&id)) else {
+                continue;
+            };
+            if local.path() == tree.part.join(e.path()) {
+                local.set_problem(format!(
+                    "{} is being moved into place",
+                    tree.output.display()
+                ));
+            }
+        }
+    }
+
+    /// Serves the tree's files from `base` (the tree in place, or still `part` if it could not
+    /// be moved) with their identity as they are now; their downloads are done with (the
+    /// records go, the shares stay).
+    async fn relocate_members(&self, tree: &Tree, collection: &Collection, base: &Path) {
+        for e in &collection.entries {
+            let Some(manifest) = e.manifest().filter(|m| m.size > 0) else {
+                continue;
+            };
+            let id = manifest.file_id();
+            let mine = [tree.part.join(e.path()), tree.output.join(e.path())];
+            let local = self.local_file(&id);
+            if local.as_ref().is_some_and(|l| !mine.contains(&l.path())) {
+                // Served from elsewhere (held before; the tree has a copy).
+                continue;
+            }
+            let new = base.join(e.path());
+            let opened = std::fs::File::open(&new).and_then(|f| Ok((f.metadata()?, f)));
+            let (meta, file) = match opened {
+                Ok(found) => found,
+                Err(e) => {
+                    warn!(path = %new.display(), error = %e, "a collection's file cannot be opened; not serving it");
+                    continue;
+                }
+            };
+            let identity = Identity::of(&meta);
+            let local = match local {
+                Some(l) => l,
+                None => {
+                    let chunks = manifest.chunk_count();
+                    let l = Arc::new(LocalFile::new(
+                        Arc::new(manifest),
+                        file,
+                        new.clone(),
+                        Bitfield::full(chunks),
+                    ));
+                    l.set_collection(Some(tree.id));
+                    self.insert_file(l.clone());
+                    l
+                }
+            };
+            local.set_path(new.clone());
+            local.set_source(identity);
+            local.clear_problem();
+            let Ok(path) = utf8(&new) else { continue };
+            let mut record = ShareRecord::new((*local.manifest).clone(), path, identity);
+            record.collection = local.collection();
+            if let Err(e) = self.store.put_share(&id, &record) {
+                warn!(error = %e, "recording a collection's file");
+            }
+            if base == tree.output && lock(&self.downloads).remove(&id).is_some() {
+                if let Err(e) = self.store.remove_download(&id) {
+                    warn!(error = %e, "removing a finished download's record");
+                }
+            }
+        }
+        if let Err(e) = self.store.flush().await {
+            warn!(error = %e, "flushing a collection's files");
+        }
+    }
+
+    /// Collections, for `status`: downloads, and trees shared here.
+    pub(super) fn tree_status(&self) -> Vec<CollectionStatus> {
+        let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
+        let mut out: Vec<CollectionStatus> = trees
+            .iter()
+            .map(|t| {
+                let p = t.progress();
+                CollectionStatus {
+                    id: t.id,
+                    name: t.manifest.name.clone(),
+                    path: t.output.display().to_string(),
+                    state: t.state(),
+                    files_done: p.files_done,
+                    files: p.files,
+                    bytes_done: p.bytes_done,
+                    bytes: p.bytes,
+                    uploaded: self.uploaded_for(&t.id),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
+        out
+    }
+
+    /// Bytes served of collection `cid`: its index and its files.
+    fn uploaded_for(&self, cid: &FileId) -> u64 {
+        read_lock(&self.files)
+            .values()
+            .filter(|f| f.id == *cid || f.collection() == Some(*cid))
+            .map(|f| f.uploaded.load(std::sync::atomic::Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// Checks (blocking) that every file of `collection` under `root` holds the bytes the index
+/// names: hashed anew.
+fn verify_in_place(root: &Path, collection: &Collection) -> Result<(), WireError> {
+    for e in &collection.entries {
+        let Some(m) = e.manifest() else { continue };
+        let path = root.join(e.path());
+        let hashed =
+            crate::register::hash_file(&path, m.name.clone(), Some(m.chunk_size), |_, _| {})?;
+        if hashed.manifest.file_id() != m.file_id() {
+            return Err(err(
+                ErrorCode::Io,
+                format!(
+                    "{} is not what the collection lists; download it again elsewhere",
+                    path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the tree's directories and empty files under `part` (blocking). Every path was
+/// checked ([`Collection::decode`]); none is followed through a symbolic link.
+fn lay_out(part: &Path, collection: &Collection) -> Result<(), WireError> {
+    for e in &collection.entries {
+        let path = part.join(e.path());
+        match e {
+            Entry::Dir { .. } => ensure_dir(part, &path)?,
+            Entry::File { size, .. } => {
+                if let Some(parent) = path.parent() {
+                    ensure_dir(part, parent)?;
+                }
+                if *size == 0 {
+                    match std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                    {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(io(format!("creating {}", path.display()))(e)),
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes `dir` (under `root`) a directory, refusing to go through anything that is not one.
+fn ensure_dir(root: &Path, dir: &Path) -> Result<(), WireError> {
+    let Ok(rel) = dir.strip_prefix(root) else {
+        return Err(err(
+            ErrorCode::Internal,
+            format!("{} is outside {}", dir.display(), root.display()),
+        ));
+    };
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        at.push(c);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(err(
+                    ErrorCode::Io,
+                    format!("{} is in the way of a directory", at.display()),
+                ))
+            }
+            Err(_) => std::fs::create_dir(&at).map_err(io(format!("creating {}", at.display())))?,
+        }
+    }
+    Ok(())
+}
+
+/// Copies `from` to `to` through a temporary name, synced (blocking).
+fn copy_into(from: &Path, to: &Path) -> Result<(), WireError> {
+    let mut temp = to.as_os_str().to_owned();
+    temp.push(".copy");
+    let temp = PathBuf::from(temp);
+    std::fs::copy(from, &temp).map_err(io(format!(
+        "copying {} to {}",
+        from.display(),
+        temp.display()
+    )))?;
+    std::fs::File::open(&temp)
+        .and_then(|f| f.sync_all())
+        .map_err(io(format!("syncing {}", temp.display())))?;
+    std::fs::rename(&temp, to).map_err(io(format!("renaming {}", temp.display())))
+}
+
+/// Copies the files whose content was fetched once to their other places, sets the
+/// executable bits, and renames the tree into place (blocking).
+fn finish_tree(
+    part: &Path,
+    output: &Path,
+    collection: &Collection,
+    done: &HashMap<FileId, PathBuf>,
+    tree: &Tree,
+) -> Result<(), WireError> {
+    for e in &collection.entries {
+        let Entry::File {
+            path,
+            executable,
+            size,
+            ..
+        } = e
+        else {
+            continue;
+        };
+        let dest = part.join(path);
+        if *size > 0 && !dest.exists() {
+            let first = e
+                .file_id()
+                .and_then(|id| done.get(&id))
+                .ok_or_else(|| err(ErrorCode::Internal, format!("{path} was never fetched")))?;
+            copy_into(first, &dest)?;
+            tree.advance(|p| {
+                p.files_done += 1;
+                p.bytes_done += size;
+            });
+        }
+        set_executable(&dest, *executable)?;
+    }
+    crate::part::rename_no_replace(part, output).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            err(
+                ErrorCode::Io,
+                format!(
+                    "{} appeared while downloading; the tree is kept at {}",
+                    output.display(),
+                    part.display()
+                ),
+            )
+        } else {
+            io(format!(
+                "renaming {} to {}",
+                part.display(),
+                output.display()
+            ))(e)
+        }
+    })?;
+    if let Some(dir) = output.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn set_executable(path: &Path, executable: bool) -> Result<(), WireError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
+    let mode = meta.permissions().mode();
+    let want = if executable {
+        mode | ((mode & 0o444) >> 2)
+    } else {
+        mode & !0o111
+    };
+    if want != mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want))
+            .map_err(io(format!("setting the mode of {}", path.display())))?;
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn set_executable(_: &Path, _: bool) -> Result<(), WireError> {
+    Ok(())
+}

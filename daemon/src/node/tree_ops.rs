@@ -1,0 +1,212 @@
+//! `pause`, `resume`, `cancel` and `unregister` of a collection: they act on the collection's
+//! download and on every file of it at once.
+
+use super::*;
+
+impl Node {
+    /// The collection (downloaded here, or registered) that `query` names, if one does: by
+    /// its name or a prefix of its ID.
+    pub(super) fn find_collection(&self, query: &str) -> Option<FileId> {
+        let q = query.to_ascii_lowercase();
+        let by_id = p2p_schema::is_hex_prefix(&q);
+        let name = query.strip_suffix('/').unwrap_or(query);
+        let matches = |id: &FileId, n: &str| n == name || (by_id && id.to_hex().starts_with(&q));
+        let mut ids: Vec<FileId> = lock(&self.trees)
+            .values()
+            .filter(|t| matches(&t.id, &t.manifest.name))
+            .map(|t| t.id)
+            .chain(
+                read_lock(&self.files)
+                    .values()
+                    .filter(|f| f.manifest.collection && matches(&f.id, &f.manifest.name))
+                    .map(|f| f.id),
+            )
+            .collect();
+        ids.sort();
+        ids.dedup();
+        match ids.as_slice() {
+            [id] => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// The downloads of collection `cid`'s files, and of its index.
+    fn tree_downloads(&self, cid: &FileId) -> Vec<Arc<Download>> {
+        lock(&self.downloads)
+            .values()
+            .filter(|d| d.id == *cid || d.local.collection() == Some(*cid))
+            .cloned()
+            .collect()
+    }
+
+    fn running_tree(&self, cid: &FileId) -> Result<Arc<Tree>, WireError> {
+        self.tree(cid).ok_or_else(|| {
+            err(
+                ErrorCode::BadRequest,
+                "this collection is shared here, not being downloaded",
+            )
+        })
+    }
+
+    /// Pauses a collection's download and every download of its files.
+    pub(super) async fn pause_tree(&self, cid: &FileId) -> Result<FileSummary, WireError> {
+        let tree = self.running_tree(cid)?;
+        if tree.state() != DownloadState::Running {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "{}/ is not running ({:?})",
+                    tree.manifest.name,
+                    tree.state()
+                ),
+            ));
+        }
+        tree.halt().await;
+        for dl in self.tree_downloads(cid) {
+            if dl.state() == DownloadState::Running {
+                dl.stop(self, DownloadState::Paused).await;
+            }
+        }
+        tree.set_state(self, DownloadState::Paused);
+        let _ = tree.events.send(TreeEvent::Failed(format!(
+            "paused; resume it with 'p2pctl resume {}'",
+            cid.short()
+        )));
+        info!(collection = %cid.short(), "collection download paused");
+        Ok(local_summary(&tree.manifest))
+    }
+
+    /// Resumes a paused or failed collection download.
+    pub(super) async fn resume_tree(
+        self: &Arc<Self>,
+        cid: &FileId,
+    ) -> Result<FileSummary, WireError> {
+        let tree = self.running_tree(cid)?;
+        match tree.state() {
+            DownloadState::Paused | DownloadState::Failed(_) => {}
+            other => {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!("{}/ is {other:?}, not paused", tree.manifest.name),
+                ))
+            }
+        }
+        info!(collection = %cid.short(), "collection download resumed");
+        self.run_tree(&tree).await;
+        Ok(local_summary(&tree.manifest))
+    }
+
+    /// Cancels a collection's download: stops it and its files' downloads, removes the
+    /// partial tree and forgets them.
+    pub(super) async fn cancel_tree(&self, cid: &FileId) -> Result<FileSummary, WireError> {
+        let tree = self.running_tree(cid)?;
+        if tree.state() == DownloadState::Complete {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "{}/ is complete; use 'p2pctl unregister' to stop sharing it",
+                    tree.manifest.name
+                ),
+            ));
+        }
+        tree.halt().await;
+        for dl in self.tree_downloads(cid) {
+            dl.stop(self, DownloadState::Failed("cancelled".into()))
+                .await;
+            let _ = dl.events.send(download::Event::Failed("cancelled".into()));
+            self.forget(&dl.id).await?;
+            let _ = tokio::fs::remove_file(&dl.part).await;
+        }
+        // Files of it finished meanwhile lie in the partial tree, which goes.
+        let members: Vec<FileId> = read_lock(&self.files)
+            .values()
+            .filter(|f| f.collection() == Some(*cid) && f.path().starts_with(&tree.part))
+            .map(|f| f.id)
+            .collect();
+        for id in members {
+            self.forget(&id).await?;
+        }
+        // The index was fetched for this download: it goes too (this daemon no longer holds
+        // any of the collection).
+        if let Some(index) = self.local_file(cid) {
+            self.forget(cid).await?;
+            let _ = tokio::fs::remove_file(index.path()).await;
+        }
+        if let Err(e) = tokio::fs::remove_dir_all(&tree.part).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(part = %tree.part.display(), error = %e, "removing a cancelled collection's partial tree");
+            }
+        }
+        lock(&self.trees).remove(cid);
+        self.store
+            .remove_collection(cid)
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        self.store
+            .flush()
+            .await
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        let _ = tree.events.send(TreeEvent::Failed("cancelled".into()));
+        info!(collection = %cid.short(), "collection download cancelled");
+        Ok(local_summary(&tree.manifest))
+    }
+
+    /// Stops sharing a collection (registered, or downloaded and complete): its index and its
+    /// files; the files themselves stay.
+    pub(super) async fn unregister_tree(&self, cid: &FileId) -> Result<FileSummary, WireError> {
+        if let Some(tree) = self.tree(cid) {
+            if tree.state() != DownloadState::Complete {
+                return Err(err(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "{}/ is still being downloaded; use 'p2pctl cancel'",
+                        tree.manifest.name
+                    ),
+                ));
+            }
+        }
+        let manifest = self
+            .local_file(cid)
+            .map(|f| f.manifest.clone())
+            .or_else(|| self.tree(cid).map(|t| t.manifest.clone()))
+            .ok_or_else(|| err(ErrorCode::NotFound, "not shared here"))?;
+        let members: Vec<FileId> = read_lock(&self.files)
+            .values()
+            .filter(|f| f.collection() == Some(*cid))
+            .map(|f| f.id)
+            .collect();
+        for id in members {
+            self.forget(&id).await?;
+        }
+        self.forget(cid).await?;
+        lock(&self.trees).remove(cid);
+        self.store
+            .remove_collection(cid)
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        self.store
+            .flush()
+            .await
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        info!(collection = %cid.short(), "stopped sharing a collection");
+        Ok(local_summary(&manifest))
+    }
+
+    /// Brings back a collection download recorded by an earlier run (after its files'
+    /// downloads): a running one goes on.
+    pub(super) async fn load_tree(self: &Arc<Self>, rec: crate::store::CollectionRecord) {
+        let state = rec.state.clone();
+        let tree = Arc::new(Tree::new(
+            Arc::new(rec.manifest),
+            PathBuf::from(rec.output),
+            PathBuf::from(rec.part),
+            state.clone(),
+            (rec.files, rec.bytes),
+        ));
+        tree.reserved
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        lock(&self.trees).insert(tree.id, tree.clone());
+        if state == DownloadState::Running {
+            info!(collection = %tree.id.short(), "resuming a collection download");
+            self.run_tree(&tree).await;
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! A collection: a tree of files shared as one. Its index lists every entry (a directory, or
+//! a file with its mode, size and chunk hashes) by its path relative to the tree's root, in
+//! byte order. The index travels as the content of an ordinary file whose [`Manifest`] says
+//! `collection`, so trackers store it and peers serve it like any other file; the
+//! collection's ID is that file's ID, a hash over the index, which lists the entries.
+//!
+//! A file inside a collection is the same file as the same bytes registered alone: its
+//! [`FileId`] comes from its size, chunk size and hashes, never from its path.
+//!
+//! Every path is checked component by component before anything is written
+//! ([`Collection::decode`]): a collection can never name a place outside its directory, nor
+//! two entries that one file system would take for one.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+
+use crate::{validate_name, FileId, Manifest, ManifestError, MAX_NAME_LEN};
+
+/// Most entries (files and directories) one collection may list.
+pub const MAX_ENTRIES: usize = 1_000_000;
+/// Longest path inside a collection, in bytes.
+pub const MAX_PATH_LEN: usize = 4096;
+
+/// One entry of a collection's index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// A directory (listed so that empty ones are kept).
+    Dir { path: String },
+    /// A regular file.
+    File {
+        path: String,
+        /// Whether the owner may execute it (restored on download; other mode bits are not).
+        executable: bool,
+        size: u64,
+        chunk_size: u32,
+        /// The chunks' SHA-256 digests, as in [`Manifest::hashes`].
+        #[serde(with = "serde_bytes")]
+        hashes: Vec<u8>,
+    },
+}
+
+impl Entry {
+    /// Its path, relative to the collection's root, `/`-separated.
+    pub fn path(&self) -> &str {
+        match self {
+            Entry::Dir { path } | Entry::File { path, .. } => path,
+        }
+    }
+
+    /// For a file: its manifest (named after the path's last component).
+    pub fn manifest(&self) -> Option<Manifest> {
+        match self {
+            Entry::Dir { .. } => None,
+            Entry::File {
+                path,
+                size,
+                chunk_size,
+                hashes,
+                ..
+            } => Some(Manifest {
+                name: path.rsplit('/').next().unwrap_or(path).to_string(),
+                size: *size,
+                chunk_size: *chunk_size,
+                hashes: hashes.clone(),
+                collection: false,
+            }),
+        }
+    }
+
+    /// For a file: its content ID (the same as for the same bytes registered alone).
+    pub fn file_id(&self) -> Option<FileId> {
+        self.manifest().map(|m| m.file_id())
+    }
+}
+
+/// Why an index was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CollectionError {
+    #[error("the collection index is not readable: {0}")]
+    Decode(String),
+    #[error("the collection lists {0} entries; at most {MAX_ENTRIES} are accepted")]
+    TooManyEntries(usize),
+    #[error("invalid path {path:?} in the collection: {why}")]
+    Path { path: String, why: String },
+    #[error("the collection lists {0:?} twice, or out of order")]
+    Order(String),
+    #[error("{file:?} is a file in the collection but also the directory of {inner:?}")]
+    FileIsDir { file: String, inner: String },
+    #[error(
+        "{a:?} and {b:?} would be one file on a case-insensitive or Unicode-normalising file system"
+    )]
+    Collision { a: String, b: String },
+    #[error("file {path:?} in the collection: {source}")]
+    File { path: String, source: ManifestError },
+    #[error("the collection's files add up to more than 2^64 bytes")]
+    TooLarge,
+}
+
+/// A collection's index: its entries, sorted by path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Collection {
+    pub entries: Vec<Entry>,
+}
+
+/// Checks one path from a collection: `/`-separated components, each a valid name (no `..`,
+/// no `.`, no separators, no control characters), no empty component, bounded length.
+pub fn validate_path(path: &str) -> Result<(), CollectionError> {
+    let bad = |why: String| CollectionError::Path {
+        path: path.chars().take(128).collect(),
+        why,
+    };
+    if path.len() > MAX_PATH_LEN {
+        return Err(bad(format!("longer than {MAX_PATH_LEN} bytes")));
+    }
+    if path.starts_with('/') {
+        return Err(bad("an absolute path".into()));
+    }
+    for component in path.split('/') {
+        if component.is_empty() {
+            return Err(bad("an empty component".into()));
+        }
+        if component.len() > MAX_NAME_LEN {
+            return Err(bad(format!("a component longer than {MAX_NAME_LEN} bytes")));
+        }
+        validate_name(component).map_err(|e| match e {
+            ManifestError::Name { why, .. } => bad(why.to_string()),
+            other => bad(other.to_string()),
+        })?;
+    }
+    Ok(())
+}
+
+/// How `path` is seen by a file system that ignores case and Unicode normalisation.
+fn folded(path: &str) -> String {
+    path.nfc().flat_map(char::to_lowercase).nfc().collect()
+}
+
+/// Every proper ancestor of `path` (`a`, `a/b` for `a/b/c`).
+fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
+impl Collection {
+    /// A collection of `entries`, in any order (sorted here).
+    pub fn new(mut entries: Vec<Entry>) -> Collection {
+        entries.sort_by(|a, b| a.path().cmp(b.path()));
+        Collection { entries }
+    }
+
+    /// The index's bytes (CBOR), what its manifest hashes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Writing into a Vec cannot fail.
+        let _ = ciborium::into_writer(self, &mut out);
+        out
+    }
+
+    /// Reads an index and checks it ([`Self::validate`]).
+    pub fn decode(bytes: &[u8]) -> Result<Collection, CollectionError> {
+        let collection: Collection =
+            ciborium::from_reader(bytes).map_err(|e| CollectionError::Decode(e.to_string()))?;
+        collection.validate()?;
+        Ok(collection)
+    }
+
+    /// Checks every entry: valid paths, sorted and unique, no file that is also another
+    /// entry's directory, no two entries one file system would confuse, valid manifests.
+    pub fn validate(&self) -> Result<(), CollectionError> {
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(CollectionError::TooManyEntries(self.entries.len()));
+        }
+        let mut files: HashSet<&str> = HashSet::new();
+        let mut seen: HashMap<String, &str> = HashMap::new();
+        let mut total: u64 = 0;
+        let mut previous: Option<&str> = None;
+        for entry in &self.entries {
+            let path = entry.path();
+            validate_path(path)?;
+            if previous.is_some_and(|p| p >= path) {
+                return Err(CollectionError::Order(path.into()));
+            }
+            previous = Some(path);
+            if let Some(m) = entry.manifest() {
+                m.validate().map_err(|source| CollectionError::File {
+                    path: path.into(),
+                    source,
+                })?;
+                total = total.checked_add(m.size).ok_or(CollectionError::TooLarge)?;
+                files.insert(path);
+            }
+            // The entry and each directory above it, as a folding file system sees them.
+            for name in ancestors(path).chain(std::iter::once(path)) {
+                let key = folded(name);
+                match seen.get(&key) {
+                    Some(&other) if other != name => {
+                        return Err(CollectionError::Collision {
+                            a: other.into(),
+                            b: name.into(),
+                        })
+                    }
+                    Some(_) => {}
+                    None => {
+                        seen.insert(key, name);
+                    }
+                }
+            }
+        }
+        // Sorted order puts a file before what would lie inside it; check every ancestor.
+        for entry in &self.entries {
+            if let Some(file) = ancestors(entry.path()).find(|a| files.contains(a)) {
+                return Err(CollectionError::FileIsDir {
+                    file: file.into(),
+                    inner: entry.path().into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of files.
+    pub fn file_count(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|e| matches!(e, Entry::File { .. }))
+            .count()
+    }
+
+    /// Bytes in all files.
+    pub fn total_size(&self) -> u64 {
+        self.entries
+            .iter()
+            .map(|e| match e {
+                Entry::File { size, .. } => *size,
+                Entry::Dir { .. } => 0,
+            })
+            .fold(0u64, u64::saturating_add)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sha256;
+
+    fn file(path: &str, data: &[u8]) -> Entry {
+        Entry::File {
+            path: path.into(),
+            executable: false,
+            size: data.len() as u64,
+            chunk_size: 1024,
+            hashes: data.chunks(1024).flat_map(sha256).collect(),
+        }
+    }
+
+    fn dir(path: &str) -> Entry {
+        Entry::Dir { path: path.into() }
+    }
+
+    fn refused(entries: Vec<Entry>) -> CollectionError {
+        let c = Collection { entries };
+        let bytes = c.encode();
+        Collection::decode(&bytes).expect_err("a hostile index must be refused")
+    }
+
+    #[test]
+    fn a_tree_round_trips_and_a_member_has_its_alone_id() {
+        let c = Collection::new(vec![
+            file("b/c.txt", b"hello"),
+            dir("empty"),
+            file("a", b""),
+            file("sp ace/ünï.bin", &[7u8; 3000]),
+        ]);
+        let back = Collection::decode(&c.encode()).unwrap();
+        assert_eq!(back, c);
+        assert_eq!(back.entries[0].path(), "a");
+        assert_eq!(back.file_count(), 3);
+        assert_eq!(back.total_size(), 3005);
+        let alone = Manifest {
+            name: "c.txt".into(),
+            size: 5,
+            chunk_size: 1024,
+            hashes: sha256(b"hello").to_vec(),
+            collection: false,
+        };
+        assert_eq!(back.entries[1].file_id(), Some(alone.file_id()));
+    }
+
+    #[test]
+    fn paths_that_could_leave_the_directory_are_refused() {
+        for bad in [
+            "../x",
+            "a/../../x",
+            "/etc/passwd",
+            "a//b",
+            "a/./b",
+            "a/",
+            "",
+            "a\\..\\b",
+            "nul\0byte",
+            "bell\u{7}",
+        ] {
+            let e = refused(vec![file(bad, b"x")]);
+            assert!(matches!(e, CollectionError::Path { .. }), "{bad:?}: {e}");
+        }
+        let long = "a/".repeat(MAX_PATH_LEN / 2) + "b";
+        assert!(matches!(
+            refused(vec![file(&long, b"x")]),
+            CollectionError::Path { .. }
+        ));
+    }
+
+    #[test]
+    fn duplicates_collisions_and_a_file_used_as_a_directory_are_refused() {
+        let e = refused(vec![file("a", b"1"), file("a", b"2")]);
+        assert!(matches!(e, CollectionError::Order(_)), "{e}");
+        let e = refused(vec![file("b", b"1"), file("a", b"2")]);
+        assert!(matches!(e, CollectionError::Order(_)), "{e}");
+        let e = refused(vec![file("x", b"1"), file("x/y", b"2")]);
+        assert!(matches!(e, CollectionError::FileIsDir { .. }), "{e}");
+        let e = refused(vec![file("x", b"1"), dir("x/y")]);
+        assert!(matches!(e, CollectionError::FileIsDir { .. }), "{e}");
+        let e = refused(vec![file("README", b"1"), file("readme", b"2")]);
+        assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
+        // "é" precomposed and decomposed.
+        let e = refused(vec![file("cafe\u{301}", b"1"), file("caf\u{e9}", b"2")]);
+        assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
+        let e = refused(vec![file("D/a", b"1"), file("d/b", b"2")]);
+        assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
+        let e = refused(vec![Entry::File {
+            path: "a".into(),
+            executable: false,
+            size: 10_000,
+            chunk_size: 1024,
+            hashes: vec![0; 32],
+        }]);
+        assert!(matches!(e, CollectionError::File { .. }), "{e}");
+        let e = Collection::decode(b"\xff\x00garbage").unwrap_err();
+        assert!(matches!(e, CollectionError::Decode(_)), "{e}");
+    }
+}
