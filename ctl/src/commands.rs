@@ -66,35 +66,7 @@ pub async fn register(
             path,
             collection: Some(tree),
         } => {
-            if out.json {
-                print_json(&json!({ "file": file, "path": path, "collection": tree }));
-                return Ok(());
-            }
-            let mut text = format!(
-                "Registration of {}/ ({} files, {}) successful.\nID: {}\n",
-                file.name,
-                tree.files,
-                HumanBytes(tree.bytes),
-                file.id
-            );
-            if !tree.skipped.is_empty() {
-                let _ = writeln!(
-                    text,
-                    "Skipped {} entries that are not regular files or directories{}",
-                    tree.skipped.len(),
-                    if out.verbose {
-                        ":"
-                    } else {
-                        " (-v lists them)."
-                    }
-                );
-                if out.verbose {
-                    for s in &tree.skipped {
-                        let _ = writeln!(text, "  {s}");
-                    }
-                }
-            }
-            print(&text);
+            registered_tree(&file, &path, &tree, out);
             Ok(())
         }
         CtlResponse::Registered { file, path, .. } => {
@@ -110,6 +82,39 @@ pub async fn register(
         }
         other => Err(unexpected(other)),
     }
+}
+
+/// What `register DIR` prints: the collection's line, its ID, and what was skipped.
+fn registered_tree(file: &FileSummary, path: &str, tree: &p2p_schema::CollectionInfo, out: Output) {
+    if out.json {
+        print_json(&json!({ "file": file, "path": path, "collection": tree }));
+        return;
+    }
+    let mut text = format!(
+        "Registration of {}/ ({} files, {}) successful.\nID: {}\n",
+        file.name,
+        tree.files,
+        HumanBytes(tree.bytes),
+        file.id
+    );
+    if !tree.skipped.is_empty() {
+        let _ = writeln!(
+            text,
+            "Skipped {} entries that are not regular files or directories{}",
+            tree.skipped.len(),
+            if out.verbose {
+                ":"
+            } else {
+                " (-v lists them)."
+            }
+        );
+        if out.verbose {
+            for s in &tree.skipped {
+                let _ = writeln!(text, "  {s}");
+            }
+        }
+    }
+    print(&text);
 }
 
 /// `p2pctl download FILE`: starts the download, then follows it to the end unless `--detach`.
@@ -156,6 +161,29 @@ struct Received {
     sources: BTreeSet<std::net::SocketAddr>,
 }
 
+impl Received {
+    /// Chunk `index` of `total` came from `from`: noted, and printed with `-v`.
+    fn chunk(
+        &mut self,
+        index: u32,
+        total: u32,
+        from: std::net::SocketAddr,
+        out: Output,
+        bar: Option<&ProgressBar>,
+    ) {
+        self.sources.insert(from);
+        self.chunks
+            .push(json!({ "index": index + 1, "from": from }));
+        if out.verbose && !out.json {
+            let line = format!("Received chunk {} of {total} from {from}", index + 1);
+            match bar {
+                Some(b) => b.println(line),
+                None => print(&format!("{line}\n")),
+            }
+        }
+    }
+}
+
 /// Shows a started download's progress until it completes; Ctrl-C detaches from it.
 async fn follow(client: &mut Client, file: &FileSummary, out: Output) -> Result<(), CtlError> {
     let bar = out.bars.then(|| {
@@ -189,17 +217,7 @@ async fn follow(client: &mut Client, file: &FileSummary, out: Output) -> Result<
                 from,
                 have,
             }) => {
-                received.sources.insert(from);
-                received
-                    .chunks
-                    .push(json!({ "index": index + 1, "from": from }));
-                if out.verbose && !out.json {
-                    let line = format!("Received chunk {} of {total} from {from}", index + 1);
-                    match &bar {
-                        Some(b) => b.println(line),
-                        None => print(&format!("{line}\n")),
-                    }
-                }
+                received.chunk(index, total, from, out, bar.as_ref());
                 if let Some(b) = &bar {
                     b.set_position(u64::from(have) * u64::from(file.chunk_size));
                 }

@@ -210,6 +210,39 @@ pub fn format_locate(holders: &[Holder]) -> String {
 
 use p2p_service::HumanBytes;
 
+/// A download's state as `status` says it.
+fn state_word(state: &DownloadState) -> String {
+    match state {
+        DownloadState::Running => "running".to_string(),
+        DownloadState::Paused => "paused".to_string(),
+        DownloadState::Complete => "complete".to_string(),
+        DownloadState::Failed(why) => format!("failed: {why}"),
+    }
+}
+
+/// The collections section of `status`: one line per shared or downloading directory.
+fn format_collections(out: &mut String, collections: &[p2p_schema::CollectionStatus]) {
+    if !collections.is_empty() {
+        let _ = writeln!(out, "Directories: {}", collections.len());
+    }
+    for c in collections {
+        let state = state_word(&c.state);
+        let _ = writeln!(
+            out,
+            "  {}  {}/  {}/{} files  {}/{}  {}  uploaded {}  {}",
+            c.id.short(),
+            c.name,
+            c.files_done,
+            c.files,
+            HumanBytes(c.bytes_done),
+            HumanBytes(c.bytes),
+            state,
+            HumanBytes(c.uploaded),
+            c.path
+        );
+    }
+}
+
 /// The `status` report in prose.
 pub fn format_status(s: &StatusReport) -> String {
     let tracker = match (&s.tracker_problem, s.tracker_connected) {
@@ -246,30 +279,7 @@ pub fn format_status(s: &StatusReport) -> String {
         }
         out.push('\n');
     }
-    if !s.collections.is_empty() {
-        let _ = writeln!(out, "Directories: {}", s.collections.len());
-    }
-    for c in &s.collections {
-        let state = match &c.state {
-            DownloadState::Running => "running".to_string(),
-            DownloadState::Paused => "paused".to_string(),
-            DownloadState::Complete => "complete".to_string(),
-            DownloadState::Failed(why) => format!("failed: {why}"),
-        };
-        let _ = writeln!(
-            out,
-            "  {}  {}/  {}/{} files  {}/{}  {}  uploaded {}  {}",
-            c.id.short(),
-            c.name,
-            c.files_done,
-            c.files,
-            HumanBytes(c.bytes_done),
-            HumanBytes(c.bytes),
-            state,
-            HumanBytes(c.uploaded),
-            c.path
-        );
-    }
+    format_collections(&mut out, &s.collections);
     let _ = writeln!(out, "Downloads: {}", s.downloads.len());
     for d in &s.downloads {
         let pct = if d.chunks == 0 {
@@ -284,10 +294,7 @@ pub fn format_status(s: &StatusReport) -> String {
             DownloadState::Running if d.stalled > 0 => {
                 format!("stalled: {} chunks have no live holder", d.stalled)
             }
-            DownloadState::Running => "running".to_string(),
-            DownloadState::Paused => "paused".to_string(),
-            DownloadState::Complete => "complete".to_string(),
-            DownloadState::Failed(why) => format!("failed: {why}"),
+            other => state_word(other),
         };
         let _ = writeln!(
             out,

@@ -99,6 +99,36 @@ pub fn rename_no_replace(from: &Path, to: &Path) -> io::Result<()> {
     std::fs::rename(from, to)
 }
 
+/// Why finished data could not be renamed into place.
+pub enum PlaceError {
+    /// Something appeared at the final name meanwhile; it is left alone.
+    Appeared,
+    Io(std::io::Error),
+}
+
+/// Renames `part` to `output`, never replacing anything there, and makes the rename durable.
+pub fn place(part: &Path, output: &Path) -> Result<(), PlaceError> {
+    rename_no_replace(part, output).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AlreadyExists {
+            PlaceError::Appeared
+        } else {
+            PlaceError::Io(e)
+        }
+    })?;
+    sync_parent(output);
+    Ok(())
+}
+
+/// Makes a rename into `path`'s directory durable (best effort: not every platform can sync
+/// a directory).
+pub fn sync_parent(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -401,16 +401,7 @@ async fn send_chunk(
     // refused, not cut short.
     let file = match local.handle() {
         Ok(file) => file,
-        Err(e) => {
-            let e = WireError::new(
-                ErrorCode::NotFound,
-                format!("chunk {index} cannot be read: {e}"),
-            );
-            return writer
-                .send(&PeerResponse::Error(e))
-                .await
-                .map_err(|e| e.to_string());
-        }
+        Err(e) => return refuse(writer, format!("chunk {index} cannot be read: {e}")).await,
     };
     let header = PeerResponse::Chunk { index, len };
     #[cfg(target_os = "linux")]
@@ -446,6 +437,15 @@ async fn send_chunk(
     // The spread counts from when the peer has the whole chunk.
     local.sent(index, peer);
     Ok(())
+}
+
+/// Answers a chunk request with "not found", for `why`.
+async fn refuse(writer: &mut Writer, why: String) -> Result<(), String> {
+    let e = WireError::new(ErrorCode::NotFound, why);
+    writer
+        .send(&PeerResponse::Error(e))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Sends a chunk read into memory first: where `sendfile` is not available, or the link is

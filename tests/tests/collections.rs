@@ -401,13 +401,20 @@ fn pause_resume_cancel_and_unregister_act_on_the_whole_tree() {
     let e = b.ctl(&["cancel", "tree"]).fails();
     assert!(e.contains("complete; use 'p2pctl unregister'"), "{e}");
     b.ctl(&["unregister", "tree"]).ok();
-    assert!(b.status()["collections"].as_array().is_some_and(Vec::is_empty));
-    assert_eq!(snapshot(&out.join("tree")), snapshot(&root), "unregister keeps the files");
+    assert!(b.status()["collections"]
+        .as_array()
+        .is_some_and(Vec::is_empty));
+    assert_eq!(
+        snapshot(&out.join("tree")),
+        snapshot(&root),
+        "unregister keeps the files"
+    );
 
     // A cancelled collection download leaves nothing behind.
     let out2 = swarm.path("out2");
     std::fs::create_dir(&out2).expect("mkdir");
-    b.ctl(&["download", "tree", "-o", s(&out2), "--detach"]).ok();
+    b.ctl(&["download", "tree", "-o", s(&out2), "--detach"])
+        .ok();
     eventually(Duration::from_secs(30), || {
         (collection(b, &id)["bytes_done"].as_u64()? > 0).then_some(())
     })
@@ -415,6 +422,12 @@ fn pause_resume_cancel_and_unregister_act_on_the_whole_tree() {
     b.ctl(&["cancel", "tree"]).ok();
     assert_eq!(std::fs::read_dir(&out2).expect("listing").count(), 0);
     let status = b.status();
-    assert!(status["collections"].as_array().is_some_and(Vec::is_empty), "{status}");
-    assert!(status["downloads"].as_array().is_some_and(Vec::is_empty), "{status}");
+    assert!(
+        status["collections"].as_array().is_some_and(Vec::is_empty),
+        "{status}"
+    );
+    assert!(
+        status["downloads"].as_array().is_some_and(Vec::is_empty),
+        "{status}"
+    );
 }

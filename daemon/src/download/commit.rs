@@ -85,26 +85,18 @@ pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<()
     let meta = tokio::task::spawn_blocking(move || -> Result<std::fs::Metadata, DownloadError> {
         file.and_then(|f| f.sync_all())
             .map_err(io(format!("syncing {}", part.display())))?;
-        crate::part::rename_no_replace(&part, &output).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
-                DownloadError::Appeared {
-                    output: output.clone(),
-                    part: part.clone(),
-                }
-            } else {
-                io(format!(
-                    "renaming {} to {}",
-                    part.display(),
-                    output.display()
-                ))(e)
-            }
+        crate::part::place(&part, &output).map_err(|e| match e {
+            crate::part::PlaceError::Appeared => DownloadError::Appeared {
+                output: output.clone(),
+                part: part.clone(),
+            },
+            crate::part::PlaceError::Io(e) => io(format!(
+                "renaming {} to {}",
+                part.display(),
+                output.display()
+            ))(e),
         })?;
-        if let Some(dir) = output.parent() {
-            // Make the rename itself durable (best effort: not every platform can).
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+
         std::fs::metadata(&output).map_err(io(format!("reading {}", output.display())))
     })
     .await

@@ -8,153 +8,17 @@
 
 use std::collections::HashSet;
 
-use p2p_schema::{Collection, CollectionStatus, Entry};
+use p2p_schema::{Collection, Entry};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::tree::{io, joined, part_taken, TreeProgress, PARALLEL_FILES};
+use super::tree_fs::{copy_into, finish_tree, lay_out, verify_in_place};
 use super::*;
 use crate::local::Identity;
-use crate::store::CollectionRecord;
-
-/// Files of one collection downloaded at once.
-const PARALLEL_FILES: usize = 4;
-
-/// How far a collection's download is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TreeProgress {
-    pub files_done: u64,
-    pub files: u64,
-    pub bytes_done: u64,
-    pub bytes: u64,
-}
-
-/// What a collection's download tells those following it.
-#[derive(Debug, Clone)]
-pub enum TreeEvent {
-    Progress(TreeProgress),
-    Completed,
-    Failed(String),
-}
-
-/// One collection's download.
-pub struct Tree {
-    pub id: FileId,
-    pub manifest: Arc<Manifest>,
-    pub output: PathBuf,
-    pub part: PathBuf,
-    state: Mutex<DownloadState>,
-    progress: Mutex<TreeProgress>,
-    pub events: broadcast::Sender<TreeEvent>,
-    /// Stops the current run alone (pause, cancel).
-    halt: Mutex<CancellationToken>,
-    /// The download's one task, while it has one.
-    task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// Whether `part` is this download's own: created by it, or recorded by an earlier run.
-    /// It is created only once the index passed its checks, so a refused collection
-    /// leaves nothing behind.
-    pub(super) reserved: std::sync::atomic::AtomicBool,
-}
-
-impl Tree {
-    pub(super) fn new(
-        manifest: Arc<Manifest>,
-        output: PathBuf,
-        part: PathBuf,
-        state: DownloadState,
-        totals: (u64, u64),
-    ) -> Tree {
-        let (files, bytes) = totals;
-        let done = state == DownloadState::Complete;
-        Tree {
-            id: manifest.file_id(),
-            manifest,
-            output,
-            part,
-            state: Mutex::new(state),
-            progress: Mutex::new(TreeProgress {
-                files_done: if done { files } else { 0 },
-                files,
-                bytes_done: if done { bytes } else { 0 },
-                bytes,
-            }),
-            events: broadcast::channel(256).0,
-            halt: Mutex::new(CancellationToken::new()),
-            task: tokio::sync::Mutex::new(None),
-            reserved: std::sync::atomic::AtomicBool::new(false),
-        }
-    }
-
-    pub fn state(&self) -> DownloadState {
-        lock(&self.state).clone()
-    }
-
-    pub fn progress(&self) -> TreeProgress {
-        *lock(&self.progress)
-    }
-
-    pub(super) fn record(&self) -> CollectionRecord {
-        let p = self.progress();
-        CollectionRecord {
-            manifest: (*self.manifest).clone(),
-            output: self.output.to_string_lossy().into_owned(),
-            part: self.part.to_string_lossy().into_owned(),
-            state: self.state(),
-            files: p.files,
-            bytes: p.bytes,
-        }
-    }
-
-    pub(super) fn set_state(&self, node: &Node, state: DownloadState) {
-        *lock(&self.state) = state;
-        if let Err(e) = node.store.put_collection(&self.id, &self.record()) {
-            warn!(error = %e, "saving a collection's state");
-        }
-    }
-
-    fn advance(&self, f: impl FnOnce(&mut TreeProgress)) {
-        let now = {
-            let mut p = lock(&self.progress);
-            f(&mut p);
-            *p
-        };
-        let _ = self.events.send(TreeEvent::Progress(now));
-    }
-
-    /// Stops the current run (if any) and waits for its task to end.
-    pub(super) async fn halt(&self) {
-        let mut task = self.task.lock().await;
-        lock(&self.halt).cancel();
-        if let Some(t) = task.take() {
-            let _ = t.await;
-        }
-    }
-}
-
-fn part_taken(part: &Path, output: &Path) -> WireError {
-    err(
-        ErrorCode::BadRequest,
-        format!(
-            "{} already exists: another download is writing {}, or one was cancelled; remove it or choose another --output",
-            part.display(),
-            output.display()
-        ),
-    )
-}
-
-fn io(what: String) -> impl FnOnce(std::io::Error) -> WireError {
-    move |e| err(ErrorCode::Io, format!("{what}: {e}"))
-}
-
-fn joined(e: tokio::task::JoinError) -> WireError {
-    err(ErrorCode::Internal, e.to_string())
-}
 
 impl Node {
-    pub(super) fn tree(&self, id: &FileId) -> Option<Arc<Tree>> {
-        lock(&self.trees).get(id).cloned()
-    }
-
     /// Starts downloading collection `file` (or returns its download already under way).
     pub async fn start_tree(
         self: &Arc<Self>,
@@ -318,6 +182,20 @@ impl Node {
         tokio::task::spawn_blocking(move || lay_out(&part, &c))
             .await
             .map_err(joined)??;
+        let Some(done_ids) = self.fetch_members(tree, &collection, stop).await? else {
+            return Ok(false);
+        };
+        self.place_tree(tree, &collection, done_ids).await
+    }
+
+    /// Fetches (or copies) each distinct content of the tree once, a few files at a time;
+    /// where each went. `None` if stopped first.
+    async fn fetch_members(
+        self: &Arc<Self>,
+        tree: &Arc<Tree>,
+        collection: &Arc<Collection>,
+        stop: &CancellationToken,
+    ) -> Result<Option<HashMap<FileId, PathBuf>>, WireError> {
         // One fetch per content; files with the same content are copied from the first.
         let mut seen = HashSet::new();
         let mut firsts = Vec::new();
@@ -356,13 +234,24 @@ impl Node {
             };
             let (id, dest, got) = joined_one.map_err(joined)?;
             if !got? {
-                return Ok(false);
+                return Ok(None);
             }
             done_ids.insert(id, dest);
         }
+        Ok(Some(done_ids))
+    }
+
+    /// Copies what was fetched once to its other places, sets modes and moves the tree into
+    /// place; its files are served from there.
+    async fn place_tree(
+        &self,
+        tree: &Arc<Tree>,
+        collection: &Arc<Collection>,
+        done_ids: HashMap<FileId, PathBuf>,
+    ) -> Result<bool, WireError> {
         let (part, c, output) = (tree.part.clone(), collection.clone(), tree.output.clone());
         let t = tree.clone();
-        self.hold_members(tree, &collection);
+        self.hold_members(tree, collection);
         let finished =
             tokio::task::spawn_blocking(move || finish_tree(&part, &output, &c, &done_ids, &t))
                 .await
@@ -373,7 +262,7 @@ impl Node {
         } else {
             &tree.part
         };
-        self.relocate_members(tree, &collection, base).await;
+        self.relocate_members(tree, collection, base).await;
         finished.map(|()| true)
     }
 
@@ -628,208 +517,4 @@ impl Node {
             warn!(error = %e, "flushing a collection's files");
         }
     }
-
-    /// Collections, for `status`: downloads, and trees shared here.
-    pub(super) fn tree_status(&self) -> Vec<CollectionStatus> {
-        let trees: Vec<Arc<Tree>> = lock(&self.trees).values().cloned().collect();
-        let mut out: Vec<CollectionStatus> = trees
-            .iter()
-            .map(|t| {
-                let p = t.progress();
-                CollectionStatus {
-                    id: t.id,
-                    name: t.manifest.name.clone(),
-                    path: t.output.display().to_string(),
-                    state: t.state(),
-                    files_done: p.files_done,
-                    files: p.files,
-                    bytes_done: p.bytes_done,
-                    bytes: p.bytes,
-                    uploaded: self.uploaded_for(&t.id),
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
-        out
-    }
-
-    /// Bytes served of collection `cid`: its index and its files.
-    fn uploaded_for(&self, cid: &FileId) -> u64 {
-        read_lock(&self.files)
-            .values()
-            .filter(|f| f.id == *cid || f.collection() == Some(*cid))
-            .map(|f| f.uploaded.load(std::sync::atomic::Ordering::Relaxed))
-            .sum()
-    }
-}
-
-/// Checks (blocking) that every file of `collection` under `root` holds the bytes the index
-/// names: hashed anew.
-fn verify_in_place(root: &Path, collection: &Collection) -> Result<(), WireError> {
-    for e in &collection.entries {
-        let Some(m) = e.manifest() else { continue };
-        let path = root.join(e.path());
-        let hashed =
-            crate::register::hash_file(&path, m.name.clone(), Some(m.chunk_size), |_, _| {})?;
-        if hashed.manifest.file_id() != m.file_id() {
-            return Err(err(
-                ErrorCode::Io,
-                format!(
-                    "{} is not what the collection lists; download it again elsewhere",
-                    path.display()
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Creates the tree's directories and empty files under `part` (blocking). Every path was
-/// checked ([`Collection::decode`]); none is followed through a symbolic link.
-fn lay_out(part: &Path, collection: &Collection) -> Result<(), WireError> {
-    for e in &collection.entries {
-        let path = part.join(e.path());
-        match e {
-            Entry::Dir { .. } => ensure_dir(part, &path)?,
-            Entry::File { size, .. } => {
-                if let Some(parent) = path.parent() {
-                    ensure_dir(part, parent)?;
-                }
-                if *size == 0 {
-                    match std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .open(&path)
-                    {
-                        Ok(_) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                        Err(e) => return Err(io(format!("creating {}", path.display()))(e)),
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Makes `dir` (under `root`) a directory, refusing to go through anything that is not one.
-fn ensure_dir(root: &Path, dir: &Path) -> Result<(), WireError> {
-    let Ok(rel) = dir.strip_prefix(root) else {
-        return Err(err(
-            ErrorCode::Internal,
-            format!("{} is outside {}", dir.display(), root.display()),
-        ));
-    };
-    let mut at = root.to_path_buf();
-    for c in rel.components() {
-        at.push(c);
-        match std::fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(err(
-                    ErrorCode::Io,
-                    format!("{} is in the way of a directory", at.display()),
-                ))
-            }
-            Err(_) => std::fs::create_dir(&at).map_err(io(format!("creating {}", at.display())))?,
-        }
-    }
-    Ok(())
-}
-
-/// Copies `from` to `to` through a temporary name, synced (blocking).
-fn copy_into(from: &Path, to: &Path) -> Result<(), WireError> {
-    let mut temp = to.as_os_str().to_owned();
-    temp.push(".copy");
-    let temp = PathBuf::from(temp);
-    std::fs::copy(from, &temp).map_err(io(format!(
-        "copying {} to {}",
-        from.display(),
-        temp.display()
-    )))?;
-    std::fs::File::open(&temp)
-        .and_then(|f| f.sync_all())
-        .map_err(io(format!("syncing {}", temp.display())))?;
-    std::fs::rename(&temp, to).map_err(io(format!("renaming {}", temp.display())))
-}
-
-/// Copies the files whose content was fetched once to their other places, sets the
-/// executable bits, and renames the tree into place (blocking).
-fn finish_tree(
-    part: &Path,
-    output: &Path,
-    collection: &Collection,
-    done: &HashMap<FileId, PathBuf>,
-    tree: &Tree,
-) -> Result<(), WireError> {
-    for e in &collection.entries {
-        let Entry::File {
-            path,
-            executable,
-            size,
-            ..
-        } = e
-        else {
-            continue;
-        };
-        let dest = part.join(path);
-        if *size > 0 && !dest.exists() {
-            let first = e
-                .file_id()
-                .and_then(|id| done.get(&id))
-                .ok_or_else(|| err(ErrorCode::Internal, format!("{path} was never fetched")))?;
-            copy_into(first, &dest)?;
-            tree.advance(|p| {
-                p.files_done += 1;
-                p.bytes_done += size;
-            });
-        }
-        set_executable(&dest, *executable)?;
-    }
-    crate::part::rename_no_replace(part, output).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            err(
-                ErrorCode::Io,
-                format!(
-                    "{} appeared while downloading; the tree is kept at {}",
-                    output.display(),
-                    part.display()
-                ),
-            )
-        } else {
-            io(format!(
-                "renaming {} to {}",
-                part.display(),
-                output.display()
-            ))(e)
-        }
-    })?;
-    if let Some(dir) = output.parent() {
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
-#[cfg(unix)]
-fn set_executable(path: &Path, executable: bool) -> Result<(), WireError> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(io(format!("reading {}", path.display())))?;
-    let mode = meta.permissions().mode();
-    let want = if executable {
-        mode | ((mode & 0o444) >> 2)
-    } else {
-        mode & !0o111
-    };
-    if want != mode {
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(want))
-            .map_err(io(format!("setting the mode of {}", path.display())))?;
-    }
-    Ok(())
-}
-
-#[cfg(not(unix))]
-fn set_executable(_: &Path, _: bool) -> Result<(), WireError> {
-    Ok(())
 }

@@ -28,9 +28,11 @@ mod downloads;
 mod fetch_tree;
 mod load;
 mod share_tree;
+mod tree;
+mod tree_fs;
 mod tree_ops;
 
-pub use fetch_tree::{Tree, TreeEvent, TreeProgress};
+pub use tree::{Tree, TreeEvent, TreeProgress};
 
 /// The catalog of local files (shares and partial downloads, what can be served), the
 /// downloads, and the operations behind every control command. Its [`Context`] (settings,

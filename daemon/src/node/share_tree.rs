@@ -8,6 +8,7 @@ use std::fs::Metadata;
 
 use p2p_schema::{validate_name, Collection, CollectionInfo, Entry};
 
+use super::tree::io;
 use super::*;
 use crate::local::Identity;
 
@@ -31,10 +32,6 @@ struct Found {
 
 fn bad(message: String) -> WireError {
     err(ErrorCode::BadRequest, message)
-}
-
-fn io(what: String) -> impl FnOnce(std::io::Error) -> WireError {
-    move |e| err(ErrorCode::Io, format!("{what}: {e}"))
 }
 
 #[cfg(unix)]
