@@ -6,7 +6,7 @@
 //! Run it with `bench/run` (builds release first); `p2p-bench --help` lists the flags:
 //! `--quick` (smaller files, one repetition), `--reps N`, `--ns-reps N`, `--dir DIR`,
 //! `--skip-S` for a section S (`loopback`, `others`, `namespaces`, `crowd`, `memory`,
-//! `tracker`), or `--only S`.
+//! `tracker`, `trees`), or `--only S`.
 
 mod crowd;
 mod lab;
@@ -14,6 +14,7 @@ mod measure;
 mod others;
 mod ours;
 mod tracker_load;
+mod trees;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,9 @@ struct Args {
     /// Skip the tracker section (many peers, half-open connections).
     #[arg(long)]
     skip_tracker: bool,
+    /// Skip the directory section (many small files, a large set, a restart).
+    #[arg(long)]
+    skip_trees: bool,
     /// Run this section only.
     #[arg(long, value_enum)]
     only: Option<Section>,
@@ -87,6 +91,7 @@ enum Section {
     Crowd,
     Memory,
     Tracker,
+    Trees,
 }
 
 /// What to run, from the arguments.
@@ -100,6 +105,7 @@ struct Options {
     crowd: bool,
     memory: bool,
     tracker: bool,
+    trees: bool,
     loopback: bool,
 }
 
@@ -116,6 +122,7 @@ impl From<Args> for Options {
             crowd: on(Section::Crowd, a.skip_crowd),
             memory: on(Section::Memory, a.skip_memory),
             tracker: on(Section::Tracker, a.skip_tracker),
+            trees: on(Section::Trees, a.skip_trees),
             loopback: on(Section::Loopback, a.skip_loopback),
             dir: a.dir,
         }
@@ -311,6 +318,9 @@ fn main() {
     }
     if opts.memory {
         lines.push(memory(&base, &files, &rows, opts.quick));
+    }
+    if opts.trees {
+        lines.extend(trees::trees(&base, &files, opts.quick, run_others));
     }
     report(&mut rows, &lines, &base, &opts, &notes);
     let _ = std::fs::remove_dir_all(&base);

@@ -162,8 +162,7 @@ pub fn bittorrent(
         // Each seeder its own directory holding a hard link to the file: same page cache.
         let seed_dir = dir.join(format!("bt-seed{i}"));
         std::fs::create_dir_all(&seed_dir).map_err(|e| e.to_string())?;
-        let _ = std::fs::remove_file(seed_dir.join(name));
-        std::fs::hard_link(file, seed_dir.join(name)).map_err(|e| format!("hard link: {e}"))?;
+        link_into(file, &seed_dir.join(name))?;
         let mut cmd = host.command("aria2c");
         cmd.args(aria2_bt_flags(free_port()))
             .args(["--seed-ratio=0.0", "--bt-seed-unverified=true"])
@@ -318,9 +317,45 @@ pub fn sha256_alone(dir: &Path, file: &Path, reps: usize) -> Result<Sample, Stri
     })
 }
 
+/// Hard links `from` (a file, or every file of a tree) at `to`: same page cache, no copy.
+pub(crate) fn link_into(from: &Path, to: &Path) -> Result<(), String> {
+    if from.is_dir() {
+        let _ = std::fs::remove_dir_all(to);
+        let out = std::process::Command::new("cp")
+            .arg("-al")
+            .arg(from)
+            .arg(to)
+            .output()
+            .map_err(|e| format!("cp -al: {e}"))?;
+        return if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "cp -al: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        };
+    }
+    let _ = std::fs::remove_file(to);
+    std::fs::hard_link(from, to).map_err(|e| format!("hard link: {e}"))
+}
+
+/// Bytes in a file, or in every file of a tree.
+pub(crate) fn size_of(path: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    std::fs::read_dir(path)
+        .map(|entries| entries.flatten().map(|e| size_of(&e.path())).sum())
+        .unwrap_or(0)
+}
+
 fn check_size(got: &Path, want: &Path) -> Result<(), String> {
-    let g = std::fs::metadata(got).map(|m| m.len()).unwrap_or(0);
-    let w = std::fs::metadata(want).map(|m| m.len()).unwrap_or(1);
+    let g = size_of(got);
+    let w = size_of(want).max(1);
     if g == w {
         Ok(())
     } else {

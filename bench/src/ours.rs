@@ -12,7 +12,13 @@ use crate::lab::Net;
 use crate::measure::{peak_rss_mib, repeat};
 use crate::Sample;
 
-fn start_daemon(net: &Net, host: usize, data: &Path, tracker: &Tracker, extra: &[&str]) -> Daemon {
+pub(crate) fn start_daemon(
+    net: &Net,
+    host: usize,
+    data: &Path,
+    tracker: &Tracker,
+    extra: &[&str],
+) -> Daemon {
     let h = &net.hosts[host];
     Daemon::start_in(
         &h.prefix(),
@@ -23,7 +29,7 @@ fn start_daemon(net: &Net, host: usize, data: &Path, tracker: &Tracker, extra: &
     )
 }
 
-fn start_tracker(net: &Net, dir: &Path) -> Tracker {
+pub(crate) fn start_tracker(net: &Net, dir: &Path) -> Tracker {
     Tracker::start_in(
         &net.hub.prefix(),
         &dir.join("tracker"),
