@@ -104,6 +104,15 @@ pub fn hash_file(
     validate_chunk_size(chunk_size)
         .map_err(|e| WireError::new(ErrorCode::BadRequest, e.to_string()))?;
     let mut builder = ManifestBuilder::new(chunk_size);
+    if size <= BLOCK as u64 {
+        // A small file (a tree may hold thousands): read at once, no reader thread.
+        let mut block = vec![0u8; size as usize + 1];
+        let n = read_full(&mut file, &mut block)
+            .map_err(io_error(format!("reading {}", path.display())))?;
+        builder.update(&block[..n]);
+        progress(builder.size(), size);
+        return finish_hash(path, file, before, builder, name);
+    }
     // One thread reads the next blocks while this one hashes the last: reading (a copy out of
     // the page cache, or the disk) overlaps hashing, the bound.
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<std::io::Result<Vec<u8>>>(3);
@@ -143,6 +152,18 @@ pub fn hash_file(
         }
         Ok::<(), WireError>(())
     })?;
+    finish_hash(path, file, before, builder, name)
+}
+
+/// Checks that the file hashed did not change meanwhile, and makes its manifest.
+fn finish_hash(
+    path: &Path,
+    file: File,
+    before: Metadata,
+    builder: ManifestBuilder,
+    name: String,
+) -> Result<Hashed, WireError> {
+    let size = before.len();
     let after = file
         .metadata()
         .map_err(io_error(format!("reading {}", path.display())))?;

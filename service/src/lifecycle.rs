@@ -260,9 +260,15 @@ pub fn finish(
     }
 }
 
+/// Threads for blocking work (file I/O, hashing chunks). Tokio's default, 512, lets a burst of
+/// small chunks' verifications spawn a hundred threads, each with stack touched: memory, not
+/// speed (there are only so many cores).
+const BLOCKING_THREADS: usize = 16;
+
 /// The multi-threaded runtime a service runs on (built after any `--daemon` fork).
 pub fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(BLOCKING_THREADS)
         .enable_all()
         .build()
         .map_err(|e| format!("starting runtime: {e}"))

@@ -118,8 +118,12 @@ pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<()
     node.store.put_share(&dl.id, &share)?;
     dl.set_state(node, DownloadState::Complete);
     node.store.clear_chunks(&dl.id)?;
-    if let Err(e) = node.store.flush().await {
-        warn!(error = %e, "flushing state after a download");
+    // A collection's file is flushed with the collection (and sled flushes every 500 ms):
+    // a crash before then finds the file complete in place and re-verifies it.
+    if share.collection.is_none() {
+        if let Err(e) = node.store.flush().await {
+            warn!(error = %e, "flushing state after a download");
+        }
     }
     // A collection's member is announced through its collection.
     if share.collection.is_none() {

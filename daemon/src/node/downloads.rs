@@ -141,6 +141,12 @@ impl Node {
             collection,
         };
         self.store.put_download(&id, &record).map_err(io)?;
+        if collection.is_some() {
+            // A collection's file: sled's own flush (every 500 ms) is soon enough. After a
+            // crash before it, the collection's download finds the partial file with no
+            // record in its own directory, and starts it again.
+            return Ok(());
+        }
         self.store.flush().await.map_err(io)
     }
 

@@ -13,7 +13,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::tree::{io, joined, part_taken, TreeProgress, PARALLEL_FILES};
+use super::tree::{io, joined, part_taken, TreeProgress, LARGE_FILE, PARALLEL_FILES};
 use super::tree_fs::{copy_into, finish_tree, lay_out, verify_in_place};
 use super::*;
 use crate::local::Identity;
@@ -214,13 +214,22 @@ impl Node {
                 .count() as u64
         });
         let mut running = tokio::task::JoinSet::new();
-        let mut queue = firsts.into_iter();
+        let mut queue = firsts.into_iter().peekable();
         let mut done_ids: HashMap<FileId, PathBuf> = HashMap::new();
+        // Whether a large file runs (alone).
+        let mut alone = false;
         loop {
-            while running.len() < PARALLEL_FILES {
+            while !alone && running.len() < PARALLEL_FILES {
+                let Some(large) = queue.peek().map(|(_, m)| m.size >= LARGE_FILE) else {
+                    break;
+                };
+                if large && !running.is_empty() {
+                    break;
+                }
                 let Some((path, manifest)) = queue.next() else {
                     break;
                 };
+                alone = large;
                 let (node, t, stop) = (self.clone(), tree.clone(), stop.clone());
                 running.spawn(async move {
                     let id = manifest.file_id();
@@ -232,6 +241,8 @@ impl Node {
             let Some(joined_one) = running.join_next().await else {
                 break;
             };
+            // If a large file ran, it ran alone: it is the one that ended.
+            alone = false;
             let (id, dest, got) = joined_one.map_err(joined)?;
             if !got? {
                 return Ok(None);
@@ -369,6 +380,9 @@ impl Node {
             None => {
                 let mut part = dest.as_os_str().to_owned();
                 part.push(".part");
+                // Inside this download's own directory, a partial file no record names was
+                // left by a crash before its record reached the disk.
+                let _ = tokio::fs::remove_file(&part).await;
                 self.begin_download(
                     manifest,
                     dest.to_path_buf(),
@@ -391,9 +405,24 @@ impl Node {
             tokio::task::spawn_blocking(move || copy_into(&from, &to))
                 .await
                 .map_err(joined)??;
+        } else {
+            self.retire(&dl);
         }
         tree.advance(|p| p.files_done += 1);
         Ok(true)
+    }
+
+    /// Forgets the finished download of one of a collection's files: its share (recorded
+    /// when it completed) is what lasts. A tree of thousands of files keeps no download
+    /// state for the files already in.
+    fn retire(&self, dl: &download::Download) {
+        if dl.state() != DownloadState::Complete || dl.local.collection().is_none() {
+            return;
+        }
+        lock(&self.downloads).remove(&dl.id);
+        if let Err(e) = self.store.remove_download(&dl.id) {
+            warn!(error = %e, "removing a finished download's record");
+        }
     }
 
     /// Waits until `dl` completes (`Ok(true)`), fails (its reason), or `stop` (`Ok(false)`);

@@ -8,8 +8,12 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::store::CollectionRecord;
 
-/// Files of one collection downloaded at once.
-pub(super) const PARALLEL_FILES: usize = 4;
+/// Small files of one collection downloaded at once: each costs round trips more than
+/// bandwidth, so several overlap.
+pub(super) const PARALLEL_FILES: usize = 8;
+/// A file at least this large is downloaded alone: it fills the links by itself, and the
+/// buffers of one download are all it needs (a large set costs the memory of one file).
+pub(super) const LARGE_FILE: u64 = 8 << 20;
 
 /// How far a collection's download is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
