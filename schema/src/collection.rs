@@ -96,12 +96,47 @@ pub enum CollectionError {
     File { path: String, source: ManifestError },
     #[error("the collection's files add up to more than 2^64 bytes")]
     TooLarge,
+    #[error("the collection's pack does not match its files: {0}")]
+    Pack(String),
 }
 
-/// A collection's index: its entries, sorted by path.
+/// A collection's index: its entries, sorted by path, and the pack of its small files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Collection {
     pub entries: Vec<Entry>,
+    /// Small files, concatenated into one file fetched as a whole: a thousand small files
+    /// then cost one download, not a thousand (each still has its own entry, and its own ID).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pack: Option<Pack>,
+}
+
+/// Files smaller than this are packed (when a tree has more than one).
+pub const PACK_MAX: u64 = 1 << 20;
+
+/// The small files of a collection, one after the other (see [`Collection::pack`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pack {
+    /// The files, by path, in the order their bytes follow each other: each at the offset
+    /// where the previous one ended.
+    pub files: Vec<String>,
+    pub size: u64,
+    pub chunk_size: u32,
+    /// The pack's chunk hashes, as in [`Manifest::hashes`].
+    #[serde(with = "serde_bytes")]
+    pub hashes: Vec<u8>,
+}
+
+impl Pack {
+    /// The pack as a file of its own (it is fetched and served like one).
+    pub fn manifest(&self) -> Manifest {
+        Manifest {
+            name: "pack".into(),
+            size: self.size,
+            chunk_size: self.chunk_size,
+            hashes: self.hashes.clone(),
+            collection: false,
+        }
+    }
 }
 
 /// Checks one path from a collection: `/`-separated components, each a valid name (no `..`,
@@ -143,10 +178,46 @@ fn ancestors(path: &str) -> impl Iterator<Item = &str> {
 }
 
 impl Collection {
-    /// A collection of `entries`, in any order (sorted here).
+    /// A collection of `entries`, in any order (sorted here), without a pack.
     pub fn new(mut entries: Vec<Entry>) -> Collection {
         entries.sort_by(|a, b| a.path().cmp(b.path()));
-        Collection { entries }
+        Collection {
+            entries,
+            pack: None,
+        }
+    }
+
+    /// The files worth packing, in pack order: those smaller than [`PACK_MAX`], not empty,
+    /// each content once. None unless there are at least two.
+    pub fn packable(&self) -> Vec<&Entry> {
+        let mut seen = std::collections::HashSet::new();
+        let small: Vec<&Entry> = self
+            .entries
+            .iter()
+            .filter(|e| matches!(e, Entry::File { size, .. } if *size > 0 && *size < PACK_MAX))
+            .filter(|e| e.file_id().is_some_and(|id| seen.insert(id)))
+            .collect();
+        if small.len() < 2 {
+            return Vec::new();
+        }
+        small
+    }
+
+    /// Where each packed file lies in the pack: its entry and offset, in pack order.
+    pub fn packed(&self) -> Vec<(&Entry, u64)> {
+        let Some(pack) = &self.pack else {
+            return Vec::new();
+        };
+        let by_path: HashMap<&str, &Entry> = self.entries.iter().map(|e| (e.path(), e)).collect();
+        let mut offset = 0;
+        let mut out = Vec::with_capacity(pack.files.len());
+        for path in &pack.files {
+            if let Some(&e) = by_path.get(path.as_str()) {
+                out.push((e, offset));
+                offset += e.manifest().map_or(0, |m| m.size);
+            }
+        }
+        out
     }
 
     /// The index's bytes (CBOR), what its manifest hashes.
@@ -216,6 +287,43 @@ impl Collection {
                 });
             }
         }
+        self.validate_pack(&files)
+    }
+
+    /// Checks the pack: a valid file, listing each of the collection's files at most once,
+    /// whose sizes add up to its own.
+    fn validate_pack(&self, files: &HashSet<&str>) -> Result<(), CollectionError> {
+        let Some(pack) = &self.pack else {
+            return Ok(());
+        };
+        let bad = |why: String| Err(CollectionError::Pack(why));
+        pack.manifest()
+            .validate()
+            .map_err(|e| CollectionError::Pack(e.to_string()))?;
+        let mut listed = HashSet::new();
+        for path in &pack.files {
+            if !files.contains(path.as_str()) {
+                return bad(format!("{path:?} is not one of its files"));
+            }
+            if !listed.insert(path.as_str()) {
+                return bad(format!("{path:?} is listed twice"));
+            }
+        }
+        let total = self
+            .packed()
+            .iter()
+            .map(|(e, _)| e.manifest().map_or(0, |m| m.size))
+            .try_fold(0u64, u64::checked_add);
+        match total {
+            Some(total) if total == pack.size => {}
+            Some(total) => {
+                return bad(format!(
+                    "its files add up to {total} bytes, not {}",
+                    pack.size
+                ))
+            }
+            None => return bad("its files add up to more than 2^64 bytes".into()),
+        }
         Ok(())
     }
 
@@ -259,7 +367,10 @@ mod tests {
     }
 
     fn refused(entries: Vec<Entry>) -> CollectionError {
-        let c = Collection { entries };
+        let c = Collection {
+            entries,
+            pack: None,
+        };
         let bytes = c.encode();
         Collection::decode(&bytes).expect_err("a hostile index must be refused")
     }
@@ -338,5 +449,35 @@ mod tests {
         assert!(matches!(e, CollectionError::File { .. }), "{e}");
         let e = Collection::decode(b"\xff\x00garbage").unwrap_err();
         assert!(matches!(e, CollectionError::Decode(_)), "{e}");
+    }
+
+    fn packed(entries: Vec<Entry>, files: &[&str], size: u64) -> Result<(), CollectionError> {
+        let data = vec![1u8; size as usize];
+        let c = Collection {
+            entries,
+            pack: Some(Pack {
+                files: files.iter().map(|f| f.to_string()).collect(),
+                size,
+                chunk_size: 1024,
+                hashes: data.chunks(1024).flat_map(sha256).collect(),
+            }),
+        };
+        Collection::decode(&c.encode()).map(drop)
+    }
+
+    #[test]
+    fn a_pack_lists_each_file_once_and_adds_up() {
+        let entries = || vec![file("a", b"12345"), file("b", b"678"), dir("d")];
+        packed(entries(), &["b", "a"], 8).unwrap();
+        let e = packed(entries(), &["a", "a"], 10).unwrap_err();
+        assert!(matches!(e, CollectionError::Pack(_)), "{e}");
+        let e = packed(entries(), &["a", "d"], 5).unwrap_err();
+        assert!(matches!(e, CollectionError::Pack(_)), "{e}");
+        let e = packed(entries(), &["a", "../x"], 5).unwrap_err();
+        assert!(matches!(e, CollectionError::Pack(_)), "{e}");
+        let e = packed(entries(), &["a", "b"], 9).unwrap_err();
+        assert!(e.to_string().contains("add up"), "{e}");
+        let c = Collection::new(entries());
+        assert_eq!(c.packable().len(), 2);
     }
 }

@@ -79,7 +79,7 @@ pub mod secure;
 
 pub use bitfield::{format_ranges, Bitfield, InvalidBitfield, SPELLED_RUN};
 pub use collection::{
-    validate_path, Collection, CollectionError, Entry, MAX_ENTRIES, MAX_PATH_LEN,
+    validate_path, Collection, CollectionError, Entry, Pack, MAX_ENTRIES, MAX_PATH_LEN, PACK_MAX,
 };
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_HELLO_FRAME, MAX_PEER_FRAME};
 pub use ids::{is_hex_prefix, to_hex, FileId, PeerId};

@@ -176,7 +176,11 @@ fn a_directory_is_shared_as_one_collection_and_recreated_bit_identical_with_its_
 /// A fake peer serving `collection`'s index (listed as `name`) honestly: its contents are
 /// the attack.
 fn hostile(swarm: &Swarm, name: &str, entries: Vec<Entry>) -> fake::FakePeer {
-    let bytes = Collection { entries }.encode();
+    let bytes = Collection {
+        entries,
+        pack: None,
+    }
+    .encode();
     let mut builder = ManifestBuilder::new(1024);
     builder.update(&bytes);
     let mut manifest = builder.finish(name.to_string());

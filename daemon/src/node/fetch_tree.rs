@@ -196,8 +196,19 @@ impl Node {
         collection: &Arc<Collection>,
         stop: &CancellationToken,
     ) -> Result<Option<HashMap<FileId, PathBuf>>, WireError> {
-        // One fetch per content; files with the same content are copied from the first.
-        let mut seen = HashSet::new();
+        tree.advance(|p| {
+            p.files_done = collection
+                .entries
+                .iter()
+                .filter(|e| matches!(e, Entry::File { size: 0, .. }))
+                .count() as u64
+        });
+        // The small files first, all at once, in their pack.
+        let Some(mut done_ids) = self.fetch_pack(tree, collection, stop).await? else {
+            return Ok(None);
+        };
+        // Then one fetch per content; files with the same content are copied from the first.
+        let mut seen: HashSet<FileId> = done_ids.keys().copied().collect();
         let mut firsts = Vec::new();
         for e in &collection.entries {
             if let Some(m) = e.manifest().filter(|m| m.size > 0) {
@@ -206,16 +217,8 @@ impl Node {
                 }
             }
         }
-        tree.advance(|p| {
-            p.files_done = collection
-                .entries
-                .iter()
-                .filter(|e| matches!(e, Entry::File { size: 0, .. }))
-                .count() as u64
-        });
         let mut running = tokio::task::JoinSet::new();
         let mut queue = firsts.into_iter().peekable();
-        let mut done_ids: HashMap<FileId, PathBuf> = HashMap::new();
         // Whether a large file runs (alone).
         let mut alone = false;
         loop {
@@ -234,7 +237,7 @@ impl Node {
                 running.spawn(async move {
                     let id = manifest.file_id();
                     let dest = t.part.join(&path);
-                    let got = node.fetch_member(&t, manifest, &dest, &stop).await;
+                    let got = node.fetch_member(&t, manifest, &dest, 1, &stop).await;
                     (id, dest, got)
                 });
             }
@@ -334,20 +337,21 @@ impl Node {
         Ok(Some(bytes))
     }
 
-    /// Puts one file of `tree` at `dest`: copied from a copy held here, or downloaded.
-    /// `Ok(false)` if stopped first.
-    async fn fetch_member(
+    /// Puts one file of `tree` (or its pack) at `dest`: copied from a copy held here, or
+    /// downloaded; it completes `files` of the tree's files. `Ok(false)` if stopped first.
+    pub(super) async fn fetch_member(
         self: &Arc<Self>,
         tree: &Arc<Tree>,
         manifest: Manifest,
         dest: &Path,
+        files: u64,
         stop: &CancellationToken,
     ) -> Result<bool, WireError> {
         let id = manifest.file_id();
         let size = manifest.size;
         let counted = |tree: &Tree| {
             tree.advance(|p| {
-                p.files_done += 1;
+                p.files_done += files;
                 p.bytes_done += size;
             })
         };
@@ -408,7 +412,7 @@ impl Node {
         } else {
             self.retire(&dl);
         }
-        tree.advance(|p| p.files_done += 1);
+        tree.advance(|p| p.files_done += files);
         Ok(true)
     }
 

@@ -27,6 +27,7 @@ pub type Files = Arc<RwLock<HashMap<FileId, Arc<LocalFile>>>>;
 mod downloads;
 mod fetch_tree;
 mod load;
+mod pack;
 mod share_tree;
 mod tree;
 mod tree_fs;

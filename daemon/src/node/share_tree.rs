@@ -115,6 +115,26 @@ fn walk(root: &Path) -> Result<Walked, WireError> {
     Ok(out)
 }
 
+/// The collection's entries: every directory, and every file with what hashing found.
+fn entries_of(walked: &Walked, hashed: &[(Manifest, Identity)]) -> Vec<Entry> {
+    let dirs = walked
+        .dirs
+        .iter()
+        .map(|path| Entry::Dir { path: path.clone() });
+    let files = walked
+        .files
+        .iter()
+        .zip(hashed)
+        .map(|(found, (m, _))| Entry::File {
+            path: found.rel.clone(),
+            executable: found.executable,
+            size: m.size,
+            chunk_size: m.chunk_size,
+            hashes: m.hashes.clone(),
+        });
+    dirs.chain(files).collect()
+}
+
 /// Hashes every file found (blocking); `progress(done, total)` over all their bytes.
 fn hash_all(
     files: &[Found],
@@ -167,24 +187,12 @@ impl Node {
             .await
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))??
         };
-        let mut entries: Vec<Entry> = walked
-            .dirs
-            .iter()
-            .map(|path| Entry::Dir { path: path.clone() })
-            .collect();
-        for (found, (m, _)) in walked.files.iter().zip(&hashed) {
-            entries.push(Entry::File {
-                path: found.rel.clone(),
-                executable: found.executable,
-                size: m.size,
-                chunk_size: m.chunk_size,
-                hashes: m.hashes.clone(),
-            });
-        }
-        let collection = Collection::new(entries);
+        let mut collection = Collection::new(entries_of(&walked, &hashed));
         collection
             .validate()
             .map_err(|e| bad(format!("{} cannot be shared: {e}", dir.display())))?;
+        let packed = self.write_pack(&dir, &collection).await?;
+        collection.pack = packed.as_ref().map(|p| p.pack.clone());
         let info = CollectionInfo {
             files: collection.file_count() as u64,
             bytes: collection.total_size(),
@@ -194,6 +202,9 @@ impl Node {
         let cid = index.manifest.file_id();
         for (found, (manifest, identity)) in walked.files.iter().zip(hashed) {
             self.share_member(cid, &found.abs, manifest, identity)?;
+        }
+        if let Some(p) = packed {
+            self.share_member(cid, &p.path, p.pack.manifest(), p.identity)?;
         }
         let manifest = Arc::new(index.manifest);
         self.share_index(manifest.clone(), index.file, index.path, index.identity)?;
@@ -227,7 +238,7 @@ impl Node {
 
     /// Records one file of collection `cid` as shared from `path`, unless it is shared
     /// already (alone, or by another collection): one record per content.
-    fn share_member(
+    pub(super) fn share_member(
         &self,
         cid: FileId,
         path: &Path,
@@ -256,12 +267,21 @@ impl Node {
         Ok(())
     }
 
+    /// Where collections' indexes and packs are kept.
+    pub(super) fn collections_dir(&self) -> PathBuf {
+        self.config.data_dir.join("collections")
+    }
+
     /// Where a collection's index is kept.
     pub(super) fn index_path(&self, cid: &FileId) -> PathBuf {
-        self.config
-            .data_dir
-            .join("collections")
+        self.collections_dir()
             .join(format!("{}.index", cid.to_hex()))
+    }
+
+    /// Where a pack is kept.
+    pub(super) fn pack_path(&self, pack: &FileId) -> PathBuf {
+        self.collections_dir()
+            .join(format!("{}.pack", pack.to_hex()))
     }
 
     /// Writes `collection`'s index under the data directory and hashes it: the collection's

@@ -117,14 +117,20 @@ impl Node {
             self.forget(&dl.id).await?;
             let _ = tokio::fs::remove_file(&dl.part).await;
         }
-        // Files of it finished meanwhile lie in the partial tree, which goes.
-        let members: Vec<FileId> = read_lock(&self.files)
+        // Files of it finished meanwhile lie in the partial tree, which goes, and its pack
+        // among this daemon's own files.
+        let own = self.collections_dir();
+        let members: Vec<(FileId, PathBuf)> = read_lock(&self.files)
             .values()
-            .filter(|f| f.collection() == Some(*cid) && f.path().starts_with(&tree.part))
-            .map(|f| f.id)
+            .filter(|f| f.collection() == Some(*cid))
+            .map(|f| (f.id, f.path()))
+            .filter(|(_, path)| path.starts_with(&tree.part) || path.starts_with(&own))
             .collect();
-        for id in members {
+        for (id, path) in members {
             self.forget(&id).await?;
+            if path.starts_with(&own) {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
         }
         // The index was fetched for this download: it goes too (this daemon no longer holds
         // any of the collection).
@@ -169,13 +175,21 @@ impl Node {
             .map(|f| f.manifest.clone())
             .or_else(|| self.tree(cid).map(|t| t.manifest.clone()))
             .ok_or_else(|| err(ErrorCode::NotFound, "not shared here"))?;
-        let members: Vec<FileId> = read_lock(&self.files)
+        let members: Vec<(FileId, PathBuf)> = read_lock(&self.files)
             .values()
             .filter(|f| f.collection() == Some(*cid))
-            .map(|f| f.id)
+            .map(|f| (f.id, f.path()))
             .collect();
-        for id in members {
+        // The pack and the index are this daemon's own copies: they go; the tree stays.
+        let own = self.collections_dir();
+        for (id, path) in members {
             self.forget(&id).await?;
+            if path.starts_with(&own) {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+        }
+        if let Some(index) = self.local_file(cid) {
+            let _ = tokio::fs::remove_file(index.path()).await;
         }
         self.forget(cid).await?;
         lock(&self.trees).remove(cid);
