@@ -242,6 +242,7 @@ fn cut_out(
 }
 
 /// Makes `files` (all under `dir`) durable: one `syncfs` on Linux, else each file's sync.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
 fn sync_all_of<'a>(dir: &Path, files: impl Iterator<Item = &'a Path>) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     if let Ok(d) = std::fs::File::open(dir) {
