@@ -320,7 +320,8 @@ fn main() {
         lines.push(memory(&base, &files, &rows, opts.quick));
     }
     if opts.trees {
-        lines.extend(trees::trees(&base, &files, opts.quick, run_others));
+        // As with crowds, aria2c's multi-file torrent runs wherever the tools are installed.
+        lines.extend(trees::trees(&base, &files, opts.quick, missing.is_empty()));
     }
     report(&mut rows, &lines, &base, &opts, &notes);
     let _ = std::fs::remove_dir_all(&base);

@@ -424,6 +424,7 @@ impl Node {
             return;
         }
         lock(&self.downloads).remove(&dl.id);
+        crate::return_freed_memory();
         if let Err(e) = self.store.remove_download(&dl.id) {
             warn!(error = %e, "removing a finished download's record");
         }
