@@ -226,7 +226,10 @@ fn format_collections(out: &mut String, collections: &[p2p_schema::CollectionSta
         let _ = writeln!(out, "Directories: {}", collections.len());
     }
     for c in collections {
-        let state = state_word(&c.state);
+        let state = match (&c.state, &c.blocked) {
+            (DownloadState::Running, Some(why)) => format!("stalled: {why}"),
+            (state, _) => state_word(state),
+        };
         let _ = writeln!(
             out,
             "  {}  {}/  {}/{} files  {}/{}  {}  uploaded {}  {}",

@@ -387,6 +387,14 @@ async fn download_tree(
             Ok(TreeEvent::Progress(p)) => send(writer, progress(p)).await?,
             Ok(TreeEvent::Completed) => return send(writer, completed).await,
             Ok(TreeEvent::Failed(why)) => return send(writer, failed(why)).await,
+            Ok(TreeEvent::Stalled(why)) => {
+                // The download waits in the daemon; the command says why and ends.
+                let e = WireError::new(
+                    ErrorCode::Io,
+                    format!("download of {}/ stalled: {why}", file.name),
+                );
+                return send(writer, CtlResponse::Error(e)).await;
+            }
             Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => {
                 let e = WireError::new(ErrorCode::Internal, "the download ended unexpectedly");

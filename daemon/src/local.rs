@@ -305,6 +305,11 @@ impl LocalFile {
         self.lock().collection = collection;
     }
 
+    /// The identity the whole file must keep to be served, once recorded.
+    pub fn source(&self) -> Option<Identity> {
+        self.lock().source
+    }
+
     /// Records the identity the whole file must keep to be served.
     pub fn set_source(&self, identity: Identity) {
         self.lock().source = Some(identity);

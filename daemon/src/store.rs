@@ -103,6 +103,10 @@ pub struct CollectionRecord {
     pub files: u64,
     #[serde(default)]
     pub bytes: u64,
+    /// Whether `part` was created by this download (recorded durably right after): only
+    /// then is an existing `part` taken for its own after a restart.
+    #[serde(default)]
+    pub reserved: bool,
 }
 
 /// The daemon's database.

@@ -167,14 +167,72 @@ pub fn validate_path(path: &str) -> Result<(), CollectionError> {
     Ok(())
 }
 
-/// How `path` is seen by a file system that ignores case and Unicode normalisation.
-fn folded(path: &str) -> String {
-    path.nfc().flat_map(char::to_lowercase).nfc().collect()
+/// How a name is seen by a file system that ignores case and Unicode normalisation.
+fn folded(name: &str) -> String {
+    name.nfc().flat_map(char::to_lowercase).nfc().collect()
 }
 
-/// Every proper ancestor of `path` (`a`, `a/b` for `a/b/c`).
-fn ancestors(path: &str) -> impl Iterator<Item = &str> {
-    path.match_indices('/').map(move |(i, _)| &path[..i])
+/// Deepest path accepted, in components.
+pub const MAX_DEPTH: usize = 128;
+/// Most path components one index may hold in all (files and the directories above them).
+pub const MAX_COMPONENTS: usize = 4_000_000;
+
+/// A collection's paths as a folding file system sees them: one node per directory or file,
+/// keyed by its parent and its folded name. Checking a path costs its length, whatever the
+/// depth of the tree (a key per ancestor path would cost its square).
+#[derive(Default)]
+struct Folded<'a> {
+    nodes: HashMap<(usize, String), Node<'a>>,
+    visited: usize,
+}
+
+struct Node<'a> {
+    id: usize,
+    /// The path up to this node, as the index spells it.
+    spelled: &'a str,
+    file: bool,
+}
+
+impl<'a> Folded<'a> {
+    /// Adds `path` (a file if `file`): refused if a folding file system would take one of its
+    /// components for another spelling already seen, or if one of its directories is a file.
+    fn add(&mut self, path: &'a str, file: bool) -> Result<(), CollectionError> {
+        let depth = path.split('/').count();
+        self.visited += depth;
+        if depth > MAX_DEPTH || self.visited > MAX_COMPONENTS {
+            return Err(CollectionError::Path {
+                path: path.chars().take(128).collect(),
+                why: format!("deeper than {MAX_DEPTH} components, or too many components in all"),
+            });
+        }
+        let mut parent = 0;
+        let mut end = 0;
+        for (i, name) in path.split('/').enumerate() {
+            end += name.len() + usize::from(i > 0);
+            let spelled = &path[..end];
+            let last = i + 1 == depth;
+            let next = self.nodes.len() + 1;
+            let node = self.nodes.entry((parent, folded(name))).or_insert(Node {
+                id: next,
+                spelled,
+                file: last && file,
+            });
+            if node.spelled != spelled {
+                return Err(CollectionError::Collision {
+                    a: node.spelled.into(),
+                    b: spelled.into(),
+                });
+            }
+            if node.file && !last {
+                return Err(CollectionError::FileIsDir {
+                    file: node.spelled.into(),
+                    inner: path.into(),
+                });
+            }
+            parent = node.id;
+        }
+        Ok(())
+    }
 }
 
 impl Collection {
@@ -243,7 +301,7 @@ impl Collection {
             return Err(CollectionError::TooManyEntries(self.entries.len()));
         }
         let mut files: HashSet<&str> = HashSet::new();
-        let mut seen: HashMap<String, &str> = HashMap::new();
+        let mut tree = Folded::default();
         let mut total: u64 = 0;
         let mut previous: Option<&str> = None;
         for entry in &self.entries {
@@ -261,31 +319,7 @@ impl Collection {
                 total = total.checked_add(m.size).ok_or(CollectionError::TooLarge)?;
                 files.insert(path);
             }
-            // The entry and each directory above it, as a folding file system sees them.
-            for name in ancestors(path).chain(std::iter::once(path)) {
-                let key = folded(name);
-                match seen.get(&key) {
-                    Some(&other) if other != name => {
-                        return Err(CollectionError::Collision {
-                            a: other.into(),
-                            b: name.into(),
-                        })
-                    }
-                    Some(_) => {}
-                    None => {
-                        seen.insert(key, name);
-                    }
-                }
-            }
-        }
-        // Sorted order puts a file before what would lie inside it; check every ancestor.
-        for entry in &self.entries {
-            if let Some(file) = ancestors(entry.path()).find(|a| files.contains(a)) {
-                return Err(CollectionError::FileIsDir {
-                    file: file.into(),
-                    inner: entry.path().into(),
-                });
-            }
+            tree.add(path, entry.manifest().is_some())?;
         }
         self.validate_pack(&files)
     }
@@ -301,9 +335,21 @@ impl Collection {
             .validate()
             .map_err(|e| CollectionError::Pack(e.to_string()))?;
         let mut listed = HashSet::new();
+        let sizes: HashMap<&str, u64> = self
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.path(), e.manifest()?.size)))
+            .collect();
         for path in &pack.files {
             if !files.contains(path.as_str()) {
                 return bad(format!("{path:?} is not one of its files"));
+            }
+            // Only small files are packed: each is cut out of the pack in one piece of memory.
+            if !sizes
+                .get(path.as_str())
+                .is_some_and(|&n| n > 0 && n < PACK_MAX)
+            {
+                return bad(format!("{path:?} is empty or too large to be packed"));
             }
             if !listed.insert(path.as_str()) {
                 return bad(format!("{path:?} is listed twice"));
@@ -466,6 +512,26 @@ mod tests {
     }
 
     #[test]
+    fn depth_is_bounded_and_a_deep_tree_costs_its_length() {
+        let deep = vec!["d"; MAX_DEPTH].join("/");
+        let e = refused(vec![file(&format!("{deep}/x"), b"1")]);
+        assert!(e.to_string().contains("deeper than"), "{e}");
+        // Many long paths, each as deep as allowed: checked node by node.
+        let base = vec!["dir"; MAX_DEPTH - 1].join("/");
+        let entries: Vec<Entry> = (0..2_000)
+            .map(|i| file(&format!("{base}/f{i:05}"), b"1"))
+            .collect();
+        let c = Collection::new(entries);
+        Collection::decode(&c.encode()).unwrap();
+        // A collision deep down is still found.
+        let e = refused(vec![
+            file(&format!("{base}/Same"), b"1"),
+            file(&format!("{base}/same"), b"2"),
+        ]);
+        assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
+    }
+
+    #[test]
     fn a_pack_lists_each_file_once_and_adds_up() {
         let entries = || vec![file("a", b"12345"), file("b", b"678"), dir("d")];
         packed(entries(), &["b", "a"], 8).unwrap();
@@ -477,6 +543,16 @@ mod tests {
         assert!(matches!(e, CollectionError::Pack(_)), "{e}");
         let e = packed(entries(), &["a", "b"], 9).unwrap_err();
         assert!(e.to_string().contains("add up"), "{e}");
+        // A file too large to cut out in one piece cannot be packed, whatever its size says.
+        let big = Entry::File {
+            path: "big".into(),
+            executable: false,
+            size: PACK_MAX,
+            chunk_size: 1 << 20,
+            hashes: vec![0; 32],
+        };
+        let e = packed(vec![file("a", b"12345"), big], &["a", "big"], 5 + PACK_MAX).unwrap_err();
+        assert!(e.to_string().contains("too large"), "{e}");
         let c = Collection::new(entries());
         assert_eq!(c.packable().len(), 2);
     }

@@ -460,6 +460,10 @@ pub struct CollectionStatus {
     pub bytes: u64,
     /// Bytes of its files served to other peers.
     pub uploaded: u64,
+    /// Why it cannot go on for now, while it cannot: a stalled file's reason (a full disk),
+    /// or how many chunks no live holder has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
 }
 
 /// One file this daemon serves whole.

@@ -42,7 +42,8 @@ fn snapshot(root: &Path) -> BTreeMap<String, String> {
 }
 
 /// A tree with what trips tools up: nested and empty directories, empty files, Unicode and
-/// spaces in names, an executable, a hidden file, two files with the same bytes, and
+/// spaces in names, an executable, a hidden file, two files with the same bytes, names ending
+/// like temporary files (`.part`, `.copy`, `.unpack`), and
 /// symbolic links (to a file outside, and to a directory inside) that must be skipped.
 fn make_tree(root: &Path, outside: &Path) {
     let dir = |p: &str| std::fs::create_dir_all(root.join(p)).expect("mkdir");
@@ -60,6 +61,14 @@ fn make_tree(root: &Path, outside: &Path) {
     std::fs::write(root.join("run.sh"), b"#!/bin/sh\necho hi\n").expect("write");
     std::fs::set_permissions(root.join("run.sh"), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
+    // Names a daemon might use for its own temporary files beside them.
+    std::fs::write(
+        root.join("weights/shard-1.bin.part"),
+        b"not a partial file\n",
+    )
+    .expect("write");
+    std::fs::write(root.join("config.json.copy"), b"a copy\n").expect("write");
+    std::fs::write(root.join("run.sh.unpack"), b"x\n").expect("write");
     write_random(&root.join("dup-a.bin"), 200_000, 3);
     write_random(&root.join("sub/dup-b.bin"), 200_000, 3);
     std::fs::write(outside, b"secret outside the tree\n").expect("write");
@@ -106,7 +115,7 @@ fn a_directory_is_shared_as_one_collection_and_recreated_bit_identical_with_its_
 
     let text = a.ctl(&["register", s(&root)]).ok();
     assert!(
-        text.starts_with("Registration of model/ (9 files, 4.38 MiB) successful.\nID: "),
+        text.starts_with("Registration of model/ (12 files, 4.38 MiB) successful.\nID: "),
         "{text}"
     );
     assert!(text.contains("Skipped 2 entries"), "{text}");
@@ -124,7 +133,7 @@ fn a_directory_is_shared_as_one_collection_and_recreated_bit_identical_with_its_
     let doc = a.ctl_json(&["register", s(&root)]);
     let id = doc["file"]["id"].as_str().expect("an ID").to_string();
     assert_eq!(doc["file"]["collection"], true, "{doc}");
-    assert_eq!(doc["collection"]["files"], 9, "{doc}");
+    assert_eq!(doc["collection"]["files"], 12, "{doc}");
     assert_eq!(
         doc["collection"]["skipped"].as_array().map(Vec::len),
         Some(2),
@@ -135,7 +144,7 @@ fn a_directory_is_shared_as_one_collection_and_recreated_bit_identical_with_its_
     assert!(list.contains("Name: model/ (a directory)"), "{list}");
     let shared = collection(a, &id);
     assert_eq!(shared["state"]["state"], "complete", "{shared}");
-    assert_eq!(shared["files"], 9, "{shared}");
+    assert_eq!(shared["files"], 12, "{shared}");
     // Its files are the collection's, not shares of their own.
     assert_eq!(a.status()["shares"].as_array().map(Vec::len), Some(0));
 
@@ -153,7 +162,7 @@ fn a_directory_is_shared_as_one_collection_and_recreated_bit_identical_with_its_
     assert_eq!(got["state"]["state"], "complete", "{got}");
     assert_eq!(
         (got["files_done"].clone(), got["files"].clone()),
-        (9.into(), 9.into())
+        (12.into(), 12.into())
     );
     assert_eq!(b.status()["downloads"].as_array().map(Vec::len), Some(0));
 

@@ -9,12 +9,11 @@
 use std::collections::HashSet;
 
 use p2p_schema::{Collection, Entry};
-use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::tree::{io, joined, part_taken, TreeProgress, LARGE_FILE, PARALLEL_FILES};
-use super::tree_fs::{copy_into, finish_tree, lay_out, verify_in_place};
+use super::tree_fs::{adopt, copy_into, finish_tree, lay_out, verify_in_place};
 use super::*;
 use crate::local::Identity;
 
@@ -149,7 +148,11 @@ impl Node {
         let Some(bytes) = self.fetch_index(tree, stop).await? else {
             return Ok(false);
         };
-        let collection = Collection::decode(&bytes).map_err(|e| {
+        // Checking an index of a million entries takes a while: off the async threads.
+        let checked = tokio::task::spawn_blocking(move || Collection::decode(&bytes))
+            .await
+            .map_err(joined)?;
+        let collection = checked.map_err(|e| {
             err(
                 ErrorCode::BadRequest,
                 format!("collection {} refused: {e}", tree.manifest.name),
@@ -292,7 +295,15 @@ impl Node {
             }
             Err(e) => return Err(io(format!("creating {}", tree.part.display()))(e)),
         }
-        tree.reserved.store(true, Relaxed);
+        if !tree.reserved.swap(true, Relaxed) {
+            // Durably, before anything is written in it: after a restart, only a directory
+            // this download made is taken for its own.
+            let io = |e: Error| err(ErrorCode::Io, e.to_string());
+            self.store
+                .put_collection(&tree.id, &tree.record())
+                .map_err(io)?;
+            self.store.flush().await.map_err(io)?;
+        }
         Ok(())
     }
 
@@ -325,7 +336,7 @@ impl Node {
                             .await?
                     }
                 };
-                if !self.wait_download(&dl, stop, |_| {}).await? {
+                if !self.wait_download(&dl, stop, None).await? {
                     return Ok(None);
                 }
                 dl.output.clone()
@@ -365,7 +376,8 @@ impl Node {
                 let from = local.path();
                 if from != dest {
                     let to = dest.to_path_buf();
-                    tokio::task::spawn_blocking(move || copy_into(&from, &to))
+                    let scratch = tree.scratch();
+                    tokio::task::spawn_blocking(move || copy_into(&from, &to, &scratch))
                         .await
                         .map_err(joined)??;
                     info!(file = %id.short(), "a file held here already is copied, not fetched");
@@ -374,39 +386,20 @@ impl Node {
                 return Ok(true);
             }
         }
-        let dl = match self.download(&id) {
-            Some(dl) => {
-                if matches!(dl.state(), DownloadState::Paused | DownloadState::Failed(_)) {
-                    dl.start(self.context()).await;
-                }
-                dl
-            }
-            None => {
-                let mut part = dest.as_os_str().to_owned();
-                part.push(".part");
-                // Inside this download's own directory, a partial file no record names was
-                // left by a crash before its record reached the disk.
-                let _ = tokio::fs::remove_file(&part).await;
-                self.begin_download(
-                    manifest,
-                    dest.to_path_buf(),
-                    PathBuf::from(part),
-                    Some(tree.id),
-                )
-                .await?
-            }
+        let Some(dl) = self.member_download(tree, manifest, dest).await? else {
+            // Found whole in place (its records were lost in a crash) and adopted.
+            counted(tree);
+            return Ok(true);
         };
         let t = tree.clone();
-        if !self
-            .wait_download(&dl, stop, move |bytes| t.advance(|p| p.bytes_done += bytes))
-            .await?
-        {
+        if !self.wait_download(&dl, stop, Some(&t)).await? {
             return Ok(false);
         }
         if dl.output != dest {
             // Another download of the same content (alone, or for another collection).
             let (from, to) = (dl.output.clone(), dest.to_path_buf());
-            tokio::task::spawn_blocking(move || copy_into(&from, &to))
+            let scratch = tree.scratch();
+            tokio::task::spawn_blocking(move || copy_into(&from, &to, &scratch))
                 .await
                 .map_err(joined)??;
         } else {
@@ -414,6 +407,52 @@ impl Node {
         }
         tree.advance(|p| p.files_done += files);
         Ok(true)
+    }
+
+    /// The download of one of `tree`'s files (or its pack) to `dest`: the one under way, or a
+    /// new one; `None` if the file was found whole at `dest` and adopted. One at a time per
+    /// content, whichever collections ask.
+    async fn member_download(
+        self: &Arc<Self>,
+        tree: &Arc<Tree>,
+        manifest: Manifest,
+        dest: &Path,
+    ) -> Result<Option<Arc<download::Download>>, WireError> {
+        let id = manifest.file_id();
+        let gate = lock(&self.starting).entry(id).or_default().clone();
+        let _only = gate.lock().await;
+        if let Some(dl) = self.download(&id) {
+            if matches!(dl.state(), DownloadState::Paused | DownloadState::Failed(_)) {
+                dl.start(self.context()).await;
+            }
+            return Ok(Some(dl));
+        }
+        // The partial file goes where no entry of the tree can be (a pack's, beside it in
+        // this daemon's own directory).
+        let part = if dest.starts_with(&tree.part) {
+            tree.scratch().join(format!("{}.part", id.to_hex()))
+        } else {
+            let mut p = dest.as_os_str().to_owned();
+            p.push(".part");
+            PathBuf::from(p)
+        };
+        // Left by a crash before their records reached the disk: a partial file no record
+        // names (ours: it is in our own directory), or the whole file in place.
+        let _ = tokio::fs::remove_file(&part).await;
+        if tokio::fs::symlink_metadata(dest).await.is_ok() {
+            let (d, m) = (dest.to_path_buf(), manifest.clone());
+            let found = tokio::task::spawn_blocking(move || adopt(&d, &m))
+                .await
+                .map_err(joined)??;
+            if let Some(identity) = found {
+                self.share_member(tree.id, dest, manifest, identity)?;
+                return Ok(None);
+            }
+        }
+        let dl = self
+            .begin_download(manifest, dest.to_path_buf(), part, Some(tree.id))
+            .await?;
+        Ok(Some(dl))
     }
 
     /// Forgets the finished download of one of a collection's files: its share (recorded
@@ -427,53 +466,6 @@ impl Node {
         crate::return_freed_memory();
         if let Err(e) = self.store.remove_download(&dl.id) {
             warn!(error = %e, "removing a finished download's record");
-        }
-    }
-
-    /// Waits until `dl` completes (`Ok(true)`), fails (its reason), or `stop` (`Ok(false)`);
-    /// `gained(bytes)` as chunks arrive.
-    async fn wait_download(
-        &self,
-        dl: &Arc<download::Download>,
-        stop: &CancellationToken,
-        gained: impl Fn(u64),
-    ) -> Result<bool, WireError> {
-        let mut events = dl.events.subscribe();
-        let failed = |why: String| err(ErrorCode::Io, format!("{}: {why}", dl.output.display()));
-        match dl.state() {
-            DownloadState::Complete => return Ok(true),
-            DownloadState::Failed(why) => return Err(failed(why)),
-            _ => {}
-        }
-        loop {
-            let event = tokio::select! {
-                () = stop.cancelled() => return Ok(false),
-                e = events.recv() => e,
-            };
-            match event {
-                Ok(download::Event::Chunk { index, .. }) => {
-                    if let Some((_, len)) = dl.manifest.chunk_range(index) {
-                        gained(u64::from(len));
-                    }
-                }
-                Ok(download::Event::Completed { .. }) => return Ok(true),
-                Ok(download::Event::Failed(why)) => {
-                    if stop.is_cancelled() {
-                        return Ok(false);
-                    }
-                    return Err(failed(why));
-                }
-                // It goes on by itself once it can.
-                Ok(download::Event::Stalled(_)) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => {
-                    return match dl.state() {
-                        DownloadState::Complete => Ok(true),
-                        DownloadState::Failed(why) => Err(failed(why)),
-                        _ => Ok(false),
-                    }
-                }
-            }
         }
     }
 

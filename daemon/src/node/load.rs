@@ -50,7 +50,10 @@ impl Node {
             }
             return;
         }
-        let Some(file) = self.reopen_part(&manifest, &output, &part).await else {
+        let Some(file) = self
+            .reopen_part(&manifest, &output, &part, rec.collection)
+            .await
+        else {
             return;
         };
         let mut have = self.store.held_chunks(&id, manifest.chunk_count());
@@ -85,13 +88,17 @@ impl Node {
         manifest: &Arc<Manifest>,
         output: &Path,
         part: &Path,
+        collection: Option<FileId>,
     ) -> Option<std::fs::File> {
         let id = manifest.file_id();
         match open_part(part) {
             Ok(f) => Some(f),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Stopped between the final rename and recording it complete?
-                if self.adopt_finished(manifest, output, part).await {
+                if self
+                    .adopt_finished(manifest, output, part, collection)
+                    .await
+                {
                     return None;
                 }
                 warn!(file = %id.short(), part = %part.display(), "partial file is gone; the download starts over");
@@ -153,7 +160,13 @@ impl Node {
     /// stopped in between): its partial file is gone and its output holds exactly the bytes
     /// its manifest names (every chunk re-verified). Then it is recorded complete and shared,
     /// as the finished download would have been. Returns whether it was.
-    async fn adopt_finished(&self, manifest: &Arc<Manifest>, output: &Path, part: &Path) -> bool {
+    async fn adopt_finished(
+        &self,
+        manifest: &Arc<Manifest>,
+        output: &Path,
+        part: &Path,
+        collection: Option<FileId>,
+    ) -> bool {
         let id = manifest.file_id();
         let opened = std::fs::File::open(output).and_then(|f| Ok((f.metadata()?, f)));
         let Ok((meta, file)) = opened else {
@@ -181,7 +194,8 @@ impl Node {
         let Some(path) = output.to_str() else {
             return false;
         };
-        let share = ShareRecord::new((**manifest).clone(), path.to_string(), identity);
+        let mut share = ShareRecord::new((**manifest).clone(), path.to_string(), identity);
+        share.collection = collection;
         if let Err(e) = self.store.put_share(&id, &share) {
             warn!(error = %e, "recording a finished download");
             return false;
@@ -194,6 +208,7 @@ impl Node {
             Bitfield::full(chunks),
         );
         local.set_source(identity);
+        local.set_collection(collection);
         let local = Arc::new(local);
         self.insert_file(local.clone());
         let dl = Download::new(

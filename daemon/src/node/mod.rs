@@ -276,15 +276,25 @@ impl Node {
 
     /// Forgets everything about file `id`: records, chunks, serving, the tracker's holding.
     async fn forget(&self, id: &FileId) -> Result<(), WireError> {
+        self.forget_quietly(id)?;
+        self.store
+            .flush()
+            .await
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        self.tracker.notify(TrackerRequest::Drop { file_id: *id });
+        Ok(())
+    }
+
+    /// Forgets file `id` here (records, chunks, serving), without a flush and without telling
+    /// the tracker: for a collection's files, which it never heard of one by one; the caller
+    /// flushes once for them all.
+    fn forget_quietly(&self, id: &FileId) -> Result<(), WireError> {
         write_lock(&self.files).remove(id);
         lock(&self.downloads).remove(id);
         let io = |e: Error| err(ErrorCode::Io, e.to_string());
         self.store.remove_share(id).map_err(io)?;
         self.store.remove_download(id).map_err(io)?;
-        self.store.clear_chunks(id).map_err(io)?;
-        self.store.flush().await.map_err(io)?;
-        self.tracker.notify(TrackerRequest::Drop { file_id: *id });
-        Ok(())
+        self.store.clear_chunks(id).map_err(io)
     }
 
     /// What this daemon shares and downloads.

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use p2p_schema::{auto_chunk_size, Collection, ManifestBuilder, Pack};
 use tokio_util::sync::CancellationToken;
 
-use super::tree::{io, joined, Tree};
+use super::tree::{io, joined, Tree, SCRATCH};
 use super::*;
 use crate::local::Identity;
 
@@ -231,9 +231,10 @@ fn cut_out(
             ));
         }
         let dest = part.join(path);
-        let mut temp = dest.as_os_str().to_owned();
-        temp.push(".unpack");
-        let temp = PathBuf::from(temp);
+        // Where no entry of the tree can be (see `SCRATCH`).
+        let temp = part
+            .join(SCRATCH)
+            .join(format!("{}.unpack", fastrand::u64(..)));
         // Closed at once: a pack may hold more files than this process may open.
         std::fs::write(&temp, &bytes).map_err(io(format!("writing {}", temp.display())))?;
         written.push((temp, dest, m.clone()));
@@ -275,7 +276,7 @@ mod tests {
         let pack = dir.path().join("pack");
         std::fs::write(&pack, [a.clone(), b.clone()].concat()).unwrap();
         let part = dir.path().join("tree");
-        std::fs::create_dir(&part).unwrap();
+        std::fs::create_dir_all(part.join(SCRATCH)).unwrap();
         let files = vec![
             ("a".to_string(), manifest_of(&a), 0),
             ("b".to_string(), manifest_of(&b), 3000),
@@ -289,7 +290,7 @@ mod tests {
         // file is not written.
         std::fs::write(&pack, [a.clone(), vec![3u8; 500]].concat()).unwrap();
         let fresh = dir.path().join("fresh");
-        std::fs::create_dir(&fresh).unwrap();
+        std::fs::create_dir_all(fresh.join(SCRATCH)).unwrap();
         let e = unpack(&pack, &fresh, &files).unwrap_err();
         assert!(e.message.contains("does not hold b"), "{e}");
         assert!(!fresh.join("b").exists());

@@ -15,6 +15,11 @@ pub(super) const PARALLEL_FILES: usize = 8;
 /// buffers of one download are all it needs (a large set costs the memory of one file).
 pub(super) const LARGE_FILE: u64 = 8 << 20;
 
+/// The directory, inside a tree being built, for this daemon's temporary files (partial
+/// files, copies, files being unpacked). Its name holds a control character, which no entry
+/// of a collection may: no temporary name can ever be one of the tree's paths.
+pub(super) const SCRATCH: &str = "\u{1}p2p-scratch";
+
 /// How far a collection's download is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TreeProgress {
@@ -30,6 +35,8 @@ pub enum TreeEvent {
     Progress(TreeProgress),
     Completed,
     Failed(String),
+    /// A file's download cannot go on for now (a full disk): it goes on by itself.
+    Stalled(String),
 }
 
 /// One collection's download.
@@ -45,6 +52,8 @@ pub struct Tree {
     pub(super) halt: Mutex<CancellationToken>,
     /// The download's one task, while it has one.
     pub(super) task: tokio::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Why it cannot go on for now, while it cannot (see [`TreeEvent::Stalled`]).
+    blocked: Mutex<Option<String>>,
     /// Whether `part` is this download's own: created by it, or recorded by an earlier run.
     /// It is created only once the index passed its checks, so a refused collection
     /// leaves nothing behind.
@@ -77,7 +86,13 @@ impl Tree {
             halt: Mutex::new(CancellationToken::new()),
             task: tokio::sync::Mutex::new(None),
             reserved: std::sync::atomic::AtomicBool::new(false),
+            blocked: Mutex::new(None),
         }
+    }
+
+    /// Where this download's temporary files go (see [`SCRATCH`]).
+    pub(super) fn scratch(&self) -> PathBuf {
+        self.part.join(SCRATCH)
     }
 
     pub fn state(&self) -> DownloadState {
@@ -97,6 +112,7 @@ impl Tree {
             state: self.state(),
             files: p.files,
             bytes: p.bytes,
+            reserved: self.reserved.load(std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -114,6 +130,22 @@ impl Tree {
             *p
         };
         let _ = self.events.send(TreeEvent::Progress(now));
+    }
+
+    /// One of its files' downloads stalled, for `why`.
+    pub(super) fn stall(&self, why: String) {
+        *lock(&self.blocked) = Some(why.clone());
+        let _ = self.events.send(TreeEvent::Stalled(why));
+    }
+
+    /// Its files' downloads go on.
+    pub(super) fn unstall(&self) {
+        lock(&self.blocked).take();
+    }
+
+    /// Why it cannot go on, if it cannot.
+    pub(super) fn blocked(&self) -> Option<String> {
+        lock(&self.blocked).clone()
     }
 
     /// Stops the current run (if any) and waits for its task to end.
@@ -146,6 +178,60 @@ pub(super) fn joined(e: tokio::task::JoinError) -> WireError {
 }
 
 impl Node {
+    /// Waits until `dl` completes (`Ok(true)`), fails (its reason), or `stop` (`Ok(false)`);
+    /// `tree`, if given, is told of the bytes as chunks arrive, and of stalls.
+    pub(super) async fn wait_download(
+        &self,
+        dl: &Arc<download::Download>,
+        stop: &CancellationToken,
+        tree: Option<&Tree>,
+    ) -> Result<bool, WireError> {
+        let mut events = dl.events.subscribe();
+        let failed = |why: String| err(ErrorCode::Io, format!("{}: {why}", dl.output.display()));
+        match dl.state() {
+            DownloadState::Complete => return Ok(true),
+            DownloadState::Failed(why) => return Err(failed(why)),
+            _ => {}
+        }
+        loop {
+            let event = tokio::select! {
+                () = stop.cancelled() => return Ok(false),
+                e = events.recv() => e,
+            };
+            match event {
+                Ok(download::Event::Chunk { index, .. }) => {
+                    if let Some((_, len)) = dl.manifest.chunk_range(index) {
+                        if let Some(t) = tree {
+                            t.advance(|p| p.bytes_done += u64::from(len));
+                            t.unstall();
+                        }
+                    }
+                }
+                Ok(download::Event::Completed { .. }) => return Ok(true),
+                Ok(download::Event::Failed(why)) => {
+                    if stop.is_cancelled() {
+                        return Ok(false);
+                    }
+                    return Err(failed(why));
+                }
+                // It goes on by itself once it can; those following the tree are told.
+                Ok(download::Event::Stalled(why)) => {
+                    if let Some(t) = tree {
+                        t.stall(why);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => {
+                    return match dl.state() {
+                        DownloadState::Complete => Ok(true),
+                        DownloadState::Failed(why) => Err(failed(why)),
+                        _ => Ok(false),
+                    }
+                }
+            }
+        }
+    }
+
     pub(super) fn tree(&self, id: &FileId) -> Option<Arc<Tree>> {
         lock(&self.trees).get(id).cloned()
     }
@@ -167,11 +253,24 @@ impl Node {
                     bytes_done: p.bytes_done,
                     bytes: p.bytes,
                     uploaded: self.uploaded_for(&t.id),
+                    blocked: t.blocked().or_else(|| self.unheld(&t.id)),
                 }
             })
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         out
+    }
+
+    /// For a collection being downloaded: how many chunks of its files no live holder has,
+    /// if any.
+    fn unheld(&self, cid: &FileId) -> Option<String> {
+        let (chunks, files) = lock(&self.downloads)
+            .values()
+            .filter(|d| d.local.collection() == Some(*cid) && d.state() == DownloadState::Running)
+            .map(|d| d.status().stalled)
+            .filter(|&n| n > 0)
+            .fold((0u64, 0u64), |(c, f), n| (c + u64::from(n), f + 1));
+        (chunks > 0).then(|| format!("{chunks} chunks of {files} files have no live holder"))
     }
 
     /// Bytes served of collection `cid`: its index and its files.

@@ -4,8 +4,9 @@
 
 use p2p_schema::{Collection, Entry};
 
-use super::tree::{io, Tree};
+use super::tree::{io, Tree, SCRATCH};
 use super::*;
+use crate::local::Identity;
 use crate::part::PlaceError;
 
 /// Checks (blocking) that every file of `collection` under `root` holds the bytes the index
@@ -29,9 +30,32 @@ pub(super) fn verify_in_place(root: &Path, collection: &Collection) -> Result<()
     Ok(())
 }
 
+/// A file found whole at `dest` with no record of it (a crash lost them): its identity if it
+/// holds exactly `manifest`'s bytes (hashed anew); otherwise it is removed (it lies in this
+/// daemon's own directory) and `None` returned (blocking).
+pub(super) fn adopt(dest: &Path, manifest: &Manifest) -> Result<Option<Identity>, WireError> {
+    let regular = std::fs::symlink_metadata(dest).is_ok_and(|m| m.is_file());
+    let hashed = regular.then(|| {
+        crate::register::hash_file(
+            dest,
+            manifest.name.clone(),
+            Some(manifest.chunk_size),
+            |_, _| {},
+        )
+    });
+    match hashed {
+        Some(Ok(h)) if h.manifest.file_id() == manifest.file_id() => Ok(Some(h.identity)),
+        _ => {
+            std::fs::remove_file(dest).map_err(io(format!("removing {}", dest.display())))?;
+            Ok(None)
+        }
+    }
+}
+
 /// Creates the tree's directories and empty files under `part` (blocking). Every path was
 /// checked ([`Collection::decode`]); none is followed through a symbolic link.
 pub(super) fn lay_out(part: &Path, collection: &Collection) -> Result<(), WireError> {
+    ensure_dir(part, &part.join(SCRATCH))?;
     for e in &collection.entries {
         let path = part.join(e.path());
         match e {
@@ -83,10 +107,8 @@ pub(super) fn ensure_dir(root: &Path, dir: &Path) -> Result<(), WireError> {
 }
 
 /// Copies `from` to `to` through a temporary name, synced (blocking).
-pub(super) fn copy_into(from: &Path, to: &Path) -> Result<(), WireError> {
-    let mut temp = to.as_os_str().to_owned();
-    temp.push(".copy");
-    let temp = PathBuf::from(temp);
+pub(super) fn copy_into(from: &Path, to: &Path, scratch: &Path) -> Result<(), WireError> {
+    let temp = scratch.join(format!("{}.copy", fastrand::u64(..)));
     std::fs::copy(from, &temp).map_err(io(format!(
         "copying {} to {}",
         from.display(),
@@ -123,7 +145,7 @@ pub(super) fn finish_tree(
                 .file_id()
                 .and_then(|id| done.get(&id))
                 .ok_or_else(|| err(ErrorCode::Internal, format!("{path} was never fetched")))?;
-            copy_into(first, &dest)?;
+            copy_into(first, &dest, &part.join(SCRATCH))?;
             tree.advance(|p| {
                 p.files_done += 1;
                 p.bytes_done += size;
@@ -131,6 +153,9 @@ pub(super) fn finish_tree(
         }
         set_executable(&dest, *executable)?;
     }
+    // Empty by now; it must not be part of the tree.
+    let scratch = part.join(SCRATCH);
+    std::fs::remove_dir_all(&scratch).map_err(io(format!("removing {}", scratch.display())))?;
     crate::part::place(part, output).map_err(|e| match e {
         PlaceError::Appeared => err(
             ErrorCode::Io,

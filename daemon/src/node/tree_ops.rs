@@ -62,6 +62,13 @@ impl Node {
             ));
         }
         tree.halt().await;
+        if tree.state() == DownloadState::Complete {
+            // It completed while it was being stopped.
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!("{}/ completed meanwhile", tree.manifest.name),
+            ));
+        }
         for dl in self.tree_downloads(cid) {
             if dl.state() == DownloadState::Running {
                 dl.stop(self, DownloadState::Paused).await;
@@ -110,6 +117,16 @@ impl Node {
             ));
         }
         tree.halt().await;
+        if tree.state() == DownloadState::Complete {
+            return Err(err(
+                ErrorCode::BadRequest,
+                format!(
+                    "{}/ completed meanwhile; use 'p2pctl unregister' to stop sharing it",
+                    tree.manifest.name
+                ),
+            ));
+        }
+        let others = self.held_by_other_collections(cid).await;
         for dl in self.tree_downloads(cid) {
             dl.stop(self, DownloadState::Failed("cancelled".into()))
                 .await;
@@ -127,7 +144,13 @@ impl Node {
             .filter(|(_, path)| path.starts_with(&tree.part) || path.starts_with(&own))
             .collect();
         for (id, path) in members {
-            self.forget(&id).await?;
+            // The partial tree goes whatever lists it; a pack another collection here lists
+            // stays, as that one's.
+            if let Some(other) = others.get(&id).filter(|_| path.starts_with(&own)) {
+                self.hand_over(&id, *other);
+                continue;
+            }
+            self.forget_quietly(&id)?;
             if path.starts_with(&own) {
                 let _ = tokio::fs::remove_file(&path).await;
             }
@@ -181,9 +204,15 @@ impl Node {
             .map(|f| (f.id, f.path()))
             .collect();
         // The pack and the index are this daemon's own copies: they go; the tree stays.
+        // What another collection here holds too stays, as that collection's.
         let own = self.collections_dir();
+        let others = self.held_by_other_collections(cid).await;
         for (id, path) in members {
-            self.forget(&id).await?;
+            if let Some(other) = others.get(&id) {
+                self.hand_over(&id, *other);
+                continue;
+            }
+            self.forget_quietly(&id)?;
             if path.starts_with(&own) {
                 let _ = tokio::fs::remove_file(&path).await;
             }
@@ -204,10 +233,55 @@ impl Node {
         Ok(local_summary(&manifest))
     }
 
+    /// The files (and packs) that collections other than `cid`, held or being downloaded
+    /// here, list: content ID to one such collection. Read from their indexes.
+    async fn held_by_other_collections(&self, cid: &FileId) -> HashMap<FileId, FileId> {
+        let indexes: Vec<(FileId, PathBuf)> = lock(&self.trees)
+            .keys()
+            .filter(|id| *id != cid)
+            .filter_map(|id| Some((*id, self.local_file(id)?.path())))
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let mut held = HashMap::new();
+            for (other, path) in indexes {
+                let Ok(bytes) = std::fs::read(&path) else {
+                    continue;
+                };
+                let Ok(c) = p2p_schema::Collection::decode(&bytes) else {
+                    continue;
+                };
+                let pack = c.pack.as_ref().map(|p| p.manifest().file_id());
+                for id in c.entries.iter().filter_map(|e| e.file_id()).chain(pack) {
+                    held.insert(id, other);
+                }
+            }
+            held
+        })
+        .await
+        .unwrap_or_default()
+    }
+
+    /// File `id` is held from now on for collection `other`.
+    fn hand_over(&self, id: &FileId, other: FileId) {
+        let Some(local) = self.local_file(id) else {
+            return;
+        };
+        local.set_collection(Some(other));
+        let (Ok(path), Some(identity)) = (utf8(&local.path()), local.source()) else {
+            return;
+        };
+        let mut record = ShareRecord::new((*local.manifest).clone(), path, identity);
+        record.collection = Some(other);
+        if let Err(e) = self.store.put_share(id, &record) {
+            warn!(error = %e, "handing a file over to another collection");
+        }
+    }
+
     /// Brings back a collection download recorded by an earlier run (after its files'
     /// downloads): a running one goes on.
     pub(super) async fn load_tree(self: &Arc<Self>, rec: crate::store::CollectionRecord) {
         let state = rec.state.clone();
+        let reserved = rec.reserved;
         let tree = Arc::new(Tree::new(
             Arc::new(rec.manifest),
             PathBuf::from(rec.output),
@@ -216,7 +290,7 @@ impl Node {
             (rec.files, rec.bytes),
         ));
         tree.reserved
-            .store(true, std::sync::atomic::Ordering::Relaxed);
+            .store(reserved, std::sync::atomic::Ordering::Relaxed);
         lock(&self.trees).insert(tree.id, tree.clone());
         if state == DownloadState::Running {
             info!(collection = %tree.id.short(), "resuming a collection download");
