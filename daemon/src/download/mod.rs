@@ -547,12 +547,17 @@ async fn holders_in_collection(
     id: FileId,
     cid: FileId,
 ) -> Result<Vec<Holder>, p2p_schema::WireError> {
-    let mut holders = match node.tracker.locate(id, 64, true).await {
+    // Both at once: one round trip, not two, before a small file's download can begin.
+    let (own, of_collection) = tokio::join!(
+        node.tracker.locate(id, 64, true),
+        node.tracker.locate(cid, 64, true)
+    );
+    let mut holders = match own {
         Ok((_, holders)) => holders,
         Err(e) if e.code == p2p_schema::ErrorCode::NotFound => Vec::new(),
         Err(e) => return Err(e),
     };
-    let (_, of_collection) = node.tracker.locate(cid, 64, true).await?;
+    let (_, of_collection) = of_collection?;
     for mut h in of_collection {
         if !holders.iter().any(|known| known.peer_id == h.peer_id) {
             h.complete = false;
