@@ -488,42 +488,42 @@ impl Node {
     /// be moved) with their identity as they are now; their downloads are done with (the
     /// records go, the shares stay).
     async fn relocate_members(&self, tree: &Tree, collection: &Collection, base: &Path) {
+        // Which files are the tree's own here (a file held before, elsewhere, is served from
+        // there; the tree has a copy).
+        let mut moved = Vec::new();
         for e in &collection.entries {
             let Some(manifest) = e.manifest().filter(|m| m.size > 0) else {
                 continue;
             };
-            let id = manifest.file_id();
+            let local = self.local_file(&manifest.file_id());
             let mine = [tree.part.join(e.path()), tree.output.join(e.path())];
-            let local = self.local_file(&id);
             if local.as_ref().is_some_and(|l| !mine.contains(&l.path())) {
-                // Served from elsewhere (held before; the tree has a copy).
                 continue;
             }
-            let new = base.join(e.path());
-            let opened = std::fs::File::open(&new).and_then(|f| Ok((f.metadata()?, f)));
-            let (meta, file) = match opened {
-                Ok(found) => found,
+            moved.push((manifest, local, base.join(e.path())));
+        }
+        // Thousands of `stat`s: off the async threads.
+        let paths: Vec<PathBuf> = moved.iter().map(|(_, _, p)| p.clone()).collect();
+        let metas = tokio::task::spawn_blocking(move || {
+            paths.iter().map(std::fs::metadata).collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for ((manifest, local, new), meta) in moved.into_iter().zip(metas) {
+            let identity = match meta {
+                Ok(meta) => Identity::of(&meta),
                 Err(e) => {
-                    warn!(path = %new.display(), error = %e, "a collection's file cannot be opened; not serving it");
+                    warn!(path = %new.display(), error = %e, "a collection's file cannot be read; not serving it");
                     continue;
                 }
             };
-            let identity = Identity::of(&meta);
-            let local = match local {
-                Some(l) => l,
-                None => {
-                    let chunks = manifest.chunk_count();
-                    let l = Arc::new(LocalFile::new(
-                        Arc::new(manifest),
-                        file,
-                        new.clone(),
-                        Bitfield::full(chunks),
-                    ));
-                    l.set_collection(Some(tree.id));
-                    self.insert_file(l.clone());
-                    l
-                }
-            };
+            let id = manifest.file_id();
+            let local = local.unwrap_or_else(|| {
+                let l = Arc::new(LocalFile::closed(Arc::new(manifest), new.clone(), identity));
+                l.set_collection(Some(tree.id));
+                self.insert_file(l.clone());
+                l
+            });
             local.set_path(new.clone());
             local.set_source(identity);
             local.clear_problem();
