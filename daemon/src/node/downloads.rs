@@ -10,11 +10,21 @@ impl Node {
         file: &FileSummary,
         output: Option<&str>,
     ) -> Result<Arc<Download>, WireError> {
-        let id = file.id;
+        self.one_start_at_a_time(file.id, self.start_download_alone(file, output))
+            .await
+    }
+
+    /// Runs `start` with no other start of content `id` under way (a second one waits for
+    /// the first, then finds what it started: check-and-insert is atomic).
+    pub(super) async fn one_start_at_a_time<T>(
+        &self,
+        id: FileId,
+        start: impl std::future::Future<Output = T>,
+    ) -> T {
         let gate = lock(&self.starting).entry(id).or_default().clone();
         let started = {
             let _only = gate.lock().await;
-            self.start_download_alone(file, output).await
+            start.await
         };
         let mut starting = lock(&self.starting);
         // Ours and the map's: nobody else is waiting at this gate.

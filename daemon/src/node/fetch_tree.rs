@@ -24,17 +24,8 @@ impl Node {
         file: &FileSummary,
         output: Option<&str>,
     ) -> Result<Arc<Tree>, WireError> {
-        let id = file.id;
-        let gate = lock(&self.starting).entry(id).or_default().clone();
-        let started = {
-            let _only = gate.lock().await;
-            self.start_tree_alone(file, output).await
-        };
-        let mut starting = lock(&self.starting);
-        if Arc::strong_count(&gate) <= 2 {
-            starting.remove(&id);
-        }
-        started
+        self.one_start_at_a_time(file.id, self.start_tree_alone(file, output))
+            .await
     }
 
     async fn start_tree_alone(
@@ -386,7 +377,8 @@ impl Node {
                 return Ok(true);
             }
         }
-        let Some(dl) = self.member_download(tree, manifest, dest).await? else {
+        let start = self.member_download(tree, manifest, dest);
+        let Some(dl) = self.one_start_at_a_time(id, start).await? else {
             // Found whole in place (its records were lost in a crash) and adopted.
             counted(tree);
             return Ok(true);
@@ -410,8 +402,8 @@ impl Node {
     }
 
     /// The download of one of `tree`'s files (or its pack) to `dest`: the one under way, or a
-    /// new one; `None` if the file was found whole at `dest` and adopted. One at a time per
-    /// content, whichever collections ask.
+    /// new one; `None` if the file was found whole at `dest` and adopted. Called through
+    /// `one_start_at_a_time`: one start per content, whichever collections ask.
     async fn member_download(
         self: &Arc<Self>,
         tree: &Arc<Tree>,
@@ -419,8 +411,6 @@ impl Node {
         dest: &Path,
     ) -> Result<Option<Arc<download::Download>>, WireError> {
         let id = manifest.file_id();
-        let gate = lock(&self.starting).entry(id).or_default().clone();
-        let _only = gate.lock().await;
         if let Some(dl) = self.download(&id) {
             if matches!(dl.state(), DownloadState::Paused | DownloadState::Failed(_)) {
                 dl.start(self.context()).await;

@@ -126,7 +126,6 @@ impl Node {
                 ),
             ));
         }
-        let others = self.held_by_other_collections(cid).await;
         for dl in self.tree_downloads(cid) {
             dl.stop(self, DownloadState::Failed("cancelled".into()))
                 .await;
@@ -134,46 +133,15 @@ impl Node {
             self.forget(&dl.id).await?;
             let _ = tokio::fs::remove_file(&dl.part).await;
         }
-        // Files of it finished meanwhile lie in the partial tree, which goes, and its pack
-        // among this daemon's own files.
-        let own = self.collections_dir();
-        let members: Vec<(FileId, PathBuf)> = read_lock(&self.files)
-            .values()
-            .filter(|f| f.collection() == Some(*cid))
-            .map(|f| (f.id, f.path()))
-            .filter(|(_, path)| path.starts_with(&tree.part) || path.starts_with(&own))
-            .collect();
-        for (id, path) in members {
-            // The partial tree goes whatever lists it; a pack another collection here lists
-            // stays, as that one's.
-            if let Some(other) = others.get(&id).filter(|_| path.starts_with(&own)) {
-                self.hand_over(&id, *other);
-                continue;
-            }
-            self.forget_quietly(&id)?;
-            if path.starts_with(&own) {
-                let _ = tokio::fs::remove_file(&path).await;
-            }
-        }
-        // The index was fetched for this download: it goes too (this daemon no longer holds
-        // any of the collection).
-        if let Some(index) = self.local_file(cid) {
-            self.forget(cid).await?;
-            let _ = tokio::fs::remove_file(index.path()).await;
-        }
+        // Files of it finished meanwhile lie in the partial tree, which goes whatever lists
+        // them, and its pack among this daemon's own files.
+        self.release_files(cid, Some(&tree.part)).await?;
         if let Err(e) = tokio::fs::remove_dir_all(&tree.part).await {
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(part = %tree.part.display(), error = %e, "removing a cancelled collection's partial tree");
             }
         }
-        lock(&self.trees).remove(cid);
-        self.store
-            .remove_collection(cid)
-            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
-        self.store
-            .flush()
-            .await
-            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
+        self.forget_tree(cid).await?;
         let _ = tree.events.send(TreeEvent::Failed("cancelled".into()));
         info!(collection = %cid.short(), "collection download cancelled");
         Ok(local_summary(&tree.manifest))
@@ -198,17 +166,31 @@ impl Node {
             .map(|f| f.manifest.clone())
             .or_else(|| self.tree(cid).map(|t| t.manifest.clone()))
             .ok_or_else(|| err(ErrorCode::NotFound, "not shared here"))?;
+        self.release_files(cid, None).await?;
+        self.forget_tree(cid).await?;
+        info!(collection = %cid.short(), "stopped sharing a collection");
+        Ok(local_summary(&manifest))
+    }
+
+    /// Stops holding collection `cid`'s files (those under `partial` only, if given, and its
+    /// pack): what another collection here lists too is handed over to it, the rest
+    /// forgotten; this daemon's own copies (the pack) are deleted, the tree's files not. The
+    /// caller flushes.
+    async fn release_files(&self, cid: &FileId, partial: Option<&Path>) -> Result<(), WireError> {
+        let own = self.collections_dir();
         let members: Vec<(FileId, PathBuf)> = read_lock(&self.files)
             .values()
             .filter(|f| f.collection() == Some(*cid))
             .map(|f| (f.id, f.path()))
+            .filter(|(_, path)| {
+                partial.is_none_or(|p| path.starts_with(p) || path.starts_with(&own))
+            })
             .collect();
-        // The pack and the index are this daemon's own copies: they go; the tree stays.
-        // What another collection here holds too stays, as that collection's.
-        let own = self.collections_dir();
         let others = self.held_by_other_collections(cid).await;
         for (id, path) in members {
-            if let Some(other) = others.get(&id) {
+            // A partial tree goes whatever lists it.
+            let kept = partial.is_none() || path.starts_with(&own);
+            if let Some(other) = others.get(&id).filter(|_| kept) {
                 self.hand_over(&id, *other);
                 continue;
             }
@@ -217,6 +199,12 @@ impl Node {
                 let _ = tokio::fs::remove_file(&path).await;
             }
         }
+        Ok(())
+    }
+
+    /// Forgets collection `cid` itself: its index (this daemon's own copy, deleted), its
+    /// record, its download; flushed.
+    async fn forget_tree(&self, cid: &FileId) -> Result<(), WireError> {
         if let Some(index) = self.local_file(cid) {
             let _ = tokio::fs::remove_file(index.path()).await;
         }
@@ -228,9 +216,7 @@ impl Node {
         self.store
             .flush()
             .await
-            .map_err(|e| err(ErrorCode::Io, e.to_string()))?;
-        info!(collection = %cid.short(), "stopped sharing a collection");
-        Ok(local_summary(&manifest))
+            .map_err(|e| err(ErrorCode::Io, e.to_string()))
     }
 
     /// The files (and packs) that collections other than `cid`, held or being downloaded
