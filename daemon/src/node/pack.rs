@@ -115,13 +115,7 @@ fn write_pack(
         for e in &files {
             let path = root.join(e.path());
             let bytes = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
-            let expected = e.manifest().map(|m| (m.file_id(), m.chunk_size));
-            let got = expected.map(|(_, chunk_size)| {
-                let mut b = ManifestBuilder::new(chunk_size);
-                b.update(&bytes);
-                b.finish(String::new()).file_id()
-            });
-            if got.is_none() || got != expected.map(|(id, _)| id) {
+            if !e.manifest().is_some_and(|m| holds(&bytes, &m)) {
                 return Err(err(
                     ErrorCode::Io,
                     format!(
@@ -206,6 +200,13 @@ pub(super) fn unpack(
     Ok(out)
 }
 
+/// Whether `bytes` are exactly the file `m` names (hashed in its chunks).
+fn holds(bytes: &[u8], m: &Manifest) -> bool {
+    let mut b = ManifestBuilder::new(m.chunk_size);
+    b.update(bytes);
+    b.finish(String::new()).file_id() == m.file_id()
+}
+
 /// Writes each of `files` from the pack `source` into `part` under a temporary name, once
 /// checked against its own hashes (blocking): temporary and final paths, and manifests.
 fn cut_out(
@@ -222,9 +223,7 @@ fn cut_out(
             path,
             pack.display()
         )))?;
-        let mut b = ManifestBuilder::new(m.chunk_size);
-        b.update(&bytes);
-        if b.finish(String::new()).file_id() != m.file_id() {
+        if !holds(&bytes, m) {
             return Err(err(
                 ErrorCode::BadRequest,
                 format!("the collection's pack does not hold {path} as its index says"),
