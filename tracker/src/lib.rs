@@ -144,8 +144,8 @@ pub async fn run(
     registry.flush().await
 }
 
-/// Drops peers silent for longer than the TTL, checking a few times per TTL, and writes
-/// changed holdings to disk at least once a second.
+/// Drops peers silent for longer than the TTL, checking a few times per TTL (at least once a
+/// second).
 async fn reap(registry: Arc<Registry>, ttl: Duration, stop: CancellationToken) {
     let period = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     loop {
@@ -153,7 +153,6 @@ async fn reap(registry: Arc<Registry>, ttl: Duration, stop: CancellationToken) {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(period) => {}
         }
-        registry.persist();
         for (addr, left) in registry.expire() {
             info!(
                 reason = "timed out",

@@ -1,14 +1,19 @@
-//! The registry: files, peers and who holds which chunks. Held in memory for speed and written
-//! through to sled so that a restarted tracker has the same files and holdings.
+//! The registry: files, peers and who holds which chunks, held in memory.
+//!
+//! Files and peers are written through to sled, so that a restarted tracker lists the same
+//! files and knows the same peers; who holds what is soft state, rebuilt from the daemons,
+//! which announce everything they hold whenever their session (re)starts. Not writing it keeps
+//! a holding in about 150 bytes of memory instead of 3.5 KB (sled's share of 200,000
+//! bitfields), and a chunk gained costs no write.
 //!
 //! sled trees (keys big-endian, values CBOR):
 //! - `files`: `FileId` -> [`Manifest`]
 //! - `peers`: `PeerId` -> `PeerRecord`
-//! - `holdings`: `FileId || PeerId` -> [`Bitfield`]
+//! - (`holdings`, written by earlier versions, is dropped on opening.)
 //!
-//! A file lives as long as some peer holds part of it. A peer lives until it says `Bye` or
-//! nothing has been heard from it for the TTL; peers loaded at start-up get one TTL to come
-//! back.
+//! A file lives as long as some peer holds part of it; files loaded at start-up get one TTL
+//! for their holders to come back. A peer lives until it says `Bye` or nothing has been heard
+//! from it for the TTL; peers loaded at start-up get one TTL to come back.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -32,9 +37,82 @@ struct PeerRecord {
     addr: SocketAddr,
 }
 
+/// What a peer holds of a file.
+enum Holding {
+    /// Every chunk: most holdings once a crowd is done, kept without a bitfield.
+    All,
+    /// Some chunks (never all: a bitfield that fills up becomes [`Holding::All`]).
+    Some(Box<Bitfield>),
+}
+
+impl Holding {
+    fn of(bits: Bitfield) -> Holding {
+        if bits.is_full() {
+            Holding::All
+        } else {
+            Holding::Some(Box::new(bits))
+        }
+    }
+
+    fn is_all(&self) -> bool {
+        matches!(self, Holding::All)
+    }
+}
+
 struct FileEntry {
     manifest: Arc<Manifest>,
-    holders: HashMap<PeerId, Bitfield>,
+    /// The holders, in no order: a few are picked at random without a pass over all.
+    holders: Vec<(PeerId, Holding)>,
+    /// Where each holder is in `holders`.
+    slot: HashMap<PeerId, u32>,
+    /// How many holders hold everything.
+    seeders: u32,
+}
+
+impl FileEntry {
+    fn new(manifest: Arc<Manifest>) -> FileEntry {
+        FileEntry {
+            manifest,
+            holders: Vec::new(),
+            slot: HashMap::new(),
+            seeders: 0,
+        }
+    }
+
+    fn holding_mut(&mut self, peer: &PeerId) -> Option<&mut Holding> {
+        let i = *self.slot.get(peer)? as usize;
+        self.holders.get_mut(i).map(|(_, h)| h)
+    }
+
+    /// Sets what `peer` holds; returns whether it is a new holder.
+    fn set(&mut self, peer: PeerId, holding: Holding) -> bool {
+        self.seeders += u32::from(holding.is_all());
+        match self.holding_mut(&peer) {
+            Some(h) => {
+                let was_all = h.is_all();
+                *h = holding;
+                self.seeders -= u32::from(was_all);
+                false
+            }
+            None => {
+                self.slot.insert(peer, self.holders.len() as u32);
+                self.holders.push((peer, holding));
+                true
+            }
+        }
+    }
+
+    /// `peer` holds nothing of the file any more.
+    fn remove(&mut self, peer: &PeerId) {
+        let Some(i) = self.slot.remove(peer) else {
+            return;
+        };
+        let (_, h) = self.holders.swap_remove(i as usize);
+        self.seeders -= u32::from(h.is_all());
+        if let Some((moved, _)) = self.holders.get(i as usize) {
+            self.slot.insert(*moved, i);
+        }
+    }
 }
 
 struct PeerEntry {
@@ -47,8 +125,8 @@ struct PeerEntry {
 struct State {
     files: HashMap<FileId, FileEntry>,
     peers: HashMap<PeerId, PeerEntry>,
-    /// Holdings changed in memory and not yet written to sled (see [`Registry::persist`]).
-    dirty: HashSet<(FileId, PeerId)>,
+    /// When files loaded at start-up that nobody announced again are dropped.
+    sweep_at: Option<Instant>,
 }
 
 /// The tracker's registry. Cheap to share behind an `Arc`; every method takes `&self`.
@@ -56,7 +134,6 @@ pub struct Registry {
     db: sled::Db,
     files: sled::Tree,
     peers: sled::Tree,
-    holdings: sled::Tree,
     state: Mutex<State>,
     ttl: Duration,
     requests: AtomicU64,
@@ -68,13 +145,6 @@ pub struct Registry {
 pub const DEFAULT_MAX_FILES_PER_PEER: usize = 100_000;
 
 use p2p_service::store::to_cbor as cbor;
-
-fn holding_key(file: &FileId, peer: &PeerId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(FileId::LEN + PeerId::LEN);
-    k.extend_from_slice(&file.0);
-    k.extend_from_slice(&peer.0);
-    k
-}
 
 fn not_found(what: impl Into<String>) -> WireError {
     WireError::new(ErrorCode::NotFound, what)
@@ -99,13 +169,16 @@ impl Registry {
         let registry = Registry {
             files: tree("files")?,
             peers: tree("peers")?,
-            holdings: tree("holdings")?,
             db,
             state: Mutex::new(State::default()),
             ttl,
             requests: AtomicU64::new(0),
             max_files_per_peer: DEFAULT_MAX_FILES_PER_PEER.into(),
         };
+        // Holdings are soft state now: what an earlier version wrote is not needed.
+        if let Err(e) = registry.db.drop_tree("holdings") {
+            warn!(error = %e, "dropping the holdings an earlier version wrote");
+        }
         registry.load()?;
         Ok(registry)
     }
@@ -123,13 +196,7 @@ impl Registry {
                 warn!("skipping an unreadable file record");
                 continue;
             };
-            state.files.insert(
-                id,
-                FileEntry {
-                    manifest: Arc::new(manifest),
-                    holders: HashMap::new(),
-                },
-            );
+            state.files.insert(id, FileEntry::new(Arc::new(manifest)));
         }
         for item in self.peers.iter() {
             let (k, v) = item.map_err(db_err)?;
@@ -149,39 +216,7 @@ impl Registry {
                 },
             );
         }
-        for item in self.holdings.iter() {
-            let (k, v) = item.map_err(db_err)?;
-            if k.len() != FileId::LEN + PeerId::LEN {
-                continue;
-            }
-            let (Some(fid), Some(pid)) = (
-                FileId::from_slice(&k[..FileId::LEN]),
-                PeerId::from_slice(&k[FileId::LEN..]),
-            ) else {
-                continue;
-            };
-            let Ok(bits) = ciborium::from_reader::<Bitfield, _>(&v[..]) else {
-                continue;
-            };
-            let State { files, peers, .. } = &mut *state;
-            if let (Some(file), Some(peer)) = (files.get_mut(&fid), peers.get_mut(&pid)) {
-                if let Some(bits) = bits.checked(file.manifest.chunk_count()) {
-                    file.holders.insert(pid, bits);
-                    peer.files.insert(fid);
-                }
-            }
-        }
-        // Files nobody holds and peers holding nothing are not worth keeping.
-        let orphans: Vec<FileId> = state
-            .files
-            .iter()
-            .filter(|(_, f)| f.holders.is_empty())
-            .map(|(id, _)| *id)
-            .collect();
-        for id in orphans {
-            state.files.remove(&id);
-            let _ = self.files.remove(id.0);
-        }
+        state.sweep_at = Some(now + self.ttl);
         info!(
             files = state.files.len(),
             peers = state.peers.len(),
@@ -193,24 +228,6 @@ impl Registry {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; the state is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Writes the holdings changed since the last call to sled, in one batch.
-    pub fn persist(&self) {
-        let mut state = self.lock();
-        if state.dirty.is_empty() {
-            return;
-        }
-        let mut batch = sled::Batch::default();
-        for (id, peer) in std::mem::take(&mut state.dirty) {
-            if let Some(bits) = state.files.get(&id).and_then(|f| f.holders.get(&peer)) {
-                batch.insert(holding_key(&id, &peer), cbor(bits));
-            }
-        }
-        drop(state);
-        if let Err(e) = self.holdings.apply_batch(batch) {
-            warn!(error = %e, "writing holdings");
-        }
     }
 
     /// Sets the most files one peer may hold at once.
@@ -293,16 +310,12 @@ impl Registry {
         self.check_quota(&state, &peer, &id)?;
         let new = if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
             let _ = self.files.insert(id.0, cbor(&manifest));
-            slot.insert(FileEntry {
-                manifest: Arc::new(manifest),
-                holders: HashMap::new(),
-            });
+            slot.insert(FileEntry::new(Arc::new(manifest)));
             true
         } else {
             false
         };
-        let chunks = state.files[&id].manifest.chunk_count();
-        self.set_holding(&mut state, peer, id, Bitfield::full(chunks))?;
+        self.set_holding(&mut state, peer, id, Holding::All)?;
         Ok((summary(&state, &id), new))
     }
 
@@ -320,7 +333,7 @@ impl Registry {
             self.drop_holding(&mut state, peer, id);
             return Ok(());
         }
-        self.set_holding(&mut state, peer, id, chunks)
+        self.set_holding(&mut state, peer, id, Holding::of(chunks))
     }
 
     /// Adds chunks to what `peer` holds of file `id`.
@@ -328,7 +341,7 @@ impl Registry {
         let mut state = self.lock();
         let file = state
             .files
-            .get(&id)
+            .get_mut(&id)
             .ok_or_else(|| not_found(format!("no file {id}")))?;
         let n = file.manifest.chunk_count();
         if indices.iter().any(|&i| i >= n) {
@@ -337,15 +350,25 @@ impl Registry {
                 "chunk index out of range",
             ));
         }
-        let mut bits = file
-            .holders
-            .get(&peer)
-            .cloned()
-            .unwrap_or_else(|| Bitfield::new(n));
+        let mut bits = match file.holding_mut(&peer) {
+            Some(Holding::All) => return Ok(()),
+            // Grown in place: a chunk gained costs no copy of the bitfield.
+            Some(Holding::Some(bits)) => {
+                for &i in indices {
+                    bits.set(i);
+                }
+                if !bits.is_full() {
+                    return Ok(());
+                }
+                file.set(peer, Holding::All);
+                return Ok(());
+            }
+            None => Bitfield::new(n),
+        };
         for &i in indices {
             bits.set(i);
         }
-        self.set_holding(&mut state, peer, id, bits)
+        self.set_holding(&mut state, peer, id, Holding::of(bits))
     }
 
     fn set_holding(
@@ -353,7 +376,7 @@ impl Registry {
         state: &mut State,
         peer: PeerId,
         id: FileId,
-        bits: Bitfield,
+        holding: Holding,
     ) -> Result<(), WireError> {
         self.check_quota(state, &peer, &id)?;
         let p = state
@@ -361,11 +384,8 @@ impl Registry {
             .get_mut(&peer)
             .ok_or_else(|| not_found("unknown peer: say hello first"))?;
         p.files.insert(id);
-        // Written to sled in batches by `persist`: holdings change with every chunk a
-        // downloader gains, and daemons re-announce them after a restart anyway.
-        state.dirty.insert((id, peer));
         if let Some(f) = state.files.get_mut(&id) {
-            f.holders.insert(peer, bits);
+            f.set(peer, holding);
         }
         Ok(())
     }
@@ -377,14 +397,12 @@ impl Registry {
     }
 
     fn drop_holding(&self, state: &mut State, peer: PeerId, id: FileId) {
-        state.dirty.remove(&(id, peer));
-        let _ = self.holdings.remove(holding_key(&id, &peer));
         if let Some(p) = state.peers.get_mut(&peer) {
             p.files.remove(&id);
         }
         let empty = match state.files.get_mut(&id) {
             Some(f) => {
-                f.holders.remove(&peer);
+                f.remove(&peer);
                 f.holders.is_empty()
             }
             None => false,
@@ -418,7 +436,28 @@ impl Registry {
             .filter(|(_, p)| now.duration_since(p.last_seen) > self.ttl)
             .map(|(id, _)| *id)
             .collect();
+        self.sweep(now);
         stale.iter().filter_map(|id| self.remove_peer(id)).collect()
+    }
+
+    /// Once the start-up grace period is over, drops the files loaded at start-up that no
+    /// holder announced again.
+    fn sweep(&self, now: Instant) {
+        let mut state = self.lock();
+        if state.sweep_at.is_none_or(|at| now < at) {
+            return;
+        }
+        state.sweep_at = None;
+        let orphans: Vec<FileId> = state
+            .files
+            .iter()
+            .filter(|(_, f)| f.holders.is_empty())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in orphans {
+            state.files.remove(&id);
+            let _ = self.files.remove(id.0);
+        }
     }
 
     /// All files, sorted by name then ID.
@@ -497,29 +536,24 @@ impl Registry {
             .files
             .get(id)
             .ok_or_else(|| not_found(format!("no file {id}")))?;
-        // Chosen first, then copied: a file with thousands of holders costs one pass over
-        // references, not thousands of bitfield copies.
-        let mut chosen: Vec<(&PeerId, &Bitfield)> = file
-            .holders
-            .iter()
-            .filter(|(pid, _)| Some(*pid) != except && state.peers.contains_key(*pid))
-            .collect();
-        fastrand::shuffle(&mut chosen);
-        chosen.truncate(max);
-        let holders = chosen
+        // A few picked at random: a file with thousands of holders costs no pass over them.
+        let holders = sample(file.holders.len(), max.saturating_add(1))
             .into_iter()
-            .filter_map(|(pid, bits)| {
+            .filter_map(|i| {
+                let (pid, holding) = file.holders.get(i)?;
                 Some(Holder {
                     peer_id: *pid,
                     addr: state.peers.get(pid)?.addr,
-                    complete: bits.is_full(),
-                    chunks: if brief {
-                        Bitfield::new(0)
-                    } else {
-                        bits.clone()
+                    complete: holding.is_all(),
+                    // What a holder of everything holds goes without saying.
+                    chunks: match holding {
+                        Holding::Some(bits) if !brief => (**bits).clone(),
+                        _ => Bitfield::new(0),
                     },
                 })
             })
+            .filter(|h| Some(&h.peer_id) != except)
+            .take(max)
             .collect();
         Ok((summary(&state, id), holders))
     }
@@ -537,13 +571,35 @@ impl Registry {
 
     /// Writes everything to disk (fsync).
     pub async fn flush(&self) -> Result<(), Error> {
-        self.persist();
         self.db
             .flush_async()
             .await
             .map(drop)
             .map_err(|e| Error::Db("flushing registry".into(), e))
     }
+}
+
+/// `k` distinct indices below `len` (all of them if there are no more), in random order, in
+/// time and memory proportional to `k`.
+fn sample(len: usize, k: usize) -> Vec<usize> {
+    if len <= k.saturating_mul(4) {
+        let mut all: Vec<usize> = (0..len).collect();
+        let k = k.min(len);
+        for i in 0..k {
+            all.swap(i, fastrand::usize(i..len));
+        }
+        all.truncate(k);
+        return all;
+    }
+    // Here fewer than a quarter are wanted: each draw is new with odds of 3 in 4 or better.
+    let (mut picked, mut seen) = (Vec::with_capacity(k), HashSet::with_capacity(k));
+    while picked.len() < k {
+        let i = fastrand::usize(..len);
+        if seen.insert(i) {
+            picked.push(i);
+        }
+    }
+    picked
 }
 
 fn summary(state: &State, id: &FileId) -> FileSummary {
@@ -556,7 +612,7 @@ fn summary(state: &State, id: &FileId) -> FileSummary {
         size: f.manifest.size,
         chunk_size: f.manifest.chunk_size,
         chunks,
-        seeders: f.holders.values().filter(|b| b.is_full()).count() as u32,
+        seeders: f.seeders,
         holders: f.holders.len() as u32,
     }
 }
@@ -688,7 +744,12 @@ mod tests {
         };
         let (brief, full) = (size(true), size(false));
         assert!(brief < 64 * 80, "{brief} bytes for 64 holders");
-        assert!(full > 64 * 2048, "{full}");
+        // In full, only the 31 holders of some chunks say which: 2 KB each.
+        assert!(full > 31 * 2048 && full < 32 * 2048 + 64 * 80, "{full}");
+        let (_, holders) = reg.locate(&id, None, 64, false).unwrap();
+        for h in &holders {
+            assert_eq!(h.chunks.len(), if h.complete { 0 } else { 16_384 });
+        }
         let (_, holders) = reg.locate(&id, None, 64, true).unwrap();
         assert_eq!(holders.len(), 64);
         let complete = holders.iter().filter(|h| h.complete).count();
@@ -725,18 +786,73 @@ mod tests {
             let (s, _) = reg
                 .register(PeerId([1; 16]), manifest("f", 3, 3000))
                 .unwrap();
-            reg.persist();
             reg.db.flush().unwrap();
             s.id
         };
         let reg = Registry::open(dir.path(), ttl).unwrap();
-        assert_eq!(reg.list().len(), 1);
-        assert_eq!(reg.locate(&id, None, 10, false).unwrap().1.len(), 1);
+        assert_eq!(
+            reg.list().len(),
+            1,
+            "the file is listed before anyone announces it"
+        );
+        assert!(
+            reg.locate(&id, None, 10, false).unwrap().1.is_empty(),
+            "holdings are soft: nobody holds it until announced again"
+        );
         assert!(reg.expire().is_empty(), "a fresh grace period");
         std::thread::sleep(Duration::from_millis(80));
         let gone = reg.expire();
         assert_eq!(gone, vec![(addr(1), 0)]);
-        assert!(reg.list().is_empty());
+        assert!(
+            reg.list().is_empty(),
+            "nobody announced it again in the grace period"
+        );
+    }
+
+    #[test]
+    fn holders_come_and_go_and_locate_picks_distinct_live_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        let peers: Vec<PeerId> = (0..=255u8).map(|k| PeerId([k; 16])).collect();
+        for (k, p) in peers.iter().enumerate() {
+            reg.hello(*p, addr(1000 + k as u16));
+        }
+        let id = reg.register(peers[0], manifest("f", 1, 8000)).unwrap().0.id;
+        for p in &peers[1..] {
+            reg.gained(*p, id, &[0]).unwrap();
+        }
+        // Every third leaves; every fifth of the rest completes, in two steps.
+        for p in peers.iter().skip(1).step_by(3) {
+            reg.remove_peer(p);
+        }
+        let live: Vec<PeerId> = peers
+            .iter()
+            .enumerate()
+            .filter(|(k, _)| *k == 0 || (k - 1) % 3 != 0)
+            .map(|(_, p)| *p)
+            .collect();
+        for p in live.iter().skip(1).step_by(5) {
+            reg.gained(*p, id, &[1, 2, 3]).unwrap();
+            reg.gained(*p, id, &[4, 5, 6, 7]).unwrap();
+        }
+        let complete = 1 + live.iter().skip(1).step_by(5).count() as u32;
+        let (summary, _) = reg.locate(&id, None, 1, true).unwrap();
+        assert_eq!(
+            (summary.holders, summary.seeders),
+            (live.len() as u32, complete)
+        );
+        for max in [1, 10, 50, 1000] {
+            let (_, holders) = reg.locate(&id, Some(&peers[0]), max, true).unwrap();
+            let ids: HashSet<PeerId> = holders.iter().map(|h| h.peer_id).collect();
+            assert_eq!(holders.len(), max.min(live.len() - 1), "max {max}");
+            assert_eq!(ids.len(), holders.len(), "distinct");
+            assert!(!ids.contains(&peers[0]), "the asker is left out");
+            assert!(ids.iter().all(|p| live.contains(p)), "only live holders");
+            for h in &holders {
+                let k = peers.iter().position(|p| *p == h.peer_id).unwrap();
+                assert_eq!(h.addr, addr(1000 + k as u16));
+            }
+        }
     }
 
     #[test]
