@@ -143,7 +143,7 @@ fn register_all(
 /// What peer `p` holds of a file: three peers in four the whole file, the rest every other
 /// chunk.
 fn holding(p: usize, k: usize) -> p2p_schema::Bitfield {
-    if (p + k) % 4 != 0 {
+    if !(p + k).is_multiple_of(4) {
         return p2p_schema::Bitfield::full(1024);
     }
     let mut bits = p2p_schema::Bitfield::new(1024);
