@@ -161,3 +161,108 @@ fn metrics_of(daemon: &Daemon) -> p2p_tests::metrics::Scrape {
         .unwrap_or_default();
     p2p_tests::metrics::parse(&text).unwrap_or_default()
 }
+
+/// What a crowd that lost some of its leechers measured.
+pub struct Losses {
+    /// The slowest leecher that was not killed.
+    pub slowest: f64,
+    pub finished: usize,
+    pub killed: usize,
+    /// Leechers not killed whose download did not complete.
+    pub failed: usize,
+    /// Finished leechers whose file is not the seeder's, byte for byte.
+    pub corrupt: usize,
+    pub seeder_sent: f64,
+}
+
+/// Like [`crowd`], without the leecher alone, but `lose` of the `n` leechers are killed
+/// (SIGKILL), each at its own random moment between 10 % and 70 % of `alone` seconds after
+/// the crowd started. Every file a surviving leecher completed is compared with the seeder's.
+pub fn crowd_with_losses(
+    net: &Net,
+    dir: &Path,
+    file: &Path,
+    n: usize,
+    lose: usize,
+    alone: f64,
+) -> Losses {
+    let tracker = start_tracker(net, dir);
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("UTF-8 file name");
+    let metrics = format!("{}:0", net.hosts[0].ip);
+    let seeder = start_daemon(
+        net,
+        0,
+        &dir.join("seed"),
+        &tracker,
+        &["--metrics", &metrics],
+    );
+    let id = seeder.ctl_json(&["register", &file.to_string_lossy()])["file"]["id"]
+        .as_str()
+        .expect("file id")
+        .to_string();
+    let leechers: Vec<Daemon> = (0..n)
+        .map(|i| start_daemon(net, 1 + i, &dir.join(format!("l{i}")), &tracker, &[]))
+        .collect();
+    let mut rng = fastrand::Rng::with_seed(42);
+    let mut victims: Vec<(f64, usize)> = rng
+        .choose_multiple(0..n, lose)
+        .into_iter()
+        .map(|i| (alone * (0.1 + 0.6 * rng.f64()), i))
+        .collect();
+    victims.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let killed: Vec<usize> = victims.iter().map(|(_, i)| *i).collect();
+    let start = Instant::now();
+    let times: Vec<Option<f64>> = std::thread::scope(|s| {
+        let jobs: Vec<_> = leechers
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                s.spawn(move || {
+                    let out = dir.join(format!("out{i}"));
+                    let done = d.ctl(&["-q", "download", name, "-o", &out.to_string_lossy()]);
+                    done.status.success().then(|| start.elapsed().as_secs_f64())
+                })
+            })
+            .collect();
+        for (at, i) in &victims {
+            let wait = at - start.elapsed().as_secs_f64();
+            if wait > 0.0 {
+                std::thread::sleep(std::time::Duration::from_secs_f64(wait));
+            }
+            leechers[*i].proc.signal(libc::SIGKILL);
+        }
+        jobs.into_iter().map(|j| j.join().unwrap_or(None)).collect()
+    });
+    crate::tick();
+    let want = p2p_tests::file_sha256(file);
+    let mut survivors = Vec::new();
+    let (mut corrupt, mut failed) = (0, 0);
+    for (i, t) in times.iter().enumerate() {
+        let out = dir.join(format!("out{i}"));
+        if killed.contains(&i) {
+            let _ = std::fs::remove_file(&out);
+            continue;
+        }
+        match t {
+            None => failed += 1,
+            Some(t) if out.exists() && p2p_tests::file_sha256(&out) == want => survivors.push(*t),
+            Some(_) => corrupt += 1,
+        }
+        let _ = std::fs::remove_file(&out);
+    }
+    let sent = metrics_of(&seeder)
+        .get(&format!("p2pd_sent_bytes_total{{file=\"{id}\"}}"))
+        .unwrap_or(f64::NAN);
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(1) as f64;
+    Losses {
+        slowest: survivors.iter().cloned().fold(0.0, f64::max),
+        finished: survivors.len(),
+        killed: killed.len(),
+        failed,
+        corrupt,
+        seeder_sent: sent / size,
+    }
+}
