@@ -96,8 +96,20 @@ pub fn hash_file(
     path: &Path,
     name: String,
     chunk_size: Option<u32>,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<Hashed, WireError> {
+    hash_file_keeping(path, name, chunk_size, progress).map(|(hashed, _)| hashed)
+}
+
+/// Like [`hash_file`], and also gives the bytes hashed of a file small enough to be read at
+/// once (up to 1 MiB): the pack of a collection is written from them, without reading the
+/// file again.
+pub fn hash_file_keeping(
+    path: &Path,
+    name: String,
+    chunk_size: Option<u32>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<(Hashed, Option<Vec<u8>>), WireError> {
     let (mut file, before) = open_regular(path)?;
     let size = before.len();
     let chunk_size = chunk_size.unwrap_or_else(|| auto_chunk_size(size));
@@ -111,7 +123,8 @@ pub fn hash_file(
             .map_err(io_error(format!("reading {}", path.display())))?;
         builder.update(&block[..n]);
         progress(builder.size(), size);
-        return finish_hash(path, file, before, builder, name);
+        block.truncate(n);
+        return finish_hash(path, file, before, builder, name).map(|h| (h, Some(block)));
     }
     // One thread reads the next blocks while this one hashes the last: reading (a copy out of
     // the page cache, or the disk) overlaps hashing, the bound.
@@ -152,7 +165,7 @@ pub fn hash_file(
         }
         Ok::<(), WireError>(())
     })?;
-    finish_hash(path, file, before, builder, name)
+    finish_hash(path, file, before, builder, name).map(|h| (h, None))
 }
 
 /// Checks that the file hashed did not change meanwhile, and makes its manifest.

@@ -64,98 +64,136 @@ impl Node {
         }
         Ok(Some(placed))
     }
-
-    /// Writes the pack of `collection`'s small files, read from under `root`, into this
-    /// daemon's own directory (none for fewer than two such files).
-    pub(super) async fn write_pack(
-        &self,
-        root: &Path,
-        collection: &Collection,
-    ) -> Result<Option<PackFile>, WireError> {
-        let (root, out, c) = (
-            root.to_path_buf(),
-            self.collections_dir(),
-            collection.clone(),
-        );
-        tokio::task::spawn_blocking(move || write_pack(&root, &out, &c))
-            .await
-            .map_err(joined)?
-    }
 }
 
-/// A collection's pack, written under the data directory.
+/// A pack written: what the index says of it, where it is, and its identity as written.
 pub(super) struct PackFile {
     pub(super) pack: Pack,
     pub(super) path: PathBuf,
     pub(super) identity: Identity,
 }
 
-/// Writes the pack of `collection`'s small files (read from under `root`) into `dir`
-/// (blocking), unless it has fewer than two. Each file must still hold the bytes hashed.
-fn write_pack(
-    root: &Path,
-    dir: &Path,
-    collection: &Collection,
-) -> Result<Option<PackFile>, WireError> {
-    let files = collection.packable();
-    if files.is_empty() {
-        return Ok(None);
-    }
-    let total: u64 = files
-        .iter()
-        .filter_map(|e| e.manifest())
-        .map(|m| m.size)
-        .sum();
-    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-    let temp = dir.join(format!(".new-{}.pack", fastrand::u64(..)));
-    let written = (|| {
-        let mut out =
+/// Writes a collection's pack as its small files are hashed, from the bytes hashed (each
+/// file is read once): on a thread of its own, which hashes the pack's chunks and writes it in
+/// large aligned blocks, directly to the disk where the file system allows (as downloads
+/// write), beside the hashing of the files.
+pub(super) struct PackWriter {
+    files: Vec<String>,
+    bytes: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    writer: std::thread::JoinHandle<Result<Manifest, WireError>>,
+    temp: PathBuf,
+    dir: PathBuf,
+}
+
+/// Bytes of the pack written at once.
+const PACK_BLOCK: usize = 4 << 20;
+
+impl PackWriter {
+    /// A pack in `dir` of files expected to come to about `total` bytes (its chunk size
+    /// follows from it).
+    pub(super) fn start(dir: &Path, total: u64) -> Result<PackWriter, WireError> {
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let temp = dir.join(format!(".new-{}.pack", fastrand::u64(..)));
+        let file =
             std::fs::File::create(&temp).map_err(io(format!("creating {}", temp.display())))?;
-        let mut builder = ManifestBuilder::new(auto_chunk_size(total));
-        for e in &files {
-            let path = root.join(e.path());
-            let bytes = std::fs::read(&path).map_err(io(format!("reading {}", path.display())))?;
-            if !e.manifest().is_some_and(|m| holds(&bytes, &m)) {
-                return Err(err(
-                    ErrorCode::Io,
-                    format!(
-                        "{} changed while the tree was being read; try again",
-                        path.display()
-                    ),
-                ));
+        let direct = crate::fileio::open_direct(&temp);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
+        let shown = temp.display().to_string();
+        let writer = std::thread::spawn(move || {
+            let mut builder = ManifestBuilder::new(auto_chunk_size(total));
+            let mut block = crate::aligned::AlignedBuf::new();
+            block.resize(PACK_BLOCK);
+            let (mut filled, mut at) = (0usize, 0u64);
+            let write = |block: &[u8], at: u64| -> Result<(), WireError> {
+                let aligned = block.len().is_multiple_of(crate::aligned::ALIGN);
+                let direct = direct.as_ref().filter(|_| aligned);
+                match direct.map(|d| crate::fileio::write_all_at(d, block, at)) {
+                    Some(Ok(())) => Ok(()),
+                    _ => crate::fileio::write_all_at(&file, block, at)
+                        .map_err(io(format!("writing {shown}"))),
+                }
+            };
+            for bytes in rx {
+                builder.update(&bytes);
+                let mut rest = &bytes[..];
+                while !rest.is_empty() {
+                    let n = rest.len().min(PACK_BLOCK - filled);
+                    block[filled..filled + n].copy_from_slice(&rest[..n]);
+                    (filled, rest) = (filled + n, &rest[n..]);
+                    if filled == PACK_BLOCK {
+                        write(&block, at)?;
+                        (filled, at) = (0, at + PACK_BLOCK as u64);
+                    }
+                }
             }
-            builder.update(&bytes);
-            std::io::Write::write_all(&mut out, &bytes)
-                .map_err(io(format!("writing {}", temp.display())))?;
-        }
-        out.sync_all()
-            .map_err(io(format!("syncing {}", temp.display())))?;
-        Ok(builder.finish("pack".into()))
-    })();
-    let manifest = match written {
-        Ok(m) => m,
-        Err(e) => {
-            let _ = std::fs::remove_file(&temp);
-            return Err(e);
-        }
-    };
-    let path = dir.join(format!("{}.pack", manifest.file_id().to_hex()));
-    if path.exists() {
-        let _ = std::fs::remove_file(&temp);
-    } else {
-        std::fs::rename(&temp, &path).map_err(io(format!("renaming {}", temp.display())))?;
+            write(&block[..filled], at)?;
+            file.sync_all().map_err(io(format!("syncing {shown}")))?;
+            Ok(builder.finish("pack".into()))
+        });
+        Ok(PackWriter {
+            files: Vec::new(),
+            bytes: Some(tx),
+            writer,
+            temp,
+            dir: dir.to_path_buf(),
+        })
     }
-    let meta = std::fs::metadata(&path).map_err(io(format!("reading {}", path.display())))?;
-    Ok(Some(PackFile {
-        pack: Pack {
-            files: files.iter().map(|e| e.path().to_string()).collect(),
-            size: manifest.size,
-            chunk_size: manifest.chunk_size,
-            hashes: manifest.hashes,
-        },
-        path,
-        identity: Identity::of(&meta),
-    }))
+
+    /// Appends the file at `path` in the collection, whose bytes are `bytes`.
+    pub(super) fn add(&mut self, path: &str, bytes: Vec<u8>) {
+        self.files.push(path.to_string());
+        // Refused only if the writer stopped on an error, which `finish` reports.
+        if let Some(tx) = &self.bytes {
+            if tx.send(bytes).is_err() {
+                self.bytes = None;
+            }
+        }
+    }
+
+    /// Stops, leaving nothing behind.
+    pub(super) fn abort(mut self) {
+        self.bytes = None;
+        let _ = self.writer.join();
+        let _ = std::fs::remove_file(&self.temp);
+    }
+
+    /// The pack, in place under its ID's name; `None` (and nothing left behind) if fewer
+    /// than two files went in, as a collection packs only two or more.
+    pub(super) fn finish(mut self) -> Result<Option<PackFile>, WireError> {
+        self.bytes = None;
+        let written = self
+            .writer
+            .join()
+            .map_err(|_| err(ErrorCode::Internal, "writing the pack failed"))
+            .and_then(|r| r);
+        let manifest = match written {
+            Ok(m) if self.files.len() >= 2 => m,
+            other => {
+                let _ = std::fs::remove_file(&self.temp);
+                return other.map(|_| None);
+            }
+        };
+        let path = self
+            .dir
+            .join(format!("{}.pack", manifest.file_id().to_hex()));
+        if path.exists() {
+            let _ = std::fs::remove_file(&self.temp);
+        } else {
+            std::fs::rename(&self.temp, &path)
+                .map_err(io(format!("renaming {}", self.temp.display())))?;
+        }
+        let meta = std::fs::metadata(&path).map_err(io(format!("reading {}", path.display())))?;
+        Ok(Some(PackFile {
+            pack: Pack {
+                files: self.files,
+                size: manifest.size,
+                chunk_size: manifest.chunk_size,
+                hashes: manifest.hashes,
+            },
+            path,
+            identity: Identity::of(&meta),
+        }))
+    }
 }
 
 /// Cuts each of `files` (path, manifest, offset) out of the pack at `pack` into `part`

@@ -4,13 +4,16 @@
 //! as the collection's own file. Symbolic links and special files are skipped, never
 //! followed: nothing outside the directory is read.
 
+use std::collections::HashSet;
 use std::fs::Metadata;
 
-use p2p_schema::{validate_name, Collection, CollectionInfo, Entry};
+use p2p_schema::{validate_name, Collection, CollectionInfo, Entry, PACK_MAX};
 
+use super::pack::{PackFile, PackWriter};
 use super::tree::io;
 use super::*;
 use crate::local::Identity;
+use crate::register::hash_file_keeping;
 
 /// What a walk of the tree found.
 struct Walked {
@@ -135,18 +138,30 @@ fn entries_of(walked: &Walked, hashed: &[(Manifest, Identity)]) -> Vec<Entry> {
     dirs.chain(files).collect()
 }
 
-/// Hashes every file found (blocking); `progress(done, total)` over all their bytes.
+/// Hashes every file found (blocking), in the collection's order (by path), and writes the
+/// pack of the small ones into `packs` from the same reads; `progress(done, total)` over all
+/// their bytes.
 fn hash_all(
-    files: &[Found],
+    files: &mut [Found],
     chunk_size: Option<u32>,
+    packs: &Path,
     progress: impl Fn(u64, u64),
-) -> Result<Vec<(Manifest, Identity)>, WireError> {
+) -> Result<(Vec<(Manifest, Identity)>, Option<PackFile>), WireError> {
+    files.sort_by(|a, b| a.rel.cmp(&b.rel));
     let total: u64 = files.iter().map(|f| f.seen.size).sum();
+    let small = |size: u64| size > 0 && size < PACK_MAX;
+    let packed: u64 = files
+        .iter()
+        .map(|f| f.seen.size)
+        .filter(|&n| small(n))
+        .sum();
+    let mut pack = PackWriter::start(packs, packed)?;
+    let mut in_pack = HashSet::new();
     let mut before = 0u64;
     let mut out = Vec::with_capacity(files.len());
-    for f in files {
+    let hashed = files.iter().try_for_each(|f| {
         let name = f.rel.rsplit('/').next().unwrap_or(&f.rel).to_string();
-        let hashed = hash_file(&f.abs, name, chunk_size, |done, _| {
+        let (hashed, bytes) = hash_file_keeping(&f.abs, name, chunk_size, |done, _| {
             progress(before + done, total)
         })?;
         if hashed.identity.file != f.seen.file {
@@ -158,11 +173,23 @@ fn hash_all(
                 ),
             ));
         }
-        before += hashed.manifest.size;
+        let m = hashed.manifest;
+        // As `Collection::packable` picks them: small, not empty, each content once.
+        if let Some(bytes) = bytes.filter(|_| small(m.size) && in_pack.insert(m.file_id())) {
+            pack.add(&f.rel, bytes);
+        }
+        before += m.size;
         // Not kept open: a tree may hold more files than this process may open.
-        out.push((hashed.manifest, hashed.identity));
+        out.push((m, hashed.identity));
+        Ok(())
+    });
+    match hashed {
+        Ok(()) => Ok((out, pack.finish()?)),
+        Err(e) => {
+            pack.abort();
+            Err(e)
+        }
     }
-    Ok(out)
 }
 
 impl Node {
@@ -175,24 +202,27 @@ impl Node {
         progress: mpsc::Sender<(u64, u64)>,
     ) -> Result<(FileSummary, CollectionInfo), WireError> {
         let name = share_name(&dir)?;
-        let (walked, hashed) = {
-            let dir = dir.clone();
+        let (walked, hashed, packed) = {
+            let (dir, packs) = (dir.clone(), self.collections_dir());
             tokio::task::spawn_blocking(move || -> Result<_, WireError> {
-                let walked = walk(&dir)?;
-                let hashed = hash_all(&walked.files, chunk_size, |done, total| {
-                    let _ = progress.try_send((done, total));
-                })?;
-                Ok((walked, hashed))
+                let mut walked = walk(&dir)?;
+                let (hashed, packed) =
+                    hash_all(&mut walked.files, chunk_size, &packs, |done, total| {
+                        let _ = progress.try_send((done, total));
+                    })?;
+                Ok((walked, hashed, packed))
             })
             .await
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))??
         };
         let mut collection = Collection::new(entries_of(&walked, &hashed));
-        collection
-            .validate()
-            .map_err(|e| bad(format!("{} cannot be shared: {e}", dir.display())))?;
-        let packed = self.write_pack(&dir, &collection).await?;
         collection.pack = packed.as_ref().map(|p| p.pack.clone());
+        if let Err(e) = collection.validate() {
+            if let Some(p) = &packed {
+                let _ = std::fs::remove_file(&p.path);
+            }
+            return Err(bad(format!("{} cannot be shared: {e}", dir.display())));
+        }
         let info = CollectionInfo {
             files: collection.file_count() as u64,
             bytes: collection.total_size(),
