@@ -119,7 +119,7 @@ fn walk(root: &Path) -> Result<Walked, WireError> {
 }
 
 /// The collection's entries: every directory, and every file with what hashing found.
-fn entries_of(walked: &Walked, hashed: &[(Manifest, Identity)]) -> Vec<Entry> {
+fn entries_of(walked: &Walked, hashed: &[Hashed]) -> Vec<Entry> {
     let dirs = walked
         .dirs
         .iter()
@@ -138,6 +138,9 @@ fn entries_of(walked: &Walked, hashed: &[(Manifest, Identity)]) -> Vec<Entry> {
     dirs.chain(files).collect()
 }
 
+/// A file's manifest and its identity as hashed.
+type Hashed = (Manifest, Identity);
+
 /// Hashes every file found (blocking), in the collection's order (by path), and writes the
 /// pack of the small ones into `packs` from the same reads; `progress(done, total)` over all
 /// their bytes.
@@ -146,7 +149,7 @@ fn hash_all(
     chunk_size: Option<u32>,
     packs: &Path,
     progress: impl Fn(u64, u64),
-) -> Result<(Vec<(Manifest, Identity)>, Option<PackFile>), WireError> {
+) -> Result<(Vec<Hashed>, Option<PackFile>), WireError> {
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
     let total: u64 = files.iter().map(|f| f.seen.size).sum();
     let small = |size: u64| size > 0 && size < PACK_MAX;
