@@ -26,6 +26,25 @@ pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::
     }
 }
 
+/// Positional read into `buf` until it is full or the file ends; how many bytes were read.
+pub fn read_up_to_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        let at = offset + done as u64;
+        #[cfg(unix)]
+        let n = std::os::unix::fs::FileExt::read_at(file, &mut buf[done..], at);
+        #[cfg(windows)]
+        let n = std::os::windows::fs::FileExt::seek_read(file, &mut buf[done..], at);
+        match n {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// Positional write of all of `buf`.
 pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::Result<()> {
     #[cfg(unix)]
@@ -125,6 +144,25 @@ pub fn open_direct(part: &std::path::Path) -> Option<std::fs::File> {
     #[cfg(not(target_os = "linux"))]
     {
         let _ = part;
+        None
+    }
+}
+
+/// `path` opened for reading with direct I/O (`O_DIRECT`, Linux), where the file system
+/// allows: a file read once, front to back, need not pass through the page cache.
+pub fn open_direct_read(path: &std::path::Path) -> Option<std::fs::File> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = path;
         None
     }
 }

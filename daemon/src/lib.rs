@@ -14,6 +14,7 @@
 //! - [`context`]: what every part shares: settings, identity, database, tracker session.
 //! - [`link`]: a connection to another daemon, plain or secure.
 //! - [`local`]: [`local::LocalFile`], a file whose chunks this daemon can serve.
+//! - [`spans`]: a collection's pack as spans of the files it packs, which serve it.
 //! - [`part`]: a download's partial file: exclusive creation, no-replace rename.
 //! - [`register`]: hashing a local file into a manifest, off the async executor.
 //! - [`recover`]: re-verifying unrecorded chunks after an unclean stop.
@@ -39,6 +40,7 @@ pub mod recover;
 pub mod register;
 pub mod serve;
 pub mod settings;
+pub mod spans;
 pub mod start;
 pub mod store;
 pub mod tracker_client;

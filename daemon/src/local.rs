@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use p2p_schema::{Bitfield, FileId, Manifest, PeerId};
 
 use crate::lock;
+use crate::spans::Spans;
 
 /// What tells, without reading it, that a whole file still holds the bytes that were hashed:
 /// its size, modification time, the file itself (inode and device) and its change time (Unix).
@@ -94,6 +95,9 @@ pub struct LocalFile {
     /// Bumped each time chunks are added: peers watching the file are told (see
     /// [`LocalFile::watch`]).
     gained: tokio::sync::watch::Sender<u64>,
+    /// For a collection's pack served from the files it packs: where they lie in it (the
+    /// pack has no file, nor handle, of its own).
+    spans: Option<Arc<Spans>>,
 }
 
 struct Inner {
@@ -190,6 +194,7 @@ impl LocalFile {
                 epoch: 0,
             }),
             gained: tokio::sync::watch::Sender::new(0),
+            spans: None,
         }
     }
 
@@ -212,9 +217,28 @@ impl LocalFile {
         local
     }
 
+    /// A collection's pack, served from the files it packs; `root` is the collection's
+    /// directory (what `path` shows).
+    pub fn packed(manifest: Arc<Manifest>, root: PathBuf, spans: Arc<Spans>) -> LocalFile {
+        let chunks = manifest.chunk_count();
+        let mut local = LocalFile::new_with(manifest, None, root, Bitfield::full(chunks));
+        local.spans = Some(spans);
+        local
+    }
+
+    /// Where the files a pack served from them lie in it.
+    pub fn spans(&self) -> Option<&Arc<Spans>> {
+        self.spans.as_ref()
+    }
+
     /// The handle to read from (or write to, for a download), opened if it was closed: then
     /// checked to be the file recorded (else it is no longer served).
     pub fn handle(&self) -> std::io::Result<Arc<File>> {
+        if self.spans.is_some() {
+            return Err(std::io::Error::other(
+                "a pack is read from the files it packs",
+            ));
+        }
         if let Some(f) = lock(&self.file).as_ref() {
             return Ok(f.clone());
         }

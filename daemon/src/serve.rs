@@ -27,6 +27,7 @@ use crate::lock;
 use crate::metrics::{Direction, Metrics};
 use crate::node::Node;
 use crate::pace::Pace;
+use crate::spans::{Piece, Spans};
 
 /// Most peer connections served at once.
 const MAX_CONNECTIONS: usize = 512;
@@ -397,13 +398,23 @@ async fn send_chunk(
             .await
             .map_err(|e| e.to_string());
     }
+    let header = PeerResponse::Chunk { index, len };
+    if let Some(spans) = local.spans() {
+        // A pack: read from the files it packs, before anything is sent.
+        match read_packed(node, uploads, spans, offset, len, std::mem::take(buf)).await {
+            Ok(read) => *buf = read,
+            Err(e) => return refuse(writer, format!("chunk {index} cannot be read: {e}")).await,
+        }
+        send_buf(uploads, writer, &header, buf).await?;
+        sent(node, &local, (&file_id, index, len), peer);
+        return Ok(());
+    }
     // Opened (if it was closed) before anything is sent: a file that cannot be read is
     // refused, not cut short.
     let file = match local.handle() {
         Ok(file) => file,
         Err(e) => return refuse(writer, format!("chunk {index} cannot be read: {e}")).await,
     };
-    let header = PeerResponse::Chunk { index, len };
     #[cfg(target_os = "linux")]
     if writer.get_ref().plain_socket().is_some() {
         writer.feed(&header).await.map_err(|e| e.to_string())?;
@@ -432,11 +443,58 @@ async fn send_chunk(
     }
     #[cfg(not(target_os = "linux"))]
     send_read(uploads, writer, (&file, offset, len), &header, buf).await?;
+    sent(node, &local, (&file_id, index, len), peer);
+    Ok(())
+}
+
+/// Counts a chunk sent.
+fn sent(
+    node: &Node,
+    local: &LocalFile,
+    (id, index, len): (&p2p_schema::FileId, u32, u32),
+    peer: PeerId,
+) {
     local.add_uploaded(u64::from(len));
-    node.metrics.sent(&file_id, u64::from(len));
+    node.metrics.sent(id, u64::from(len));
     // The spread counts from when the peer has the whole chunk.
     local.sent(index, peer);
-    Ok(())
+}
+
+/// Reads `len` bytes of a pack at `offset` from the files it packs, each checked to be the
+/// file recorded (a `stat`) first: one not held whole, changed, or unreadable fails the read.
+async fn read_packed(
+    node: &Node,
+    uploads: &Uploads,
+    spans: &Spans,
+    offset: u64,
+    len: u32,
+    mut buf: Vec<u8>,
+) -> Result<Vec<u8>, String> {
+    let pieces = spans
+        .pieces(offset, len as usize)
+        .ok_or("a chunk past the pack's end")?;
+    let pieces: Vec<(Piece, Arc<LocalFile>)> = pieces
+        .into_iter()
+        .map(|p| {
+            let local = node.local_file(&p.member).filter(|l| l.is_complete());
+            local
+                .map(|l| (p, l))
+                .ok_or("a file of the pack is not held here")
+        })
+        .collect::<Result<_, _>>()?;
+    let _permit = uploads.slots.acquire().await.map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(move || {
+        buf.resize(len as usize, 0);
+        for (piece, local) in &pieces {
+            local.check_source()?;
+            let file = local.handle().map_err(|e| e.to_string())?;
+            crate::fileio::read_exact_at(&file, &mut buf[piece.into.clone()], piece.offset)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(buf)
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Answers a chunk request with "not found", for `why`.
@@ -458,6 +516,16 @@ async fn send_read(
     buf: &mut SendBuf,
 ) -> Result<(), String> {
     *buf = read_chunk(uploads, file.clone(), offset, len, std::mem::take(buf)).await?;
+    send_buf(uploads, writer, header, buf).await
+}
+
+/// Sends a chunk read into `buf`, paced like `sendfile`.
+async fn send_buf(
+    uploads: &Uploads,
+    writer: &mut Writer,
+    header: &PeerResponse,
+    buf: &[u8],
+) -> Result<(), String> {
     writer.feed(header).await.map_err(|e| e.to_string())?;
     // Pieces of one encrypted record each (a piece of 64 KiB would make a second, tiny one).
     for piece in buf.chunks(p2p_schema::secure::MAX_RECORD_PLAINTEXT) {

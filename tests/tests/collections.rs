@@ -444,3 +444,78 @@ fn pause_resume_cancel_and_unregister_act_on_the_whole_tree() {
         "{status}"
     );
 }
+
+/// Files under `dir` whose name ends in `.pack`.
+fn packs_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "pack") {
+                found.push(path);
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn small_files_are_served_from_where_they_lie_with_no_copy_kept_and_after_restarts() {
+    let mut swarm = Swarm::new(3, "30s", &[]);
+    let root = swarm.path("many");
+    for i in 0..40 {
+        let dir = root.join(format!("d{}", i % 4));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        write_random(&dir.join(format!("f{i}")), 1_000 + i * 997, i as u64);
+    }
+    write_random(&root.join("large.bin"), 2 << 20, 99);
+    let expected = snapshot(&root);
+    let id = {
+        let a = &swarm.daemons[0];
+        a.ctl_json(&["register", s(&root)])["file"]["id"]
+            .as_str()
+            .expect("an ID")
+            .to_string()
+    };
+    assert_eq!(
+        packs_under(&swarm.daemons[0].data_dir),
+        Vec::<PathBuf>::new(),
+        "registering keeps no copy of the small files"
+    );
+
+    // The registrant restarted serves the tree (its pack read from the files) to b.
+    swarm.daemons[0].ctl(&["quit"]).ok();
+    swarm.daemons[0].proc.kill();
+    swarm.daemons[0].restart();
+    let out_b = swarm.path("out-b");
+    std::fs::create_dir(&out_b).expect("mkdir");
+    let b = &swarm.daemons[1];
+    eventually(Duration::from_secs(30), || {
+        b.ctl(&["list"]).ok().contains("many/").then_some(())
+    })
+    .expect("the restarted registrant announced the tree again");
+    b.ctl(&["download", &id, "-o", s(&out_b)]).ok();
+    assert_eq!(snapshot(&out_b.join("many")), expected);
+    assert_eq!(
+        packs_under(&b.data_dir),
+        Vec::<PathBuf>::new(),
+        "the pack fetched to build the tree is gone once the tree is in place"
+    );
+
+    // The registrant goes; b, restarted, serves the tree from where it put it.
+    swarm.daemons[0].ctl(&["unregister", &id]).ok();
+    swarm.daemons[1].proc.kill();
+    swarm.daemons[1].restart();
+    let out_c = swarm.path("out-c");
+    std::fs::create_dir(&out_c).expect("mkdir");
+    let c = &swarm.daemons[2];
+    eventually(Duration::from_secs(30), || {
+        c.ctl(&["list"]).ok().contains("many/").then_some(())
+    })
+    .expect("the restarted downloader announced the tree again");
+    c.ctl(&["download", &id, "-o", s(&out_c)]).ok();
+    assert_eq!(snapshot(&out_c.join("many")), expected);
+}

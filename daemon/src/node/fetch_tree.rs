@@ -271,6 +271,9 @@ impl Node {
             &tree.part
         };
         self.relocate_members(tree, collection, base).await;
+        if finished.is_ok() {
+            self.serve_pack(tree.id, collection, &tree.output);
+        }
         finished.map(|()| true)
     }
 
@@ -357,8 +360,12 @@ impl Node {
                 p.bytes_done += size;
             })
         };
-        // Held whole here already: at its place (a restart), or elsewhere (copied).
-        if let Some(local) = self.local_file(&id).filter(|f| f.is_complete()) {
+        // Held whole here already: at its place (a restart), or elsewhere (copied). Not a
+        // pack served from its files: it has no file to copy (its files are copied instead).
+        if let Some(local) = self
+            .local_file(&id)
+            .filter(|f| f.is_complete() && f.spans().is_none())
+        {
             let l = local.clone();
             let fine = tokio::task::spawn_blocking(move || l.check_source().is_ok())
                 .await

@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::tree::{io, joined, Tree, SCRATCH};
 use super::*;
 use crate::local::Identity;
+use crate::spans::Spans;
 
 impl Node {
     /// Puts the tree's small files in place from its pack: those this daemon holds already
@@ -41,6 +42,13 @@ impl Node {
                     });
                     placed.insert(m.file_id(), dest);
                 }
+                // Held elsewhere here: copied (see `fetch_member`), not fetched.
+                Some(local) if local.spans().is_none() => {
+                    if !self.fetch_member(tree, m.clone(), &dest, 1, stop).await? {
+                        return Ok(None);
+                    }
+                    placed.insert(m.file_id(), dest);
+                }
                 _ => missing.push((e.path().to_string(), m, offset)),
             }
         }
@@ -64,134 +72,91 @@ impl Node {
         }
         Ok(Some(placed))
     }
+
+    /// Serves the pack of `collection` (held whole, under `root`) from the files it packs;
+    /// a copy of the pack fetched to build the tree is then forgotten and deleted.
+    pub(super) fn serve_pack(&self, cid: FileId, collection: &Collection, root: &Path) {
+        let Some(pack) = &collection.pack else {
+            return;
+        };
+        let manifest = pack.manifest();
+        let id = manifest.file_id();
+        let fetched = match self.local_file(&id) {
+            // Served from another collection's files already.
+            Some(f) if f.spans().is_some() => return,
+            Some(f) => Some(f.path()).filter(|p| *p == self.pack_path(&id)),
+            None => None,
+        };
+        let spans = Spans::new(
+            collection
+                .packed()
+                .into_iter()
+                .filter_map(|(e, _)| e.manifest().map(|m| (m.file_id(), m.size))),
+        );
+        let local = LocalFile::packed(Arc::new(manifest), root.to_path_buf(), Arc::new(spans));
+        local.set_collection(Some(cid));
+        self.insert_file(Arc::new(local));
+        if let Some(path) = fetched {
+            if let Err(e) = self.store.remove_share(&id) {
+                warn!(error = %e, "forgetting a pack served from its files now");
+            }
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
-/// A pack written: what the index says of it, where it is, and its identity as written.
-pub(super) struct PackFile {
-    pub(super) pack: Pack,
-    pub(super) path: PathBuf,
-    pub(super) identity: Identity,
-}
-
-/// Writes a collection's pack as its small files are hashed, from the bytes hashed (each
-/// file is read once): on a thread of its own, which hashes the pack's chunks and writes it in
-/// large aligned blocks, directly to the disk where the file system allows (as downloads
-/// write), beside the hashing of the files.
-pub(super) struct PackWriter {
+/// Makes a collection's pack from its small files as they are hashed, from the bytes hashed
+/// (each file is read once): on a thread of its own, which hashes the pack's chunks beside
+/// the hashing of the files. Nothing is written: the pack is served from the files.
+pub(super) struct PackHasher {
     files: Vec<String>,
     bytes: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
-    writer: std::thread::JoinHandle<Result<Manifest, WireError>>,
-    temp: PathBuf,
-    dir: PathBuf,
+    hasher: std::thread::JoinHandle<Manifest>,
 }
 
-/// Bytes of the pack written at once.
-const PACK_BLOCK: usize = 4 << 20;
-
-impl PackWriter {
-    /// A pack in `dir` of files expected to come to about `total` bytes (its chunk size
-    /// follows from it).
-    pub(super) fn start(dir: &Path, total: u64) -> Result<PackWriter, WireError> {
-        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
-        let temp = dir.join(format!(".new-{}.pack", fastrand::u64(..)));
-        let file =
-            std::fs::File::create(&temp).map_err(io(format!("creating {}", temp.display())))?;
-        let direct = crate::fileio::open_direct(&temp);
+impl PackHasher {
+    /// A pack of files expected to come to about `total` bytes (its chunk size follows from
+    /// it).
+    pub(super) fn start(total: u64) -> PackHasher {
         let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(16);
-        let shown = temp.display().to_string();
-        let writer = std::thread::spawn(move || {
+        let hasher = std::thread::spawn(move || {
             let mut builder = ManifestBuilder::new(auto_chunk_size(total));
-            let mut block = crate::aligned::AlignedBuf::new();
-            block.resize(PACK_BLOCK);
-            let (mut filled, mut at) = (0usize, 0u64);
-            let write = |block: &[u8], at: u64| -> Result<(), WireError> {
-                let aligned = block.len().is_multiple_of(crate::aligned::ALIGN);
-                let direct = direct.as_ref().filter(|_| aligned);
-                match direct.map(|d| crate::fileio::write_all_at(d, block, at)) {
-                    Some(Ok(())) => Ok(()),
-                    _ => crate::fileio::write_all_at(&file, block, at)
-                        .map_err(io(format!("writing {shown}"))),
-                }
-            };
             for bytes in rx {
                 builder.update(&bytes);
-                let mut rest = &bytes[..];
-                while !rest.is_empty() {
-                    let n = rest.len().min(PACK_BLOCK - filled);
-                    block[filled..filled + n].copy_from_slice(&rest[..n]);
-                    (filled, rest) = (filled + n, &rest[n..]);
-                    if filled == PACK_BLOCK {
-                        write(&block, at)?;
-                        (filled, at) = (0, at + PACK_BLOCK as u64);
-                    }
-                }
             }
-            write(&block[..filled], at)?;
-            file.sync_all().map_err(io(format!("syncing {shown}")))?;
-            Ok(builder.finish("pack".into()))
+            builder.finish("pack".into())
         });
-        Ok(PackWriter {
+        PackHasher {
             files: Vec::new(),
             bytes: Some(tx),
-            writer,
-            temp,
-            dir: dir.to_path_buf(),
-        })
+            hasher,
+        }
     }
 
     /// Appends the file at `path` in the collection, whose bytes are `bytes`.
     pub(super) fn add(&mut self, path: &str, bytes: Vec<u8>) {
         self.files.push(path.to_string());
-        // Refused only if the writer stopped on an error, which `finish` reports.
         if let Some(tx) = &self.bytes {
+            // Refused only if the hasher is gone (it panicked), which `finish` reports.
             if tx.send(bytes).is_err() {
                 self.bytes = None;
             }
         }
     }
 
-    /// Stops, leaving nothing behind.
-    pub(super) fn abort(mut self) {
+    /// The pack; `None` if fewer than two files went in, as a collection packs only two or
+    /// more.
+    pub(super) fn finish(mut self) -> Result<Option<Pack>, WireError> {
         self.bytes = None;
-        let _ = self.writer.join();
-        let _ = std::fs::remove_file(&self.temp);
-    }
-
-    /// The pack, in place under its ID's name; `None` (and nothing left behind) if fewer
-    /// than two files went in, as a collection packs only two or more.
-    pub(super) fn finish(mut self) -> Result<Option<PackFile>, WireError> {
-        self.bytes = None;
-        let written = self
-            .writer
+        let manifest = self
+            .hasher
             .join()
-            .map_err(|_| err(ErrorCode::Internal, "writing the pack failed"))
-            .and_then(|r| r);
-        let manifest = match written {
-            Ok(m) if self.files.len() >= 2 => m,
-            other => {
-                let _ = std::fs::remove_file(&self.temp);
-                return other.map(|_| None);
-            }
-        };
-        let path = self
-            .dir
-            .join(format!("{}.pack", manifest.file_id().to_hex()));
-        if path.exists() {
-            let _ = std::fs::remove_file(&self.temp);
-        } else {
-            std::fs::rename(&self.temp, &path)
-                .map_err(io(format!("renaming {}", self.temp.display())))?;
-        }
-        let meta = std::fs::metadata(&path).map_err(io(format!("reading {}", path.display())))?;
-        Ok(Some(PackFile {
-            pack: Pack {
-                files: self.files,
-                size: manifest.size,
-                chunk_size: manifest.chunk_size,
-                hashes: manifest.hashes,
-            },
-            path,
-            identity: Identity::of(&meta),
+            .map_err(|_| err(ErrorCode::Internal, "hashing the pack failed"))?;
+        Ok((self.files.len() >= 2).then_some(Pack {
+            files: self.files,
+            size: manifest.size,
+            chunk_size: manifest.chunk_size,
+            hashes: manifest.hashes,
         }))
     }
 }
@@ -204,13 +169,15 @@ pub(super) fn unpack(
     part: &Path,
     files: &[(String, Manifest, u64)],
 ) -> Result<Vec<(Manifest, PathBuf, Identity)>, WireError> {
-    let source = std::fs::File::open(pack).map_err(io(format!("reading {}", pack.display())))?;
-    // Two threads: hashing is the bound, and two cores are the least a machine has.
-    let half = files.len().div_ceil(2).max(1);
+    // One thread reads the pack front to back, handing out each file's bytes; two check and
+    // write them (hashing is the bound, and two cores are the least a machine has).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(32);
+    let rx = Mutex::new(rx);
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let written: Vec<(PathBuf, PathBuf, Manifest)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = files
-            .chunks(half)
-            .map(|some| scope.spawn(|| cut_out(&source, pack, part, some)))
+        let reader = scope.spawn(|| read_files(pack, files, tx, &failed));
+        let workers: Vec<_> = (0..2)
+            .map(|_| scope.spawn(|| cut_out(&rx, part, files, &failed)))
             .collect();
         let mut all = Vec::with_capacity(files.len());
         for w in workers {
@@ -219,6 +186,9 @@ pub(super) fn unpack(
                 .map_err(|_| err(ErrorCode::Internal, "unpacking failed"))??;
             all.extend(cut);
         }
+        reader
+            .join()
+            .map_err(|_| err(ErrorCode::Internal, "unpacking failed"))??;
         Ok::<_, WireError>(all)
     })?;
     let mut out = Vec::with_capacity(files.len());
@@ -245,38 +215,119 @@ fn holds(bytes: &[u8], m: &Manifest) -> bool {
     b.finish(String::new()).file_id() == m.file_id()
 }
 
-/// Writes each of `files` from the pack `source` into `part` under a temporary name, once
-/// checked against its own hashes (blocking): temporary and final paths, and manifests.
-fn cut_out(
-    source: &std::fs::File,
+/// Bytes of the pack read at once.
+const UNPACK_BLOCK: usize = 4 << 20;
+
+/// Reads the pack front to back in large aligned blocks (direct I/O where the file system
+/// allows: read once, it need not pass through the page cache) and sends each of `files`
+/// (in pack order) with its bytes, until done, the receivers are gone or `failed` is set.
+fn read_files(
     pack: &Path,
+    files: &[(String, Manifest, u64)],
+    tx: std::sync::mpsc::SyncSender<(usize, Vec<u8>)>,
+    failed: &std::sync::atomic::AtomicBool,
+) -> Result<(), WireError> {
+    let what = || format!("reading {}", pack.display());
+    let source = std::fs::File::open(pack).map_err(io(what()))?;
+    let mut direct = crate::fileio::open_direct_read(pack);
+    let mut block = crate::aligned::AlignedBuf::new();
+    block.resize(UNPACK_BLOCK);
+    // The bytes of the pack in `block`: from `start`, `len` of them.
+    let (mut start, mut len) = (0u64, 0usize);
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by_key(|&i| files[i].2);
+    for i in order {
+        let (path, m, offset) = &files[i];
+        let size = usize::try_from(m.size).unwrap_or(usize::MAX);
+        let mut bytes = Vec::with_capacity(size);
+        while bytes.len() < size {
+            let at = offset + bytes.len() as u64;
+            if at < start || at >= start + len as u64 {
+                if failed.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Ok(());
+                }
+                start = at - at % crate::aligned::ALIGN as u64;
+                len = match direct
+                    .as_ref()
+                    .map(|d| crate::fileio::read_up_to_at(d, &mut block, start))
+                {
+                    Some(Ok(n)) => n,
+                    // Buffered where direct I/O is refused.
+                    Some(Err(_)) | None => {
+                        direct = None;
+                        crate::fileio::read_up_to_at(&source, &mut block, start)
+                            .map_err(io(what()))?
+                    }
+                };
+                if at >= start + len as u64 {
+                    return Err(err(
+                        ErrorCode::BadRequest,
+                        format!("the collection's pack ends before {path}"),
+                    ));
+                }
+            }
+            let from = (at - start) as usize;
+            let n = (size - bytes.len()).min(len - from);
+            bytes.extend_from_slice(&block[from..from + n]);
+        }
+        if tx.send((i, bytes)).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+/// Takes files (an index into `files` and its bytes) from `rx` and writes each into `part`
+/// under a temporary name, once checked against its own hashes (blocking): temporary and
+/// final paths, and manifests. After a failure (this worker's or another's, in `failed`),
+/// what comes is taken and dropped until the reader stops.
+fn cut_out(
+    rx: &Mutex<std::sync::mpsc::Receiver<(usize, Vec<u8>)>>,
     part: &Path,
     files: &[(String, Manifest, u64)],
+    failed: &std::sync::atomic::AtomicBool,
 ) -> Result<Vec<(PathBuf, PathBuf, Manifest)>, WireError> {
-    let mut written = Vec::with_capacity(files.len());
-    for (path, m, offset) in files {
-        let mut bytes = vec![0u8; usize::try_from(m.size).unwrap_or(usize::MAX)];
-        crate::fileio::read_exact_at(source, &mut bytes, *offset).map_err(io(format!(
-            "reading {} from {}",
-            path,
-            pack.display()
-        )))?;
-        if !holds(&bytes, m) {
-            return Err(err(
-                ErrorCode::BadRequest,
-                format!("the collection's pack does not hold {path} as its index says"),
-            ));
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut written = Ok(Vec::new());
+    loop {
+        let next = lock(rx).recv();
+        let Ok((i, bytes)) = next else {
+            return written;
+        };
+        let Ok(done) = &mut written else { continue };
+        if failed.load(Relaxed) {
+            continue;
         }
-        let dest = part.join(path);
-        // Where no entry of the tree can be (see `SCRATCH`).
-        let temp = part
-            .join(SCRATCH)
-            .join(format!("{}.unpack", fastrand::u64(..)));
-        // Closed at once: a pack may hold more files than this process may open.
-        std::fs::write(&temp, &bytes).map_err(io(format!("writing {}", temp.display())))?;
-        written.push((temp, dest, m.clone()));
+        match write_one(part, &files[i], &bytes) {
+            Ok(w) => done.push(w),
+            Err(e) => {
+                failed.store(true, Relaxed);
+                written = Err(e);
+            }
+        }
     }
-    Ok(written)
+}
+
+/// Writes one file cut from the pack under a temporary name, once checked.
+fn write_one(
+    part: &Path,
+    (path, m, _): &(String, Manifest, u64),
+    bytes: &[u8],
+) -> Result<(PathBuf, PathBuf, Manifest), WireError> {
+    if !holds(bytes, m) {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("the collection's pack does not hold {path} as its index says"),
+        ));
+    }
+    let dest = part.join(path);
+    // Where no entry of the tree can be (see `SCRATCH`).
+    let temp = part
+        .join(SCRATCH)
+        .join(format!("{}.unpack", fastrand::u64(..)));
+    // Closed at once: a pack may hold more files than this process may open.
+    std::fs::write(&temp, bytes).map_err(io(format!("writing {}", temp.display())))?;
+    Ok((temp, dest, m.clone()))
 }
 
 /// Makes `files` (all under `dir`) durable: one `syncfs` on Linux, else each file's sync.

@@ -7,9 +7,9 @@
 use std::collections::HashSet;
 use std::fs::Metadata;
 
-use p2p_schema::{validate_name, Collection, CollectionInfo, Entry, PACK_MAX};
+use p2p_schema::{validate_name, Collection, CollectionInfo, Entry, Pack, PACK_MAX};
 
-use super::pack::{PackFile, PackWriter};
+use super::pack::PackHasher;
 use super::tree::io;
 use super::*;
 use crate::local::Identity;
@@ -141,15 +141,13 @@ fn entries_of(walked: &Walked, hashed: &[Hashed]) -> Vec<Entry> {
 /// A file's manifest and its identity as hashed.
 type Hashed = (Manifest, Identity);
 
-/// Hashes every file found (blocking), in the collection's order (by path), and writes the
-/// pack of the small ones into `packs` from the same reads; `progress(done, total)` over all
-/// their bytes.
+/// Hashes every file found (blocking), in the collection's order (by path), and the pack of
+/// the small ones from the same reads; `progress(done, total)` over all their bytes.
 fn hash_all(
     files: &mut [Found],
     chunk_size: Option<u32>,
-    packs: &Path,
     progress: impl Fn(u64, u64),
-) -> Result<(Vec<Hashed>, Option<PackFile>), WireError> {
+) -> Result<(Vec<Hashed>, Option<Pack>), WireError> {
     files.sort_by(|a, b| a.rel.cmp(&b.rel));
     let total: u64 = files.iter().map(|f| f.seen.size).sum();
     let small = |size: u64| size > 0 && size < PACK_MAX;
@@ -158,7 +156,7 @@ fn hash_all(
         .map(|f| f.seen.size)
         .filter(|&n| small(n))
         .sum();
-    let mut pack = PackWriter::start(packs, packed)?;
+    let mut pack = PackHasher::start(packed);
     let mut in_pack = HashSet::new();
     let mut before = 0u64;
     let mut out = Vec::with_capacity(files.len());
@@ -186,13 +184,8 @@ fn hash_all(
         out.push((m, hashed.identity));
         Ok(())
     });
-    match hashed {
-        Ok(()) => Ok((out, pack.finish()?)),
-        Err(e) => {
-            pack.abort();
-            Err(e)
-        }
-    }
+    hashed?;
+    Ok((out, pack.finish()?))
 }
 
 impl Node {
@@ -206,26 +199,22 @@ impl Node {
     ) -> Result<(FileSummary, CollectionInfo), WireError> {
         let name = share_name(&dir)?;
         let (walked, hashed, packed) = {
-            let (dir, packs) = (dir.clone(), self.collections_dir());
+            let dir = dir.clone();
             tokio::task::spawn_blocking(move || -> Result<_, WireError> {
                 let mut walked = walk(&dir)?;
-                let (hashed, packed) =
-                    hash_all(&mut walked.files, chunk_size, &packs, |done, total| {
-                        let _ = progress.try_send((done, total));
-                    })?;
+                let (hashed, packed) = hash_all(&mut walked.files, chunk_size, |done, total| {
+                    let _ = progress.try_send((done, total));
+                })?;
                 Ok((walked, hashed, packed))
             })
             .await
             .map_err(|e| err(ErrorCode::Internal, e.to_string()))??
         };
         let mut collection = Collection::new(entries_of(&walked, &hashed));
-        collection.pack = packed.as_ref().map(|p| p.pack.clone());
-        if let Err(e) = collection.validate() {
-            if let Some(p) = &packed {
-                let _ = std::fs::remove_file(&p.path);
-            }
-            return Err(bad(format!("{} cannot be shared: {e}", dir.display())));
-        }
+        collection.pack = packed;
+        collection
+            .validate()
+            .map_err(|e| bad(format!("{} cannot be shared: {e}", dir.display())))?;
         let info = CollectionInfo {
             files: collection.file_count() as u64,
             bytes: collection.total_size(),
@@ -236,9 +225,7 @@ impl Node {
         for (found, (manifest, identity)) in walked.files.iter().zip(hashed) {
             self.share_member(cid, &found.abs, manifest, identity)?;
         }
-        if let Some(p) = packed {
-            self.share_member(cid, &p.path, p.pack.manifest(), p.identity)?;
-        }
+        self.serve_pack(cid, &collection, &dir);
         let manifest = Arc::new(index.manifest);
         self.share_index(manifest.clone(), index.file, index.path, index.identity)?;
         // Recorded as a collection held whole: `status`, `unregister` and restarts see it.

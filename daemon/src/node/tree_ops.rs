@@ -265,6 +265,24 @@ impl Node {
 
     /// Brings back a collection download recorded by an earlier run (after its files'
     /// downloads): a running one goes on.
+    /// Serves the pack of a tree held whole again, as its index says (read from disk).
+    async fn serve_pack_again(&self, tree: &Tree) {
+        let Some(index) = self.local_file(&tree.id) else {
+            return;
+        };
+        let path = index.path();
+        let read = tokio::task::spawn_blocking(move || {
+            let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            p2p_schema::Collection::decode(&bytes).map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .await;
+        match read {
+            Ok(Ok(collection)) => self.serve_pack(tree.id, &collection, &tree.output),
+            Ok(Err(e)) => warn!(collection = %tree.id.short(), "{e}; its pack is not served"),
+            Err(e) => warn!(collection = %tree.id.short(), error = %e, "reading an index"),
+        }
+    }
+
     pub(super) async fn load_tree(self: &Arc<Self>, rec: crate::store::CollectionRecord) {
         let state = rec.state.clone();
         let reserved = rec.reserved;
@@ -278,6 +296,9 @@ impl Node {
         tree.reserved
             .store(reserved, std::sync::atomic::Ordering::Relaxed);
         lock(&self.trees).insert(tree.id, tree.clone());
+        if state == DownloadState::Complete {
+            self.serve_pack_again(&tree).await;
+        }
         if state == DownloadState::Running {
             info!(collection = %tree.id.short(), "resuming a collection download");
             self.run_tree(&tree).await;
