@@ -238,10 +238,6 @@ async fn locate(node: &Node, query: String) -> CtlResponse {
     match node.tracker.locate(file.id, 1000, false).await {
         Ok((file, mut holders)) => {
             holders.sort_by_key(|h| h.addr);
-            // Trackers leave out what a holder of everything holds; the user is shown it.
-            for h in holders.iter_mut().filter(|h| h.complete) {
-                h.chunks = p2p_schema::Bitfield::full(file.chunks);
-            }
             CtlResponse::Located { file, holders }
         }
         Err(e) => CtlResponse::Error(e),

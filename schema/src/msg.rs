@@ -92,8 +92,7 @@ pub struct Holder {
     pub peer_id: PeerId,
     /// Where it serves chunks.
     pub addr: SocketAddr,
-    /// Which chunks it has announced (empty, of length 0, in a brief `Locate` answer, and
-    /// from a tracker of this version whenever `complete` says it holds everything).
+    /// Which chunks it has announced (empty, of length 0, in a brief `Locate` answer).
     pub chunks: Bitfield,
     /// It holds every chunk (false from trackers before it: then see `chunks`).
     #[serde(default)]

@@ -102,16 +102,17 @@ impl FileEntry {
         }
     }
 
-    /// `peer` holds nothing of the file any more.
-    fn remove(&mut self, peer: &PeerId) {
+    /// `peer` holds nothing of the file any more. Returns whether it held some.
+    fn remove(&mut self, peer: &PeerId) -> bool {
         let Some(i) = self.slot.remove(peer) else {
-            return;
+            return false;
         };
         let (_, h) = self.holders.swap_remove(i as usize);
         self.seeders -= u32::from(h.is_all());
         if let Some((moved, _)) = self.holders.get(i as usize) {
             self.slot.insert(*moved, i);
         }
+        true
     }
 }
 
@@ -401,10 +402,9 @@ impl Registry {
             p.files.remove(&id);
         }
         let empty = match state.files.get_mut(&id) {
-            Some(f) => {
-                f.remove(&peer);
-                f.holders.is_empty()
-            }
+            // A file loaded at start-up waits for its holders to come back: one that never
+            // held it saying so does not end it.
+            Some(f) => f.remove(&peer) && f.holders.is_empty(),
             None => false,
         };
         if empty {
@@ -545,10 +545,12 @@ impl Registry {
                     peer_id: *pid,
                     addr: state.peers.get(pid)?.addr,
                     complete: holding.is_all(),
-                    // What a holder of everything holds goes without saying.
+                    // In full, every holder's bitfield: daemons from before `complete`
+                    // read only that.
                     chunks: match holding {
-                        Holding::Some(bits) if !brief => (**bits).clone(),
-                        _ => Bitfield::new(0),
+                        _ if brief => Bitfield::new(0),
+                        Holding::Some(bits) => (**bits).clone(),
+                        Holding::All => Bitfield::full(file.manifest.chunk_count()),
                     },
                 })
             })
@@ -744,11 +746,11 @@ mod tests {
         };
         let (brief, full) = (size(true), size(false));
         assert!(brief < 64 * 80, "{brief} bytes for 64 holders");
-        // In full, only the 31 holders of some chunks say which: 2 KB each.
-        assert!(full > 31 * 2048 && full < 32 * 2048 + 64 * 80, "{full}");
+        assert!(full > 64 * 2048, "{full}");
         let (_, holders) = reg.locate(&id, None, 64, false).unwrap();
         for h in &holders {
-            assert_eq!(h.chunks.len(), if h.complete { 0 } else { 16_384 });
+            assert_eq!(h.chunks.len(), 16_384);
+            assert_eq!(h.complete, h.chunks.is_full());
         }
         let (_, holders) = reg.locate(&id, None, 64, true).unwrap();
         assert_eq!(holders.len(), 64);
@@ -799,10 +801,17 @@ mod tests {
             reg.locate(&id, None, 10, false).unwrap().1.is_empty(),
             "holdings are soft: nobody holds it until announced again"
         );
+        // A peer that never held it dropping it (as daemons do for files they no longer
+        // have) does not end the wait for its holders.
+        reg.hello(PeerId([2; 16]), addr(2));
+        reg.drop_file(PeerId([2; 16]), id);
+        assert!(reg.have(PeerId([2; 16]), id, Bitfield::new(3)).is_ok());
+        assert_eq!(reg.list().len(), 1, "still waiting for its holders");
         assert!(reg.expire().is_empty(), "a fresh grace period");
         std::thread::sleep(Duration::from_millis(80));
-        let gone = reg.expire();
-        assert_eq!(gone, vec![(addr(1), 0)]);
+        let mut gone: Vec<SocketAddr> = reg.expire().into_iter().map(|(a, _)| a).collect();
+        gone.sort();
+        assert_eq!(gone, vec![addr(1), addr(2)]);
         assert!(
             reg.list().is_empty(),
             "nobody announced it again in the grace period"
