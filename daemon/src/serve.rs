@@ -403,7 +403,13 @@ async fn send_chunk(
         // A pack: read from the files it packs, before anything is sent.
         match read_packed(node, uploads, spans, offset, len, std::mem::take(buf)).await {
             Ok(read) => *buf = read,
-            Err(e) => return refuse(writer, format!("chunk {index} cannot be read: {e}")).await,
+            Err(e) => {
+                // A file of the pack gone or changed: the pack is no longer whole here.
+                let why = format!("a file it packs cannot be served: {e}");
+                warn!(file = %file_id.short(), "{why}; no longer serving the pack");
+                local.set_problem(why);
+                return refuse(writer, format!("chunk {index} cannot be read: {e}")).await;
+            }
         }
         send_buf(uploads, writer, &header, buf).await?;
         sent(node, &local, (&file_id, index, len), peer);

@@ -159,6 +159,7 @@ impl Node {
                 .await
                 .map_err(joined)??;
             self.relocate_members(tree, &collection, &tree.output).await;
+            self.serve_pack(tree.id, &collection, &tree.output);
             return Ok(true);
         }
         {

@@ -42,8 +42,10 @@ impl Node {
                     });
                     placed.insert(m.file_id(), dest);
                 }
-                // Held elsewhere here: copied (see `fetch_member`), not fetched.
-                Some(local) if local.spans().is_none() => {
+                // Held elsewhere here, and the pack too, served from its files (another copy
+                // of this tree): copied (see `fetch_member`); the pack cannot be fetched from
+                // this daemon itself. Otherwise each is cut from the pack and checked.
+                Some(local) if local.spans().is_none() && self.serves_packed(pack) => {
                     if !self.fetch_member(tree, m.clone(), &dest, 1, stop).await? {
                         return Ok(None);
                     }
@@ -73,6 +75,12 @@ impl Node {
         Ok(Some(placed))
     }
 
+    /// Whether `pack` is served here from the files it packs.
+    fn serves_packed(&self, pack: &Pack) -> bool {
+        self.local_file(&pack.manifest().file_id())
+            .is_some_and(|f| f.spans().is_some())
+    }
+
     /// Serves the pack of `collection` (held whole, under `root`) from the files it packs;
     /// a copy of the pack fetched to build the tree is then forgotten and deleted.
     pub(super) fn serve_pack(&self, cid: FileId, collection: &Collection, root: &Path) {
@@ -82,8 +90,9 @@ impl Node {
         let manifest = pack.manifest();
         let id = manifest.file_id();
         let fetched = match self.local_file(&id) {
-            // Served from another collection's files already.
-            Some(f) if f.spans().is_some() => return,
+            // Served from another collection's files already (unless that failed: then
+            // served from these), or being fetched for another.
+            Some(f) if (f.spans().is_some() && f.problem().is_none()) || !f.is_complete() => return,
             Some(f) => Some(f.path()).filter(|p| *p == self.pack_path(&id)),
             None => None,
         };
@@ -172,13 +181,19 @@ pub(super) fn unpack(
     // One thread reads the pack front to back, handing out each file's bytes; two check and
     // write them (hashing is the bound, and two cores are the least a machine has).
     let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(32);
-    let rx = Mutex::new(rx);
+    // Shared by the workers only: once both have ended (even by a panic) it is dropped, and
+    // the reader's next send fails instead of waiting for ever.
+    let rx = Arc::new(Mutex::new(rx));
     let failed = std::sync::atomic::AtomicBool::new(false);
     let written: Vec<(PathBuf, PathBuf, Manifest)> = std::thread::scope(|scope| {
         let reader = scope.spawn(|| read_files(pack, files, tx, &failed));
         let workers: Vec<_> = (0..2)
-            .map(|_| scope.spawn(|| cut_out(&rx, part, files, &failed)))
+            .map(|_| {
+                let (rx, failed) = (rx.clone(), &failed);
+                scope.spawn(move || cut_out(&rx, part, files, failed))
+            })
             .collect();
+        drop(rx);
         let mut all = Vec::with_capacity(files.len());
         for w in workers {
             let cut = w

@@ -263,8 +263,6 @@ impl Node {
         }
     }
 
-    /// Brings back a collection download recorded by an earlier run (after its files'
-    /// downloads): a running one goes on.
     /// Serves the pack of a tree held whole again, as its index says (read from disk).
     async fn serve_pack_again(&self, tree: &Tree) {
         let Some(index) = self.local_file(&tree.id) else {
@@ -283,6 +281,8 @@ impl Node {
         }
     }
 
+    /// Brings back a collection download recorded by an earlier run (after its files'
+    /// downloads): a running one goes on.
     pub(super) async fn load_tree(self: &Arc<Self>, rec: crate::store::CollectionRecord) {
         let state = rec.state.clone();
         let reserved = rec.reserved;
