@@ -48,6 +48,38 @@ fn fetch(leecher: &Daemon, name: &str, out: &Path) -> f64 {
     t
 }
 
+/// One download of `name` by `leecher` into `out`, started detached and watched until it
+/// completes (a crowd may take longer than one `p2pctl` call is allowed); seconds until then,
+/// `None` if it failed or took over 10 minutes.
+fn fetch_watched(leecher: &Daemon, name: &str, out: &Path) -> Option<f64> {
+    let start = Instant::now();
+    let started = leecher.ctl(&[
+        "-q",
+        "download",
+        name,
+        "-o",
+        &out.to_string_lossy(),
+        "--detach",
+    ]);
+    if !started.status.success() {
+        return None;
+    }
+    while start.elapsed() < std::time::Duration::from_secs(600) {
+        // Not `Daemon::status`, which fails the caller when the daemon is gone (killed).
+        let status = leecher.ctl(&["--json", "status"]);
+        if !status.status.success() {
+            return None;
+        }
+        let doc: serde_json::Value = serde_json::from_str(&status.stdout).unwrap_or_default();
+        match doc["downloads"][0]["state"]["state"].as_str() {
+            Some("complete") => return Some(start.elapsed().as_secs_f64()),
+            Some("failed") => return None,
+            _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+        }
+    }
+    None
+}
+
 /// `seeders` daemons on the first hosts register `file` (the first one's registration is
 /// timed), then a fresh leecher on the next host downloads it, `reps` times.
 /// Returns the download sample and the seconds the first registration took.
@@ -123,7 +155,12 @@ pub fn crowd(net: &Net, dir: &Path, file: &Path, n: usize, extra: &[&str]) -> Cr
         let jobs: Vec<_> = leechers
             .iter()
             .enumerate()
-            .map(|(i, d)| s.spawn(move || fetch(d, name, &dir.join(format!("out{i}")))))
+            .map(|(i, d)| {
+                s.spawn(move || {
+                    fetch_watched(d, name, &dir.join(format!("out{i}")))
+                        .expect("a leecher of the crowd failed or never completed")
+                })
+            })
             .collect();
         jobs.into_iter()
             .map(|j| j.join().expect("leecher thread"))
@@ -221,9 +258,8 @@ pub fn crowd_with_losses(
             .enumerate()
             .map(|(i, d)| {
                 s.spawn(move || {
-                    let out = dir.join(format!("out{i}"));
-                    let done = d.ctl(&["-q", "download", name, "-o", &out.to_string_lossy()]);
-                    done.status.success().then(|| start.elapsed().as_secs_f64())
+                    fetch_watched(d, name, &dir.join(format!("out{i}")))
+                        .map(|_| start.elapsed().as_secs_f64())
                 })
             })
             .collect();
