@@ -27,7 +27,8 @@ use crate::lock;
 use crate::metrics::{Direction, Metrics};
 use crate::node::Node;
 use crate::pace::Pace;
-use crate::spans::{Piece, Spans};
+
+mod packed;
 
 /// Most peer connections served at once.
 const MAX_CONNECTIONS: usize = 512;
@@ -400,20 +401,8 @@ async fn send_chunk(
     }
     let header = PeerResponse::Chunk { index, len };
     if let Some(spans) = local.spans() {
-        // A pack: read from the files it packs, before anything is sent.
-        match read_packed(node, uploads, spans, offset, len, std::mem::take(buf)).await {
-            Ok(read) => *buf = read,
-            Err(e) => {
-                // A file of the pack gone or changed: the pack is no longer whole here.
-                let why = format!("a file it packs cannot be served: {e}");
-                warn!(file = %file_id.short(), "{why}; no longer serving the pack");
-                local.set_problem(why);
-                return refuse(writer, format!("chunk {index} cannot be read: {e}")).await;
-            }
-        }
-        send_buf(uploads, writer, &header, buf).await?;
-        sent(node, &local, (&file_id, index, len), peer);
-        return Ok(());
+        let chunk = (&file_id, index, offset, len);
+        return packed::send_packed(node, uploads, writer, (&local, spans), chunk, buf, peer).await;
     }
     // Opened (if it was closed) before anything is sent: a file that cannot be read is
     // refused, not cut short.
@@ -464,43 +453,6 @@ fn sent(
     node.metrics.sent(id, u64::from(len));
     // The spread counts from when the peer has the whole chunk.
     local.sent(index, peer);
-}
-
-/// Reads `len` bytes of a pack at `offset` from the files it packs, each checked to be the
-/// file recorded (a `stat`) first: one not held whole, changed, or unreadable fails the read.
-async fn read_packed(
-    node: &Node,
-    uploads: &Uploads,
-    spans: &Spans,
-    offset: u64,
-    len: u32,
-    mut buf: Vec<u8>,
-) -> Result<Vec<u8>, String> {
-    let pieces = spans
-        .pieces(offset, len as usize)
-        .ok_or("a chunk past the pack's end")?;
-    let pieces: Vec<(Piece, Arc<LocalFile>)> = pieces
-        .into_iter()
-        .map(|p| {
-            let local = node.local_file(&p.member).filter(|l| l.is_complete());
-            local
-                .map(|l| (p, l))
-                .ok_or("a file of the pack is not held here")
-        })
-        .collect::<Result<_, _>>()?;
-    let _permit = uploads.slots.acquire().await.map_err(|e| e.to_string())?;
-    tokio::task::spawn_blocking(move || {
-        buf.resize(len as usize, 0);
-        for (piece, local) in &pieces {
-            local.check_source()?;
-            let file = local.handle().map_err(|e| e.to_string())?;
-            crate::fileio::read_exact_at(&file, &mut buf[piece.into.clone()], piece.offset)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(buf)
-    })
-    .await
-    .map_err(|e| e.to_string())?
 }
 
 /// Answers a chunk request with "not found", for `why`.

@@ -30,90 +30,14 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::Error;
+use holders::{sample, FileEntry, Holding};
+
+mod holders;
 
 /// What is kept of a peer across restarts.
 #[derive(Serialize, Deserialize)]
 struct PeerRecord {
     addr: SocketAddr,
-}
-
-/// What a peer holds of a file.
-enum Holding {
-    /// Every chunk: most holdings once a crowd is done, kept without a bitfield.
-    All,
-    /// Some chunks (never all: a bitfield that fills up becomes [`Holding::All`]).
-    Some(Box<Bitfield>),
-}
-
-impl Holding {
-    fn of(bits: Bitfield) -> Holding {
-        if bits.is_full() {
-            Holding::All
-        } else {
-            Holding::Some(Box::new(bits))
-        }
-    }
-
-    fn is_all(&self) -> bool {
-        matches!(self, Holding::All)
-    }
-}
-
-struct FileEntry {
-    manifest: Arc<Manifest>,
-    /// The holders, in no order: a few are picked at random without a pass over all.
-    holders: Vec<(PeerId, Holding)>,
-    /// Where each holder is in `holders`.
-    slot: HashMap<PeerId, u32>,
-    /// How many holders hold everything.
-    seeders: u32,
-}
-
-impl FileEntry {
-    fn new(manifest: Arc<Manifest>) -> FileEntry {
-        FileEntry {
-            manifest,
-            holders: Vec::new(),
-            slot: HashMap::new(),
-            seeders: 0,
-        }
-    }
-
-    fn holding_mut(&mut self, peer: &PeerId) -> Option<&mut Holding> {
-        let i = *self.slot.get(peer)? as usize;
-        self.holders.get_mut(i).map(|(_, h)| h)
-    }
-
-    /// Sets what `peer` holds; returns whether it is a new holder.
-    fn set(&mut self, peer: PeerId, holding: Holding) -> bool {
-        self.seeders += u32::from(holding.is_all());
-        match self.holding_mut(&peer) {
-            Some(h) => {
-                let was_all = h.is_all();
-                *h = holding;
-                self.seeders -= u32::from(was_all);
-                false
-            }
-            None => {
-                self.slot.insert(peer, self.holders.len() as u32);
-                self.holders.push((peer, holding));
-                true
-            }
-        }
-    }
-
-    /// `peer` holds nothing of the file any more. Returns whether it held some.
-    fn remove(&mut self, peer: &PeerId) -> bool {
-        let Some(i) = self.slot.remove(peer) else {
-            return false;
-        };
-        let (_, h) = self.holders.swap_remove(i as usize);
-        self.seeders -= u32::from(h.is_all());
-        if let Some((moved, _)) = self.holders.get(i as usize) {
-            self.slot.insert(*moved, i);
-        }
-        true
-    }
 }
 
 struct PeerEntry {
@@ -579,29 +503,6 @@ impl Registry {
             .map(drop)
             .map_err(|e| Error::Db("flushing registry".into(), e))
     }
-}
-
-/// `k` distinct indices below `len` (all of them if there are no more), in random order, in
-/// time and memory proportional to `k`.
-fn sample(len: usize, k: usize) -> Vec<usize> {
-    if len <= k.saturating_mul(4) {
-        let mut all: Vec<usize> = (0..len).collect();
-        let k = k.min(len);
-        for i in 0..k {
-            all.swap(i, fastrand::usize(i..len));
-        }
-        all.truncate(k);
-        return all;
-    }
-    // Here fewer than a quarter are wanted: each draw is new with odds of 3 in 4 or better.
-    let (mut picked, mut seen) = (Vec::with_capacity(k), HashSet::with_capacity(k));
-    while picked.len() < k {
-        let i = fastrand::usize(..len);
-        if seen.insert(i) {
-            picked.push(i);
-        }
-    }
-    picked
 }
 
 fn summary(state: &State, id: &FileId) -> FileSummary {
