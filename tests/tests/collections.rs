@@ -519,3 +519,33 @@ fn small_files_are_served_from_where_they_lie_with_no_copy_kept_and_after_restar
     c.ctl(&["download", &id, "-o", s(&out_c)]).ok();
     assert_eq!(snapshot(&out_c.join("many")), expected);
 }
+
+#[test]
+fn a_pack_whose_file_changed_is_no_longer_served_and_nothing_wrong_is_placed() {
+    let swarm = Swarm::new(2, "30s", &[]);
+    let (a, b) = (&swarm.daemons[0], &swarm.daemons[1]);
+    let root = swarm.path("tree");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    for i in 0..8u64 {
+        write_random(&root.join(format!("f{i}")), 20_000, i);
+    }
+    let id = a.ctl_json(&["register", s(&root)])["file"]["id"]
+        .as_str()
+        .expect("an ID")
+        .to_string();
+    // Changed behind the daemon's back: same size, other bytes, a later modification time.
+    std::thread::sleep(Duration::from_millis(20));
+    write_random(&root.join("f3"), 20_000, 99);
+    let out = swarm.path("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    b.ctl(&["download", &id, "-o", s(&out), "--detach"]).ok();
+    a.proc
+        .wait_for("no longer serving the pack", Duration::from_secs(30));
+    // The only holder no longer serves it: the tree is not placed, with or without f3.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !out.join("tree").exists(),
+        "a tree was placed from a changed pack"
+    );
+    assert_ne!(collection(b, &id)["state"]["state"], "complete");
+}
