@@ -127,22 +127,8 @@ pub fn download(
 /// to n + 1) started together. Every daemon gets `extra` (an `--upload-rate` where uplinks
 /// are emulated on loopback). What the seeder sent is read from its metrics.
 pub fn crowd(net: &Net, dir: &Path, file: &Path, n: usize, extra: &[&str]) -> Crowd {
-    let tracker = start_tracker(net, dir);
-    let name = file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("UTF-8 file name");
-    let metrics = format!("{}:0", net.hosts[0].ip);
-    let seeder_flags: Vec<&str> = extra
-        .iter()
-        .copied()
-        .chain(["--metrics", &metrics])
-        .collect();
-    let seeder = start_daemon(net, 0, &dir.join("seed"), &tracker, &seeder_flags);
-    let id = seeder.ctl_json(&["register", &file.to_string_lossy()])["file"]["id"]
-        .as_str()
-        .expect("file id")
-        .to_string();
+    let (tracker, seeder, name, id) = seed(net, dir, file, extra);
+    let name = name.as_str();
     let alone = {
         let d = start_daemon(net, 1, &dir.join("alone"), &tracker, extra);
         fetch(&d, name, &dir.join("out-alone"))
@@ -170,13 +156,9 @@ pub fn crowd(net: &Net, dir: &Path, file: &Path, n: usize, extra: &[&str]) -> Cr
     for i in 0..n {
         let _ = std::fs::remove_file(dir.join(format!("out{i}")));
     }
-    let sent = metrics_of(&seeder)
-        .get(&format!("p2pd_sent_bytes_total{{file=\"{id}\"}}"))
-        .unwrap_or(f64::NAN);
-    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(1) as f64;
     Crowd {
         // The leecher that went alone took one copy.
-        seeder_sent: sent / size - 1.0,
+        seeder_sent: copies_sent(&seeder, &id, file) - 1.0,
         alone,
         slowest: times.iter().cloned().fold(0.0, f64::max),
         fastest: times.iter().cloned().fold(f64::INFINITY, f64::min),
@@ -223,23 +205,8 @@ pub fn crowd_with_losses(
     lose: usize,
     alone: f64,
 ) -> Losses {
-    let tracker = start_tracker(net, dir);
-    let name = file
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("UTF-8 file name");
-    let metrics = format!("{}:0", net.hosts[0].ip);
-    let seeder = start_daemon(
-        net,
-        0,
-        &dir.join("seed"),
-        &tracker,
-        &["--metrics", &metrics],
-    );
-    let id = seeder.ctl_json(&["register", &file.to_string_lossy()])["file"]["id"]
-        .as_str()
-        .expect("file id")
-        .to_string();
+    let (tracker, seeder, name, id) = seed(net, dir, file, &[]);
+    let name = name.as_str();
     let leechers: Vec<Daemon> = (0..n)
         .map(|i| start_daemon(net, 1 + i, &dir.join(format!("l{i}")), &tracker, &[]))
         .collect();
@@ -289,16 +256,44 @@ pub fn crowd_with_losses(
         }
         let _ = std::fs::remove_file(&out);
     }
-    let sent = metrics_of(&seeder)
-        .get(&format!("p2pd_sent_bytes_total{{file=\"{id}\"}}"))
-        .unwrap_or(f64::NAN);
-    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(1) as f64;
     Losses {
         slowest: survivors.iter().cloned().fold(0.0, f64::max),
         finished: survivors.len(),
         killed: killed.len(),
         failed,
         corrupt,
-        seeder_sent: sent / size,
+        seeder_sent: copies_sent(&seeder, &id, file),
     }
+}
+
+/// A crowd's tracker on the hub and its seeder on host 0 (with `extra`, and its metrics
+/// served), `file` registered: the tracker, the seeder, the file's name and ID.
+fn seed(net: &Net, dir: &Path, file: &Path, extra: &[&str]) -> (Tracker, Daemon, String, String) {
+    let tracker = start_tracker(net, dir);
+    let name = file
+        .file_name()
+        .and_then(|n| n.to_str())
+        .expect("UTF-8 file name")
+        .to_string();
+    let metrics = format!("{}:0", net.hosts[0].ip);
+    let flags: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--metrics", &metrics])
+        .collect();
+    let seeder = start_daemon(net, 0, &dir.join("seed"), &tracker, &flags);
+    let id = seeder.ctl_json(&["register", &file.to_string_lossy()])["file"]["id"]
+        .as_str()
+        .expect("file id")
+        .to_string();
+    (tracker, seeder, name, id)
+}
+
+/// Copies of `file` (ID `id`) the seeder has sent, from its metrics.
+fn copies_sent(seeder: &Daemon, id: &str, file: &Path) -> f64 {
+    let sent = metrics_of(seeder)
+        .get(&format!("p2pd_sent_bytes_total{{file=\"{id}\"}}"))
+        .unwrap_or(f64::NAN);
+    let size = std::fs::metadata(file).map(|m| m.len()).unwrap_or(1) as f64;
+    sent / size
 }

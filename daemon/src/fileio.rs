@@ -130,41 +130,30 @@ pub fn available_space(dir: &std::path::Path) -> Option<u64> {
     }
 }
 
-/// Opens `part` for direct I/O, if the platform and file system allow it.
+/// Opens `part` for writing with direct I/O, if the platform and file system allow it.
 pub fn open_direct(part: &std::path::Path) -> Option<std::fs::File> {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(part)
-            .ok()
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = part;
-        None
-    }
+    open_direct_as(part, std::fs::OpenOptions::new().write(true))
 }
 
-/// `path` opened for reading with direct I/O (`O_DIRECT`, Linux), where the file system
-/// allows: a file read once, front to back, need not pass through the page cache.
+/// `path` opened for reading with direct I/O, where the file system allows: a file read
+/// once, front to back, need not pass through the page cache.
 pub fn open_direct_read(path: &std::path::Path) -> Option<std::fs::File> {
+    open_direct_as(path, std::fs::OpenOptions::new().read(true))
+}
+
+/// `path` opened as `options` say, with `O_DIRECT` (Linux only: elsewhere `None`).
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
+fn open_direct_as(
+    path: &std::path::Path,
+    options: &mut std::fs::OpenOptions,
+) -> Option<std::fs::File> {
     #[cfg(target_os = "linux")]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-            .ok()
+        options.custom_flags(libc::O_DIRECT).open(path).ok()
     }
     #[cfg(not(target_os = "linux"))]
-    {
-        let _ = path;
-        None
-    }
+    None
 }
 
 /// Asks the kernel to start writing a freshly written range to disk now, without waiting, so

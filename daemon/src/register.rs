@@ -13,6 +13,9 @@ use p2p_schema::{
 
 /// Bytes read per block while hashing.
 const BLOCK: usize = 1 << 20;
+// A collection's pack is made from the bytes of files read at once (`hash_file_keeping`):
+// every file small enough to be packed must be.
+const _: () = assert!(p2p_schema::PACK_MAX <= BLOCK as u64);
 
 /// A hashed file, ready to share.
 pub struct Hashed {

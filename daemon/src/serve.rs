@@ -399,7 +399,6 @@ async fn send_chunk(
             .await
             .map_err(|e| e.to_string());
     }
-    let header = PeerResponse::Chunk { index, len };
     if let Some(spans) = local.spans() {
         let chunk = (&file_id, index, offset, len);
         return packed::send_packed(node, uploads, writer, (&local, spans), chunk, buf, peer).await;
@@ -410,6 +409,7 @@ async fn send_chunk(
         Ok(file) => file,
         Err(e) => return refuse(writer, format!("chunk {index} cannot be read: {e}")).await,
     };
+    let header = PeerResponse::Chunk { index, len };
     #[cfg(target_os = "linux")]
     if writer.get_ref().plain_socket().is_some() {
         writer.feed(&header).await.map_err(|e| e.to_string())?;

@@ -445,6 +445,14 @@ fn pause_resume_cancel_and_unregister_act_on_the_whole_tree() {
     );
 }
 
+/// Waits until `daemon`'s `list` shows `name` (a restarted holder announced it again).
+fn wait_listed(daemon: &Daemon, name: &str, what: &str) {
+    eventually(Duration::from_secs(30), || {
+        daemon.ctl(&["list"]).ok().contains(name).then_some(())
+    })
+    .unwrap_or_else(|| panic!("never listed: {what}"));
+}
+
 /// Files under `dir` whose name ends in `.pack`.
 fn packs_under(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
@@ -493,10 +501,11 @@ fn small_files_are_served_from_where_they_lie_with_no_copy_kept_and_after_restar
     let out_b = swarm.path("out-b");
     std::fs::create_dir(&out_b).expect("mkdir");
     let b = &swarm.daemons[1];
-    eventually(Duration::from_secs(30), || {
-        b.ctl(&["list"]).ok().contains("many/").then_some(())
-    })
-    .expect("the restarted registrant announced the tree again");
+    wait_listed(
+        b,
+        "many/",
+        "the restarted registrant announced the tree again",
+    );
     b.ctl(&["download", &id, "-o", s(&out_b)]).ok();
     assert_eq!(snapshot(&out_b.join("many")), expected);
     assert_eq!(
@@ -512,10 +521,11 @@ fn small_files_are_served_from_where_they_lie_with_no_copy_kept_and_after_restar
     let out_c = swarm.path("out-c");
     std::fs::create_dir(&out_c).expect("mkdir");
     let c = &swarm.daemons[2];
-    eventually(Duration::from_secs(30), || {
-        c.ctl(&["list"]).ok().contains("many/").then_some(())
-    })
-    .expect("the restarted downloader announced the tree again");
+    wait_listed(
+        c,
+        "many/",
+        "the restarted downloader announced the tree again",
+    );
     c.ctl(&["download", &id, "-o", s(&out_c)]).ok();
     assert_eq!(snapshot(&out_c.join("many")), expected);
 }
