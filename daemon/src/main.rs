@@ -36,6 +36,7 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    map_large_buffers();
     let args = Args::parse();
     let (settings, mut readiness) = match service::start(
         args.settings,
@@ -53,6 +54,25 @@ fn main() -> ExitCode {
         .to_config()
         .and_then(|config| serve(config, listen, &mut readiness));
     service::finish("p2pd", result, &mut readiness)
+}
+
+/// Chunk buffers (64 KiB to 16 MiB, one set per download) and the pack's 4 MiB blocks come
+/// and go with each download. glibc maps large allocations on their own and unmaps them when
+/// freed, but after the first such free it raises that threshold to the freed size, so later
+/// buffers come from the heap, where they fragment it and stay resident when freed: a
+/// collection of 64 files, downloaded one after another, peaked 19 % above one file of the
+/// same size (bench `--only trees`). A fixed threshold keeps every large buffer mapped on its
+/// own (downloads pool their buffers, so this costs few system calls).
+fn map_large_buffers() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        /// The glibc default, fixed: allocations from 128 KiB up are mapped on their own.
+        const MMAP_THRESHOLD: libc::c_int = 128 << 10;
+        // SAFETY: `mallopt` only sets an allocator parameter; it is called before any thread
+        // starts. It returns 0 on failure, which leaves the default in place.
+        let set = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        debug_assert_eq!(set, 1, "mallopt(M_MMAP_THRESHOLD) failed");
+    }
 }
 
 fn serve(

@@ -203,12 +203,14 @@ impl Node {
             return Ok(None);
         };
         // Then one fetch per content; files with the same content are copied from the first.
+        // Each manifest is built when its fetch starts: a copy of every file's hashes would
+        // stay in memory for the whole download.
         let mut seen: HashSet<FileId> = done_ids.keys().copied().collect();
         let mut firsts = Vec::new();
         for e in &collection.entries {
-            if let Some(m) = e.manifest().filter(|m| m.size > 0) {
-                if seen.insert(m.file_id()) {
-                    firsts.push((e.path().to_string(), m));
+            if let Entry::File { size: 1.., .. } = e {
+                if e.file_id().is_some_and(|id| seen.insert(id)) {
+                    firsts.push(e);
                 }
             }
         }
@@ -218,13 +220,16 @@ impl Node {
         let mut alone = false;
         loop {
             while !alone && running.len() < PARALLEL_FILES {
-                let Some(large) = queue.peek().map(|(_, m)| m.size >= LARGE_FILE) else {
+                let Some(large) = queue.peek().map(|e| member_size(e) >= LARGE_FILE) else {
                     break;
                 };
                 if large && !running.is_empty() {
                     break;
                 }
-                let Some((path, manifest)) = queue.next() else {
+                let Some((path, manifest)) = queue
+                    .next()
+                    .and_then(|e| Some((e.path().to_string(), e.manifest()?)))
+                else {
                     break;
                 };
                 alone = large;
@@ -540,5 +545,13 @@ impl Node {
         if let Err(e) = self.store.flush().await {
             warn!(error = %e, "flushing a collection's files");
         }
+    }
+}
+
+/// A file entry's size (0 for a directory).
+fn member_size(e: &Entry) -> u64 {
+    match e {
+        Entry::File { size, .. } => *size,
+        Entry::Dir { .. } => 0,
     }
 }
