@@ -143,6 +143,7 @@ impl Lab {
             "dev",
             "br0",
         ])?;
+        run(&["ip", "-n", &hub, "link", "set", "br0", "address", HUB_MAC])?;
         run(&["ip", "-n", &hub, "link", "set", "br0", "up"])?;
         for i in 0..hosts {
             let name = format!("p2pb{tag}-h{i}");
@@ -158,6 +159,7 @@ impl Lab {
             run(&[
                 "ip", "-n", &hub, "link", "set", &port, "master", "br0", "up",
             ])?;
+            run(&["ip", "-n", &name, "link", "set", "eth0", "address", &mac(i)])?;
             run(&["ip", "-n", &name, "addr", "add", &addr, "dev", "eth0"])?;
             run(&["ip", "-n", &name, "link", "set", "eth0", "up"])?;
             // The uplink: a token bucket on the host's side of its link. The burst covers
@@ -168,7 +170,69 @@ impl Lab {
                 "rate", &rate, "burst", "256kb", "latency", "50ms",
             ])?;
         }
+        lab.know_each_other()?;
         Ok(lab)
+    }
+
+    /// Gives every namespace a permanent neighbour entry for every other host and the hub.
+    /// The kernel's neighbour table is shared by all namespaces and holds 1,024 learned
+    /// entries by default (`gc_thresh3`): a hundred hosts talking to each other need ten
+    /// times that, and past it ARP fails ("neighbor table overflow", connections time out).
+    /// Permanent entries are not counted against that limit, and no host setting changes.
+    fn know_each_other(&self) -> Result<(), String> {
+        let entry = |i: usize, dev: &str| {
+            format!(
+                "neigh replace 10.77.0.{} lladdr {} dev {dev} nud permanent\n",
+                11 + i,
+                mac(i)
+            )
+        };
+        let mut hub = String::new();
+        for (i, name) in self.hosts.iter().enumerate() {
+            let mut lines =
+                format!("neigh replace 10.77.0.1 lladdr {HUB_MAC} dev eth0 nud permanent\n");
+            for j in (0..self.hosts.len()).filter(|&j| j != i) {
+                lines.push_str(&entry(j, "eth0"));
+            }
+            batch(name, &lines)?;
+            hub.push_str(&entry(i, "br0"));
+        }
+        batch(&self.hub, &hub)
+    }
+}
+
+/// The hub's bridge's MAC address, and host `i`'s.
+const HUB_MAC: &str = "02:77:01:00:00:01";
+
+fn mac(i: usize) -> String {
+    format!("02:77:00:00:{:02x}:{:02x}", (i >> 8) & 0xff, i & 0xff)
+}
+
+/// Runs `ip -batch` in namespace `ns` with `commands`, one per line.
+fn batch(ns: &str, commands: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["-n", ns, "-batch", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("ip -batch: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(commands.as_bytes())
+            .map_err(|e| format!("ip -batch: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("ip -batch: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`ip -n {ns} -batch`: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
