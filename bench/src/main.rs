@@ -561,8 +561,8 @@ fn namespaces(
 }
 
 /// Uplinks of the fleet crowd: 100 leechers at 10 Mbit/s move 125 MB/s in all, through
-/// veth pairs, a bridge and 101 token buckets, each byte hashed by its receiver, on two
-/// cores: about a third of them busy during the crowd.
+/// veth pairs, a bridge and 101 token buckets, each byte hashed by its receiver and synced to
+/// its disk, on two cores (load average 150 to 200 during the crowd).
 const FLEET_MBIT: u32 = 10;
 
 /// The fleet crowd: 1 seeder and 100 leechers (20 with `--quick`), each in its own
