@@ -37,13 +37,14 @@ const MAX_PER_IP: usize = 64;
 /// Requests one connection may send per second (sustained), and in a burst.
 const REQUESTS_PER_SEC: f64 = 4000.0;
 const REQUEST_BURST: f64 = 1000.0;
-/// How long a connection may sit idle between requests.
 /// How long a new connection may take for its handshake, and then for its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may sit idle between requests.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A chunk sent to one peer is not sent to another while that is under way, nor for this
 /// long after: the first passes it on, and this uplink carries chunks the swarm lacks (see
-/// [`LocalFile::may_send`]).
+/// [`LocalFile::may_send`]). 3 s cut a 16 MiB crowd's seeder copies from 1.19 to 1.00 at the
+/// same time, but at 64 MiB the crowd of 40 took 1.25x alone against 1.12x with 1 s.
 ///
 /// [`LocalFile::may_send`]: crate::local::LocalFile::may_send
 const SPREAD: Duration = Duration::from_secs(1);
