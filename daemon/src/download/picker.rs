@@ -10,6 +10,10 @@ pub(super) struct Picker {
     /// How many connected peers hold each chunk.
     pub(super) availability: Vec<u16>,
     pub(super) remaining: u32,
+    /// Whether the last pick that scanned every chunk found the end game (see [`Picker::pick`]).
+    end_game: bool,
+    /// The end game began since [`Picker::end_game_began`] was last asked.
+    began: bool,
 }
 
 impl Picker {
@@ -20,6 +24,8 @@ impl Picker {
             done: have,
             in_flight: vec![0; n],
             availability: vec![0; n],
+            end_game: false,
+            began: false,
         }
     }
 
@@ -63,6 +69,8 @@ impl Picker {
             }
         }
         let end_game = free == 0;
+        self.began |= end_game && !self.end_game;
+        self.end_game = end_game;
         let chosen = best.map(|(_, i)| i).or_else(|| {
             end_game.then(|| {
                 (0..n).map(|k| (start + k) % n).find(|&i| {
@@ -72,6 +80,12 @@ impl Picker {
         })?;
         self.in_flight[chosen as usize] += 1;
         Some(chosen)
+    }
+
+    /// Whether the end game began since last asked: workers that found nothing to ask their
+    /// peer for, and wait, may now race the chunks in flight elsewhere.
+    pub(super) fn end_game_began(&mut self) -> bool {
+        std::mem::take(&mut self.began)
     }
 
     /// A request for chunk `i` ended without it.
@@ -165,8 +179,12 @@ mod tests {
             None,
             "60 chunks were never asked for"
         );
-        // Once every missing chunk is in flight, the other peer may race the first asker.
+        assert!(!p.end_game_began());
+        // Once every missing chunk is in flight, the other peer may race the first asker, and
+        // whoever waits is told, once.
         while p.pick(&all, |i| i < 4).is_some() {}
+        assert!(p.end_game_began());
+        assert!(!p.end_game_began());
         assert!(p.pick(&few, |_| false).is_some_and(|i| i < 4));
     }
 
