@@ -10,10 +10,6 @@ pub(super) struct Picker {
     /// How many connected peers hold each chunk.
     pub(super) availability: Vec<u16>,
     pub(super) remaining: u32,
-    /// Whether the last pick that scanned every chunk found the end game (see [`Picker::pick`]).
-    end_game: bool,
-    /// The end game began since [`Picker::end_game_began`] was last asked.
-    began: bool,
 }
 
 impl Picker {
@@ -24,8 +20,6 @@ impl Picker {
             done: have,
             in_flight: vec![0; n],
             availability: vec![0; n],
-            end_game: false,
-            began: false,
         }
     }
 
@@ -69,8 +63,6 @@ impl Picker {
             }
         }
         let end_game = free == 0;
-        self.began |= end_game && !self.end_game;
-        self.end_game = end_game;
         let chosen = best.map(|(_, i)| i).or_else(|| {
             end_game.then(|| {
                 (0..n).map(|k| (start + k) % n).find(|&i| {
@@ -80,12 +72,6 @@ impl Picker {
         })?;
         self.in_flight[chosen as usize] += 1;
         Some(chosen)
-    }
-
-    /// Whether the end game began since last asked: workers that found nothing to ask their
-    /// peer for, and wait, may now race the chunks in flight elsewhere.
-    pub(super) fn end_game_began(&mut self) -> bool {
-        std::mem::take(&mut self.began)
     }
 
     /// A request for chunk `i` ended without it.
@@ -179,12 +165,8 @@ mod tests {
             None,
             "60 chunks were never asked for"
         );
-        assert!(!p.end_game_began());
-        // Once every missing chunk is in flight, the other peer may race the first asker, and
-        // whoever waits is told, once.
+        // Once every missing chunk is in flight, the other peer may race the first asker.
         while p.pick(&all, |i| i < 4).is_some() {}
-        assert!(p.end_game_began());
-        assert!(!p.end_game_began());
         assert!(p.pick(&few, |_| false).is_some_and(|i| i < 4));
     }
 

@@ -305,10 +305,6 @@ impl Worker {
                 .map_err(net)?;
             fed = true;
         }
-        if self.swarm.picker().end_game_began() {
-            // Idle workers may race the chunks in flight elsewhere now.
-            self.swarm.changed.notify_waiters();
-        }
         if fed {
             writer.flush().await.map_err(net)?;
         }
