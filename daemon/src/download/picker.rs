@@ -32,7 +32,10 @@ impl Picker {
     /// chunk nobody here holds is waited for anyway). Before that, a peer
     /// whose chunks are all in flight elsewhere is asked for nothing: in a crowd, where each
     /// peer holds a few chunks at a time and most are being fetched already, second requests
-    /// made then were more than a quarter of what peers sent one another.
+    /// made then were more than a quarter of what peers sent one another. Workers left
+    /// waiting so are not woken when the end game begins: tried, their second copies at the
+    /// tail made the crowds slower (40 capped leechers 1.14x alone against 1.12x, the fleet
+    /// crowd 1.59x against 1.50x).
     pub(super) fn pick(&mut self, has: &Bitfield, mine: impl Fn(u32) -> bool) -> Option<u32> {
         let n = self.done.len();
         if n == 0 || self.remaining == 0 {
