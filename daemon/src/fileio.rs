@@ -10,17 +10,8 @@ pub fn read_exact_at(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::
     }
     #[cfg(windows)]
     {
-        let mut done = 0;
-        while done < buf.len() {
-            let n = std::os::windows::fs::FileExt::seek_read(
-                file,
-                &mut buf[done..],
-                offset + done as u64,
-            )?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            done += n;
+        if read_up_to_at(file, buf, offset)? < buf.len() {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         Ok(())
     }

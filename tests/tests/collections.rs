@@ -498,15 +498,8 @@ fn small_files_are_served_from_where_they_lie_with_no_copy_kept_and_after_restar
     swarm.daemons[0].ctl(&["quit"]).ok();
     swarm.daemons[0].proc.kill();
     swarm.daemons[0].restart();
-    let out_b = swarm.path("out-b");
-    std::fs::create_dir(&out_b).expect("mkdir");
     let b = &swarm.daemons[1];
-    wait_listed(
-        b,
-        "many/",
-        "the restarted registrant announced the tree again",
-    );
-    b.ctl(&["download", &id, "-o", s(&out_b)]).ok();
+    let out_b = fetch_listed(&swarm, b, &id, "out-b", "the restarted registrant");
     assert_eq!(snapshot(&out_b.join("many")), expected);
     assert_eq!(
         packs_under(&b.data_dir),
@@ -518,16 +511,19 @@ fn small_files_are_served_from_where_they_lie_with_no_copy_kept_and_after_restar
     swarm.daemons[0].ctl(&["unregister", &id]).ok();
     swarm.daemons[1].proc.kill();
     swarm.daemons[1].restart();
-    let out_c = swarm.path("out-c");
-    std::fs::create_dir(&out_c).expect("mkdir");
     let c = &swarm.daemons[2];
-    wait_listed(
-        c,
-        "many/",
-        "the restarted downloader announced the tree again",
-    );
-    c.ctl(&["download", &id, "-o", s(&out_c)]).ok();
+    let out_c = fetch_listed(&swarm, c, &id, "out-c", "the restarted downloader");
     assert_eq!(snapshot(&out_c.join("many")), expected);
+}
+
+/// Once `many/` is listed again (announced by `by`, restarted), `daemon` downloads tree `id`
+/// into a new directory `out` of the swarm's; that directory.
+fn fetch_listed(swarm: &Swarm, daemon: &Daemon, id: &str, out: &str, by: &str) -> PathBuf {
+    let out = swarm.path(out);
+    std::fs::create_dir(&out).expect("mkdir");
+    wait_listed(daemon, "many/", &format!("{by} announced the tree again"));
+    daemon.ctl(&["download", id, "-o", s(&out)]).ok();
+    out
 }
 
 #[test]
