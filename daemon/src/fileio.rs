@@ -57,6 +57,62 @@ pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::R
     }
 }
 
+/// Writes `bytes` as the whole content of the file at `path` (created, or emptied first; never
+/// through a symbolic link) and returns its metadata. On Linux its 4 KiB-aligned head goes
+/// with direct I/O, copied into `scratch`: a file written once need not fill the page cache
+/// (on a virtual machine, page-cache pages never used before are slow to fill), and only the
+/// tail is buffered.
+pub fn write_whole(
+    path: &std::path::Path,
+    bytes: &[u8],
+    scratch: &mut crate::aligned::AlignedBuf,
+) -> std::io::Result<std::fs::Metadata> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let head = bytes.len() - bytes.len() % crate::aligned::ALIGN;
+        let mut direct = options.clone();
+        direct.custom_flags(libc::O_NOFOLLOW | libc::O_DIRECT);
+        if let Some(file) = (head > 0).then(|| direct.open(path).ok()).flatten() {
+            scratch.resize(head);
+            scratch.copy_from_slice(&bytes[..head]);
+            let rest = match write_all_at(&file, scratch, 0) {
+                Ok(()) => head,
+                // Refused after all (some file systems take the flag, not the write).
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => 0,
+                Err(e) => return Err(e),
+            };
+            buffered(&file)?;
+            write_all_at(&file, &bytes[rest..], rest as u64)?;
+            return file.metadata();
+        }
+    }
+    let file = options.open(path)?;
+    write_all_at(&file, bytes, 0)?;
+    file.metadata()
+}
+
+/// Turns direct I/O off for `file`.
+#[cfg(target_os = "linux")]
+fn buffered(file: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = file.as_raw_fd();
+    // SAFETY: fcntl on a descriptor we own, with integer arguments only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Sends `len` bytes of `file` from `offset` straight from the page cache to the socket
 /// (`sendfile`: no copy through this process, no buffer). Waits for the socket as needed; a
 /// read of data not in the page cache blocks this worker thread briefly.

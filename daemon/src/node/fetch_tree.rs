@@ -417,7 +417,7 @@ impl Node {
     /// The download of one of `tree`'s files (or its pack) to `dest`: the one under way, or a
     /// new one; `None` if the file was found whole at `dest` and adopted. Called through
     /// `one_start_at_a_time`: one start per content, whichever collections ask.
-    async fn member_download(
+    pub(super) async fn member_download(
         self: &Arc<Self>,
         tree: &Arc<Tree>,
         manifest: Manifest,
@@ -461,7 +461,7 @@ impl Node {
     /// Forgets the finished download of one of a collection's files: its share (recorded
     /// when it completed) is what lasts. A tree of thousands of files keeps no download
     /// state for the files already in.
-    fn retire(&self, dl: &download::Download) {
+    pub(super) fn retire(&self, dl: &download::Download) {
         if dl.state() != DownloadState::Complete || dl.local.collection().is_none() {
             return;
         }

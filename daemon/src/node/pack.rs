@@ -3,12 +3,15 @@
 //! own entry and ID; cut from the pack, it is checked against its own hashes.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-use p2p_schema::{auto_chunk_size, Collection, ManifestBuilder, Pack};
+use p2p_schema::{auto_chunk_size, Bitfield, Collection, ManifestBuilder, Pack};
 use tokio_util::sync::CancellationToken;
 
-use super::tree::{io, joined, Tree, SCRATCH};
+use super::tree::{io, joined, Tree};
 use super::*;
+use crate::aligned::AlignedBuf;
 use crate::local::Identity;
 use crate::spans::Spans;
 
@@ -57,15 +60,41 @@ impl Node {
         if missing.is_empty() {
             return Ok(Some(placed));
         }
-        let manifest = pack.manifest();
-        let path = self.pack_path(&manifest.file_id());
-        if !self.fetch_member(tree, manifest, &path, 0, stop).await? {
+        let Some((source, download)) = self.pack_source(tree, pack.manifest(), stop).await? else {
             return Ok(None);
-        }
+        };
+        let abort = Arc::new(AtomicBool::new(false));
         let part = tree.part.clone();
-        let cut = tokio::task::spawn_blocking(move || unpack(&path, &part, &missing))
-            .await
-            .map_err(joined)??;
+        let stopping = abort.clone();
+        let mut cutter =
+            tokio::task::spawn_blocking(move || unpack(&source, &part, &missing, &stopping));
+        // Files are cut while the pack arrives; a cut that fails ends the tree at once.
+        let mut cut = None;
+        let fetched = match &download {
+            Some(dl) => tokio::select! {
+                f = self.wait_download(dl, stop, Some(tree)) => f,
+                c = &mut cutter => {
+                    // Every file was cut, so every chunk was in: the download is ending.
+                    cut = Some(c.map_err(joined)??);
+                    self.wait_download(dl, stop, Some(tree)).await
+                }
+            },
+            None => Ok(true),
+        };
+        if !matches!(fetched, Ok(true)) {
+            abort.store(true, Ordering::Relaxed);
+            if cut.is_none() {
+                let _ = cutter.await;
+            }
+            return fetched.map(|_| None);
+        }
+        if let Some(dl) = &download {
+            self.retire(dl);
+        }
+        let cut = match cut {
+            Some(cut) => cut,
+            None => cutter.await.map_err(joined)??,
+        };
         for (m, dest, identity) in cut {
             let id = m.file_id();
             tree.advance(|p| p.files_done += 1);
@@ -73,6 +102,70 @@ impl Node {
             placed.insert(id, dest);
         }
         Ok(Some(placed))
+    }
+
+    /// Where `tree`'s pack (`manifest`) is read from to be cut: a copy held whole here, or
+    /// its download (started, or the one under way), read as its chunks become durable.
+    /// `None` if stopped first.
+    async fn pack_source(
+        self: &Arc<Self>,
+        tree: &Arc<Tree>,
+        manifest: Manifest,
+        stop: &CancellationToken,
+    ) -> Result<Option<(PackSource, Option<Arc<download::Download>>)>, WireError> {
+        let id = manifest.file_id();
+        let (size, chunk_size) = (manifest.size, manifest.chunk_size);
+        let whole = |path: PathBuf| {
+            tree.advance(|p| p.bytes_done += size);
+            let file = open_pack(&path, None)?;
+            let direct = crate::fileio::open_direct_read(&path);
+            Ok(Some((
+                PackSource {
+                    file,
+                    direct,
+                    path,
+                    chunk_size,
+                    readable: None,
+                },
+                None,
+            )))
+        };
+        if let Some(local) = self
+            .local_file(&id)
+            .filter(|f| f.is_complete() && f.spans().is_none())
+        {
+            let l = local.clone();
+            let fine = tokio::task::spawn_blocking(move || l.check_source().is_ok())
+                .await
+                .map_err(joined)?;
+            if fine {
+                return whole(local.path());
+            }
+        }
+        let path = self.pack_path(&id);
+        let start = self.member_download(tree, manifest, &path);
+        let Some(dl) = self.one_start_at_a_time(id, start).await? else {
+            // Found whole in place (its records were lost in a crash) and adopted.
+            return whole(path);
+        };
+        if stop.is_cancelled() {
+            return Ok(None);
+        }
+        // Opened once: the rename that completes the download does not move what is read.
+        let file = open_pack(&dl.part, Some(&dl.output))?;
+        let direct = crate::fileio::open_direct_read(&dl.part)
+            .or_else(|| crate::fileio::open_direct_read(&dl.output));
+        let local = dl.local.clone();
+        Ok(Some((
+            PackSource {
+                file,
+                direct,
+                path: dl.output.clone(),
+                chunk_size,
+                readable: Some(Box::new(move || local.have())),
+            },
+            Some(dl),
+        )))
     }
 
     /// Whether `pack` is served here from the files it packs.
@@ -170,30 +263,76 @@ impl PackHasher {
     }
 }
 
-/// Cuts each of `files` (path, manifest, offset) out of the pack at `pack` into `part`
-/// (blocking), checking it against its own hashes: a pack that does not hold what the index
-/// says fails the download. Every file is durable when this returns; with its identity.
+/// A pack as it is read to be cut: a copy held whole, or its download's file, from which
+/// only chunks already durable are read.
+pub(super) struct PackSource {
+    /// The pack's bytes, read buffered where direct I/O is refused.
+    file: std::fs::File,
+    /// The same file with direct I/O, where allowed: read once, it need not pass through
+    /// the page cache.
+    direct: Option<std::fs::File>,
+    /// For messages.
+    path: PathBuf,
+    chunk_size: u32,
+    /// Which chunks can be read now (a download's durable ones); `None` for a copy held
+    /// whole.
+    readable: Option<Readable>,
+}
+
+/// Tells which of a pack's chunks can be read now.
+type Readable = Box<dyn Fn() -> Bitfield + Send + Sync>;
+
+impl PackSource {
+    fn readable(&self) -> Option<Bitfield> {
+        self.readable.as_ref().map(|r| r())
+    }
+}
+
+/// Opens the pack at `path`, or at `then` if it is gone from there (its download completed
+/// and renamed it).
+fn open_pack(path: &Path, then: Option<&Path>) -> Result<std::fs::File, WireError> {
+    match (std::fs::File::open(path), then) {
+        (Err(e), Some(then)) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::File::open(then).map_err(io(format!("opening {}", then.display())))
+        }
+        (opened, _) => opened.map_err(io(format!("opening {}", path.display()))),
+    }
+}
+
+/// Threads that read, check and write files cut from a pack. Direct writes wait for the
+/// device, so more threads than cores keep it busy.
+const CUTTERS: usize = 8;
+
+/// How often the cutting looks again for files whose chunks have all arrived.
+const READY_POLL: Duration = Duration::from_millis(20);
+
+/// Cuts each of `files` (path, manifest, offset) out of the pack into its place under `part`
+/// (blocking), each as soon as the chunks it lies in are durable, checking it against its own
+/// hashes: a pack that does not hold what the index says fails the download. Every file is
+/// durable when this returns; with its identity. Returns early (what was cut so far) once
+/// `abort` is set.
 pub(super) fn unpack(
-    pack: &Path,
+    source: &PackSource,
     part: &Path,
     files: &[(String, Manifest, u64)],
+    abort: &AtomicBool,
 ) -> Result<Vec<(Manifest, PathBuf, Identity)>, WireError> {
-    // One thread reads the pack front to back, handing out each file's bytes; two check and
-    // write them (hashing is the bound, and two cores are the least a machine has).
-    let (tx, rx) = std::sync::mpsc::sync_channel::<(usize, Vec<u8>)>(32);
+    // This thread hands out each file once its chunks are in; two read, check and write them
+    // (hashing and writing are the bound, and two cores are the least a machine has).
+    let (tx, rx) = std::sync::mpsc::sync_channel::<usize>(64);
     // Shared by the workers only: once both have ended (even by a panic) it is dropped, and
-    // the reader's next send fails instead of waiting for ever.
+    // the next send fails instead of waiting for ever.
     let rx = Arc::new(Mutex::new(rx));
-    let failed = std::sync::atomic::AtomicBool::new(false);
-    let written: Vec<(PathBuf, PathBuf, Manifest)> = std::thread::scope(|scope| {
-        let reader = scope.spawn(|| read_files(pack, files, tx, &failed));
-        let workers: Vec<_> = (0..2)
+    let failed = AtomicBool::new(false);
+    let written: Vec<(PathBuf, Manifest, Identity)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..CUTTERS)
             .map(|_| {
                 let (rx, failed) = (rx.clone(), &failed);
-                scope.spawn(move || cut_out(&rx, part, files, failed))
+                scope.spawn(move || cut_out(source, &rx, part, files, failed, abort))
             })
             .collect();
         drop(rx);
+        hand_out(source, files, tx, &failed, abort);
         let mut all = Vec::with_capacity(files.len());
         for w in workers {
             let cut = w
@@ -201,26 +340,149 @@ pub(super) fn unpack(
                 .map_err(|_| err(ErrorCode::Internal, "unpacking failed"))??;
             all.extend(cut);
         }
-        reader
-            .join()
-            .map_err(|_| err(ErrorCode::Internal, "unpacking failed"))??;
         Ok::<_, WireError>(all)
     })?;
-    let mut out = Vec::with_capacity(files.len());
+    tracing::debug!(files = files.len(), "cut from the pack");
     // One sync for them all where the platform can (the writes went out meanwhile), else
-    // one per file; then each is renamed into place, and the renames made durable.
-    sync_all_of(part, written.iter().map(|(temp, ..)| temp.as_path()))
+    // each file's and each directory's.
+    sync_all_of(part, written.iter().map(|(dest, ..)| dest.as_path()))
         .map_err(io(format!("syncing files in {}", part.display())))?;
-    let mut dirs = HashSet::new();
-    for (temp, dest, m) in written {
-        std::fs::rename(&temp, &dest).map_err(io(format!("renaming {}", temp.display())))?;
-        let meta = std::fs::metadata(&dest).map_err(io(format!("reading {}", dest.display())))?;
-        if dirs.insert(dest.parent().map(Path::to_path_buf)) {
-            crate::part::sync_parent(&dest);
+    tracing::debug!("files cut from the pack synced");
+    Ok(written
+        .into_iter()
+        .map(|(dest, m, identity)| (m, dest, identity))
+        .collect())
+}
+
+/// Sends each of `files` (in any order) once every chunk it lies in is readable, until all
+/// are sent, the workers are gone, or `failed` or `abort` is set.
+fn hand_out(
+    source: &PackSource,
+    files: &[(String, Manifest, u64)],
+    tx: std::sync::mpsc::SyncSender<usize>,
+    failed: &AtomicBool,
+    abort: &AtomicBool,
+) {
+    let mut pending: Vec<usize> = (0..files.len()).collect();
+    pending.sort_by_key(|&i| files[i].2);
+    let chunk = u64::from(source.chunk_size.max(1));
+    loop {
+        let readable = source.readable();
+        let mut rest = Vec::new();
+        for i in pending {
+            if failed.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
+                return;
+            }
+            let (_, m, offset) = &files[i];
+            let ready = readable.as_ref().is_none_or(|have| {
+                let last = (offset + m.size.max(1) - 1) / chunk;
+                (offset / chunk..=last).all(|c| u32::try_from(c).is_ok_and(|c| have.get(c)))
+            });
+            if !ready {
+                rest.push(i);
+            } else if tx.send(i).is_err() {
+                return;
+            }
         }
-        out.push((m, dest, Identity::of(&meta)));
+        pending = rest;
+        if pending.is_empty() {
+            return;
+        }
+        std::thread::sleep(READY_POLL);
     }
-    Ok(out)
+}
+
+/// Takes files (an index into `files`) from `rx`, and cuts each out of the pack into its
+/// place under `part` (blocking): their paths, manifests and identities. After a failure
+/// (this worker's or another's, in `failed`) or once `abort` is set, what comes is taken and
+/// dropped until the hand-out stops.
+fn cut_out(
+    source: &PackSource,
+    rx: &Mutex<std::sync::mpsc::Receiver<usize>>,
+    part: &Path,
+    files: &[(String, Manifest, u64)],
+    failed: &AtomicBool,
+    abort: &AtomicBool,
+) -> Result<Vec<(PathBuf, Manifest, Identity)>, WireError> {
+    let mut written = Ok(Vec::new());
+    let (mut block, mut staging) = (AlignedBuf::new(), AlignedBuf::new());
+    let mut direct = source.direct.as_ref();
+    loop {
+        let next = lock(rx).recv();
+        let Ok(i) = next else {
+            return written;
+        };
+        let Ok(done) = &mut written else { continue };
+        if failed.load(Ordering::Relaxed) || abort.load(Ordering::Relaxed) {
+            continue;
+        }
+        match cut_one(
+            source,
+            &mut direct,
+            &mut block,
+            &mut staging,
+            part,
+            &files[i],
+        ) {
+            Ok(w) => done.push(w),
+            Err(e) => {
+                failed.store(true, Ordering::Relaxed);
+                written = Err(e);
+            }
+        }
+    }
+}
+
+/// Reads one file out of the pack (in `block`, with direct I/O while `direct` is some),
+/// checks it, and writes it at its place under `part`.
+fn cut_one(
+    source: &PackSource,
+    direct: &mut Option<&std::fs::File>,
+    block: &mut AlignedBuf,
+    staging: &mut AlignedBuf,
+    part: &Path,
+    (path, m, offset): &(String, Manifest, u64),
+) -> Result<(PathBuf, Manifest, Identity), WireError> {
+    use crate::aligned::ALIGN;
+    use crate::fileio::read_up_to_at;
+    let size = usize::try_from(m.size).map_err(|_| {
+        err(
+            ErrorCode::BadRequest,
+            format!("{path} is too large to pack"),
+        )
+    })?;
+    // The aligned stretch of the pack around the file, which direct I/O requires.
+    let start = offset - offset % ALIGN as u64;
+    let skip = (offset - start) as usize;
+    block.resize((skip + size).next_multiple_of(ALIGN));
+    let what = || format!("reading {}", source.path.display());
+    let read = match direct.map(|d| read_up_to_at(d, block, start)) {
+        Some(Ok(n)) => n,
+        // Buffered where direct I/O is refused.
+        Some(Err(_)) | None => {
+            *direct = None;
+            read_up_to_at(&source.file, block, start).map_err(io(what()))?
+        }
+    };
+    if read < skip + size {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("the collection's pack ends before {path}"),
+        ));
+    }
+    let bytes = &block[skip..skip + size];
+    if !holds(bytes, m) {
+        return Err(err(
+            ErrorCode::BadRequest,
+            format!("the collection's pack does not hold {path} as its index says"),
+        ));
+    }
+    // Written at its place: the tree is this download's own until it is renamed, and a file
+    // left there by a crash before its record is simply written again.
+    let dest = part.join(path);
+    let meta = crate::fileio::write_whole(&dest, bytes, staging)
+        .map_err(io(format!("writing {}", dest.display())))?;
+    Ok((dest, m.clone(), Identity::of(&meta)))
 }
 
 /// Whether `bytes` are exactly the file `m` names (hashed in its chunks).
@@ -230,122 +492,8 @@ fn holds(bytes: &[u8], m: &Manifest) -> bool {
     b.finish(String::new()).file_id() == m.file_id()
 }
 
-/// Bytes of the pack read at once.
-const UNPACK_BLOCK: usize = 4 << 20;
-
-/// Reads the pack front to back in large aligned blocks (direct I/O where the file system
-/// allows: read once, it need not pass through the page cache) and sends each of `files`
-/// (in pack order) with its bytes, until done, the receivers are gone or `failed` is set.
-fn read_files(
-    pack: &Path,
-    files: &[(String, Manifest, u64)],
-    tx: std::sync::mpsc::SyncSender<(usize, Vec<u8>)>,
-    failed: &std::sync::atomic::AtomicBool,
-) -> Result<(), WireError> {
-    let what = || format!("reading {}", pack.display());
-    let source = std::fs::File::open(pack).map_err(io(what()))?;
-    let mut direct = crate::fileio::open_direct_read(pack);
-    let mut block = crate::aligned::AlignedBuf::new();
-    block.resize(UNPACK_BLOCK);
-    // The bytes of the pack in `block`: from `start`, `len` of them.
-    let (mut start, mut len) = (0u64, 0usize);
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by_key(|&i| files[i].2);
-    for i in order {
-        let (path, m, offset) = &files[i];
-        let size = usize::try_from(m.size).unwrap_or(usize::MAX);
-        let mut bytes = Vec::with_capacity(size);
-        while bytes.len() < size {
-            let at = offset + bytes.len() as u64;
-            if at < start || at >= start + len as u64 {
-                if failed.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Ok(());
-                }
-                start = at - at % crate::aligned::ALIGN as u64;
-                len = match direct
-                    .as_ref()
-                    .map(|d| crate::fileio::read_up_to_at(d, &mut block, start))
-                {
-                    Some(Ok(n)) => n,
-                    // Buffered where direct I/O is refused.
-                    Some(Err(_)) | None => {
-                        direct = None;
-                        crate::fileio::read_up_to_at(&source, &mut block, start)
-                            .map_err(io(what()))?
-                    }
-                };
-                if at >= start + len as u64 {
-                    return Err(err(
-                        ErrorCode::BadRequest,
-                        format!("the collection's pack ends before {path}"),
-                    ));
-                }
-            }
-            let from = (at - start) as usize;
-            let n = (size - bytes.len()).min(len - from);
-            bytes.extend_from_slice(&block[from..from + n]);
-        }
-        if tx.send((i, bytes)).is_err() {
-            return Ok(());
-        }
-    }
-    Ok(())
-}
-
-/// Takes files (an index into `files` and its bytes) from `rx` and writes each into `part`
-/// under a temporary name, once checked against its own hashes (blocking): temporary and
-/// final paths, and manifests. After a failure (this worker's or another's, in `failed`),
-/// what comes is taken and dropped until the reader stops.
-fn cut_out(
-    rx: &Mutex<std::sync::mpsc::Receiver<(usize, Vec<u8>)>>,
-    part: &Path,
-    files: &[(String, Manifest, u64)],
-    failed: &std::sync::atomic::AtomicBool,
-) -> Result<Vec<(PathBuf, PathBuf, Manifest)>, WireError> {
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut written = Ok(Vec::new());
-    loop {
-        let next = lock(rx).recv();
-        let Ok((i, bytes)) = next else {
-            return written;
-        };
-        let Ok(done) = &mut written else { continue };
-        if failed.load(Relaxed) {
-            continue;
-        }
-        match write_one(part, &files[i], &bytes) {
-            Ok(w) => done.push(w),
-            Err(e) => {
-                failed.store(true, Relaxed);
-                written = Err(e);
-            }
-        }
-    }
-}
-
-/// Writes one file cut from the pack under a temporary name, once checked.
-fn write_one(
-    part: &Path,
-    (path, m, _): &(String, Manifest, u64),
-    bytes: &[u8],
-) -> Result<(PathBuf, PathBuf, Manifest), WireError> {
-    if !holds(bytes, m) {
-        return Err(err(
-            ErrorCode::BadRequest,
-            format!("the collection's pack does not hold {path} as its index says"),
-        ));
-    }
-    let dest = part.join(path);
-    // Where no entry of the tree can be (see `SCRATCH`).
-    let temp = part
-        .join(SCRATCH)
-        .join(format!("{}.unpack", fastrand::u64(..)));
-    // Closed at once: a pack may hold more files than this process may open.
-    std::fs::write(&temp, bytes).map_err(io(format!("writing {}", temp.display())))?;
-    Ok((temp, dest, m.clone()))
-}
-
-/// Makes `files` (all under `dir`) durable: one `syncfs` on Linux, else each file's sync.
+/// Makes `files` (all under `dir`) and their directory entries durable: one `syncfs` on
+/// Linux, else each file's sync and each directory's.
 #[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
 fn sync_all_of<'a>(dir: &Path, files: impl Iterator<Item = &'a Path>) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
@@ -356,8 +504,12 @@ fn sync_all_of<'a>(dir: &Path, files: impl Iterator<Item = &'a Path>) -> std::io
             return Ok(());
         }
     }
+    let mut dirs = HashSet::new();
     for f in files {
         std::fs::File::open(f)?.sync_all()?;
+        if f.parent().is_some_and(|p| dirs.insert(p.to_path_buf())) {
+            crate::part::sync_parent(f);
+        }
     }
     Ok(())
 }
@@ -372,6 +524,17 @@ mod tests {
         b.finish("x".into())
     }
 
+    /// The pack at `path`, in chunks of 1 KiB; `readable` as given.
+    fn source(path: &Path, readable: Option<Readable>) -> PackSource {
+        PackSource {
+            file: std::fs::File::open(path).unwrap(),
+            direct: crate::fileio::open_direct_read(path),
+            path: path.to_path_buf(),
+            chunk_size: 1024,
+            readable,
+        }
+    }
+
     #[test]
     fn files_are_cut_from_a_pack_only_if_they_are_what_the_index_says() {
         let dir = tempfile::tempdir().unwrap();
@@ -379,12 +542,13 @@ mod tests {
         let pack = dir.path().join("pack");
         std::fs::write(&pack, [a.clone(), b.clone()].concat()).unwrap();
         let part = dir.path().join("tree");
-        std::fs::create_dir_all(part.join(SCRATCH)).unwrap();
+        std::fs::create_dir_all(&part).unwrap();
         let files = vec![
             ("a".to_string(), manifest_of(&a), 0),
             ("b".to_string(), manifest_of(&b), 3000),
         ];
-        let cut = unpack(&pack, &part, &files).unwrap();
+        let no = AtomicBool::new(false);
+        let cut = unpack(&source(&pack, None), &part, &files, &no).unwrap();
         assert_eq!(cut.len(), 2);
         assert_eq!(std::fs::read(part.join("a")).unwrap(), a);
         assert_eq!(std::fs::read(part.join("b")).unwrap(), b);
@@ -393,9 +557,83 @@ mod tests {
         // file is not written.
         std::fs::write(&pack, [a.clone(), vec![3u8; 500]].concat()).unwrap();
         let fresh = dir.path().join("fresh");
-        std::fs::create_dir_all(fresh.join(SCRATCH)).unwrap();
-        let e = unpack(&pack, &fresh, &files).unwrap_err();
+        std::fs::create_dir_all(&fresh).unwrap();
+        let e = unpack(&source(&pack, None), &fresh, &files, &no).unwrap_err();
         assert!(e.message.contains("does not hold b"), "{e}");
         assert!(!fresh.join("b").exists());
+    }
+
+    /// Waits (up to 10 s) for `path` to hold `bytes`.
+    fn appears(path: &Path, bytes: &[u8]) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if std::fs::read(path).is_ok_and(|b| b == bytes) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn a_file_is_cut_once_every_chunk_it_lies_in_is_readable_and_not_before() {
+        let dir = tempfile::tempdir().unwrap();
+        // In chunks of 1 KiB: a in 0-2, b in 2-3, c in 3-4.
+        let (a, b, c) = (vec![1u8; 3000], vec![2u8; 500], vec![3u8; 1000]);
+        let pack = dir.path().join("pack");
+        std::fs::write(&pack, [a.clone(), b.clone(), c.clone()].concat()).unwrap();
+        let part = dir.path().join("tree");
+        std::fs::create_dir_all(&part).unwrap();
+        let files = vec![
+            ("a".to_string(), manifest_of(&a), 0),
+            ("b".to_string(), manifest_of(&b), 3000),
+            ("c".to_string(), manifest_of(&c), 3500),
+        ];
+        let have = Arc::new(Mutex::new(Bitfield::new(5)));
+        for i in [0, 1, 2, 4] {
+            lock(&have).set(i);
+        }
+        let h = have.clone();
+        let src = source(&pack, Some(Box::new(move || lock(&h).clone())));
+        let no = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let cutting = s.spawn(|| unpack(&src, &part, &files, &no));
+            assert!(appears(&part.join("a"), &a), "a's chunks are all in");
+            // Several rounds of looking, with chunk 3 still missing.
+            std::thread::sleep(READY_POLL * 5);
+            assert!(!part.join("b").exists() && !part.join("c").exists());
+            assert!(!cutting.is_finished());
+            lock(&have).set(3);
+            let cut = cutting.join().unwrap().unwrap();
+            assert_eq!(cut.len(), 3);
+        });
+        assert_eq!(std::fs::read(part.join("b")).unwrap(), b);
+        assert_eq!(std::fs::read(part.join("c")).unwrap(), c);
+    }
+
+    #[test]
+    fn cutting_stops_when_told_though_chunks_are_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (vec![1u8; 1024], vec![2u8; 1024]);
+        let pack = dir.path().join("pack");
+        std::fs::write(&pack, [a.clone(), b.clone()].concat()).unwrap();
+        let part = dir.path().join("tree");
+        std::fs::create_dir_all(&part).unwrap();
+        let files = vec![
+            ("a".to_string(), manifest_of(&a), 0),
+            ("b".to_string(), manifest_of(&b), 1024),
+        ];
+        let mut have = Bitfield::new(2);
+        have.set(0);
+        let src = source(&pack, Some(Box::new(move || have.clone())));
+        let abort = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let cutting = s.spawn(|| unpack(&src, &part, &files, &abort));
+            assert!(appears(&part.join("a"), &a));
+            abort.store(true, Ordering::Relaxed);
+            let cut = cutting.join().unwrap().unwrap();
+            assert_eq!(cut.len(), 1, "only a was readable");
+        });
+        assert!(!part.join("b").exists());
     }
 }
