@@ -493,17 +493,19 @@ impl Node {
     async fn relocate_members(&self, tree: &Tree, collection: &Collection, base: &Path) {
         // Which files are the tree's own here (a file held before, elsewhere, is served from
         // there; the tree has a copy).
+        // Entries, not manifests: a copy of every file's hashes at once would be the peak of
+        // a large set's memory. A manifest is built only for a file not known here yet.
         let mut moved = Vec::new();
         for e in &collection.entries {
-            let Some(manifest) = e.manifest().filter(|m| m.size > 0) else {
+            let Some(id) = e.file_id().filter(|_| member_size(e) > 0) else {
                 continue;
             };
-            let local = self.local_file(&manifest.file_id());
+            let local = self.local_file(&id);
             let mine = [tree.part.join(e.path()), tree.output.join(e.path())];
             if local.as_ref().is_some_and(|l| !mine.contains(&l.path())) {
                 continue;
             }
-            moved.push((manifest, local, base.join(e.path())));
+            moved.push((e, local, base.join(e.path())));
         }
         // Thousands of `stat`s: off the async threads.
         let paths: Vec<PathBuf> = moved.iter().map(|(_, _, p)| p.clone()).collect();
@@ -512,7 +514,7 @@ impl Node {
         })
         .await
         .unwrap_or_default();
-        for ((manifest, local, new), meta) in moved.into_iter().zip(metas) {
+        for ((e, local, new), meta) in moved.into_iter().zip(metas) {
             let identity = match meta {
                 Ok(meta) => Identity::of(&meta),
                 Err(e) => {
@@ -520,13 +522,19 @@ impl Node {
                     continue;
                 }
             };
-            let id = manifest.file_id();
-            let local = local.unwrap_or_else(|| {
-                let l = Arc::new(LocalFile::closed(Arc::new(manifest), new.clone(), identity));
-                l.set_collection(Some(tree.id));
-                self.insert_file(l.clone());
-                l
-            });
+            let Some(id) = e.file_id() else { continue };
+            let local = match local {
+                Some(local) => local,
+                None => {
+                    let Some(manifest) = e.manifest() else {
+                        continue;
+                    };
+                    let l = Arc::new(LocalFile::closed(Arc::new(manifest), new.clone(), identity));
+                    l.set_collection(Some(tree.id));
+                    self.insert_file(l.clone());
+                    l
+                }
+            };
             local.set_path(new.clone());
             local.set_source(identity);
             local.clear_problem();
