@@ -466,7 +466,7 @@ mod tests {
             name: "x.bin".into(),
             size: 4096,
             chunk_size: 1024,
-            hashes: vec![0; 4 * 32],
+            hashes: vec![0; 4 * 32].into(),
         };
         let file = tempfile::tempfile().expect("temp file");
         LocalFile::new(Arc::new(manifest), file, "x.bin".into(), Bitfield::full(4))
@@ -541,7 +541,7 @@ mod tests {
             name: "x.bin".into(),
             size: 4096,
             chunk_size: 1024,
-            hashes: vec![0; 4 * 32],
+            hashes: vec![0; 4 * 32].into(),
         };
         let mut have = Bitfield::new(4);
         have.set(1);

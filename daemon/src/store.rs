@@ -338,7 +338,7 @@ mod tests {
             name: "a".into(),
             size: 3000,
             chunk_size: 1024,
-            hashes: vec![1; 96],
+            hashes: vec![1; 96].into(),
         };
         let id = m.file_id();
         {
@@ -384,7 +384,7 @@ mod tests {
             name: "a".into(),
             size: 10,
             chunk_size: 1024,
-            hashes: vec![1; 32],
+            hashes: vec![1; 32].into(),
         };
         let id = manifest.file_id();
         let earlier = Earlier {

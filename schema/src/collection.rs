@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 use unicode_normalization::UnicodeNormalization;
 
-use crate::{validate_name, FileId, Manifest, ManifestError, MAX_NAME_LEN};
+use crate::{validate_name, FileId, Hashes, Manifest, ManifestError, MAX_NAME_LEN};
 
 /// Most entries (files and directories) one collection may list.
 pub const MAX_ENTRIES: usize = 1_000_000;
@@ -36,8 +36,7 @@ pub enum Entry {
         size: u64,
         chunk_size: u32,
         /// The chunks' SHA-256 digests, as in [`Manifest::hashes`].
-        #[serde(with = "serde_bytes")]
-        hashes: Vec<u8>,
+        hashes: Hashes,
     },
 }
 
@@ -122,8 +121,7 @@ pub struct Pack {
     pub size: u64,
     pub chunk_size: u32,
     /// The pack's chunk hashes, as in [`Manifest::hashes`].
-    #[serde(with = "serde_bytes")]
-    pub hashes: Vec<u8>,
+    pub hashes: Hashes,
 }
 
 impl Pack {
@@ -396,7 +394,7 @@ impl Collection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sha256;
+    use crate::{sha256, HASH_LEN};
 
     fn file(path: &str, data: &[u8]) -> Entry {
         Entry::File {
@@ -438,10 +436,22 @@ mod tests {
             name: "c.txt".into(),
             size: 5,
             chunk_size: 1024,
-            hashes: sha256(b"hello").to_vec(),
+            hashes: sha256(b"hello").to_vec().into(),
             collection: false,
         };
         assert_eq!(back.entries[1].file_id(), Some(alone.file_id()));
+    }
+
+    #[test]
+    fn a_members_manifest_holds_its_entrys_digests_not_a_copy() {
+        let c =
+            Collection::decode(&Collection::new(vec![file("f", &[3u8; 5000])]).encode()).unwrap();
+        let Entry::File { hashes, .. } = &c.entries[0] else {
+            panic!("a file entry");
+        };
+        let m = c.entries[0].manifest().unwrap();
+        assert_eq!(m.hashes.len(), 5 * HASH_LEN);
+        assert!(std::ptr::eq(m.hashes.as_ptr(), hashes.as_ptr()));
     }
 
     #[test]
@@ -490,7 +500,7 @@ mod tests {
             executable: false,
             size: 10_000,
             chunk_size: 1024,
-            hashes: vec![0; 32],
+            hashes: vec![0; 32].into(),
         }]);
         assert!(matches!(e, CollectionError::File { .. }), "{e}");
         let e = Collection::decode(b"\xff\x00garbage").unwrap_err();
@@ -549,7 +559,7 @@ mod tests {
             executable: false,
             size: PACK_MAX,
             chunk_size: 1 << 20,
-            hashes: vec![0; 32],
+            hashes: vec![0; 32].into(),
         };
         let e = packed(vec![file("a", b"12345"), big], &["a", "big"], 5 + PACK_MAX).unwrap_err();
         assert!(e.to_string().contains("too large"), "{e}");

@@ -84,9 +84,9 @@ pub use collection::{
 pub use frame::{FrameError, FrameReader, FrameWriter, MAX_FRAME, MAX_HELLO_FRAME, MAX_PEER_FRAME};
 pub use ids::{is_hex_prefix, to_hex, FileId, PeerId};
 pub use manifest::{
-    auto_chunk_size, chunk_count, sha256, validate_chunk_size, validate_name, ChunkHash, Manifest,
-    ManifestBuilder, ManifestError, HASH_LEN, MAX_AUTO_CHUNK_SIZE, MAX_CHUNKS, MAX_CHUNK_SIZE,
-    MAX_INDEX_SIZE, MAX_NAME_LEN, MIN_CHUNK_SIZE,
+    auto_chunk_size, chunk_count, sha256, validate_chunk_size, validate_name, ChunkHash, Hashes,
+    Manifest, ManifestBuilder, ManifestError, HASH_LEN, MAX_AUTO_CHUNK_SIZE, MAX_CHUNKS,
+    MAX_CHUNK_SIZE, MAX_INDEX_SIZE, MAX_NAME_LEN, MIN_CHUNK_SIZE,
 };
 pub use msg::*;
 
@@ -131,7 +131,7 @@ mod tests {
             name: "doug.png".into(),
             size: 3000,
             chunk_size: 1024,
-            hashes: vec![9; 96],
+            hashes: vec![9; 96].into(),
         }
     }
 
@@ -479,7 +479,7 @@ mod tests {
     #[test]
     fn manifest_hashes_travel_as_bytes() {
         let mut m = manifest();
-        m.hashes = vec![7; 32 * 1000];
+        m.hashes = vec![7; 32 * 1000].into();
         let mut buf = Vec::new();
         encode_frame(&TrackerResponse::Manifest { manifest: m }, &mut buf).unwrap();
         assert!(buf.len() < 32 * 1000 + 100, "{} bytes", buf.len());

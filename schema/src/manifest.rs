@@ -120,6 +120,64 @@ pub fn validate_chunk_size(chunk_size: u32) -> Result<(), ManifestError> {
     }
 }
 
+/// Chunk digests (SHA-256, 32 bytes each, in order), encoded as one byte string.
+/// Immutable and shared: a manifest built from a collection's entry holds the entry's digests,
+/// not a copy of them (a large tree's files are kept in memory once, not twice).
+#[derive(Clone, PartialEq, Eq, Hash, Default)]
+pub struct Hashes(std::sync::Arc<[u8]>);
+
+impl std::ops::Deref for Hashes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<Vec<u8>> for Hashes {
+    fn from(v: Vec<u8>) -> Hashes {
+        Hashes(v.into())
+    }
+}
+
+impl FromIterator<u8> for Hashes {
+    fn from_iter<I: IntoIterator<Item = u8>>(iter: I) -> Hashes {
+        Hashes(iter.into_iter().collect())
+    }
+}
+
+impl AsRef<[u8]> for Hashes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl From<&[u8]> for Hashes {
+    fn from(v: &[u8]) -> Hashes {
+        Hashes(v.into())
+    }
+}
+
+impl std::fmt::Debug for Hashes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} digests>", self.0.len() / HASH_LEN)
+    }
+}
+
+impl Serialize for Hashes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Hashes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Hashes, D::Error> {
+        // Into an allocation of the exact size: a byte string read in pieces ends in a
+        // buffer up to twice as large.
+        let bytes = serde_bytes::ByteBuf::deserialize(d)?;
+        Ok(Hashes(bytes.as_slice().into()))
+    }
+}
+
 /// Everything needed to fetch and verify a file: what the tracker stores, what a downloader
 /// checks against the [`FileId`] it asked for.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,8 +189,7 @@ pub struct Manifest {
     /// Bytes per chunk; the last chunk may be shorter.
     pub chunk_size: u32,
     /// The chunks' SHA-256 digests, concatenated (32 bytes each, in order).
-    #[serde(with = "serde_bytes")]
-    pub hashes: Vec<u8>,
+    pub hashes: Hashes,
     /// Whether the bytes are a collection's index ([`crate::Collection`]): a tree of files
     /// shared as one. Part of the ID; absent from the encoding of a plain file, whose
     /// bytes and ID are as before.
@@ -283,7 +340,7 @@ impl ManifestBuilder {
             name,
             size: self.size,
             chunk_size: self.chunk_size,
-            hashes: std::mem::take(&mut self.hashes),
+            hashes: std::mem::take(&mut self.hashes).into(),
             collection: false,
         }
     }
@@ -373,7 +430,9 @@ mod tests {
         b.name = "other name".into();
         assert_eq!(a.file_id(), b.file_id());
         let mut c = a.clone();
-        c.hashes[0] ^= 1;
+        let mut flipped = c.hashes.to_vec();
+        flipped[0] ^= 1;
+        c.hashes = flipped.into();
         assert_ne!(a.file_id(), c.file_id());
         assert!(matches!(
             c.verify(&a.file_id()),
@@ -388,7 +447,7 @@ mod tests {
     #[test]
     fn invalid_manifests() {
         let mut m = manifest_of(&[1, 2, 3], 1024);
-        m.hashes.push(0);
+        m.hashes = [&m.hashes[..], &[0]].concat().into();
         assert!(matches!(
             m.validate(),
             Err(ManifestError::HashLength { .. })
@@ -398,7 +457,7 @@ mod tests {
             name: "a".into(),
             size: u64::MAX,
             chunk_size: MIN_CHUNK_SIZE,
-            hashes: vec![],
+            hashes: Hashes::default(),
         };
         assert!(matches!(m.validate(), Err(ManifestError::TooManyChunks(_))));
         assert_eq!(m.chunk_count(), u32::MAX);

@@ -311,7 +311,7 @@ pub fn start_tracker(manifest: Manifest, lie: Lie) -> FakeTracker {
     let mut served = manifest.clone();
     match lie {
         Lie::EscapingName => served.name = "../../escaped.bin".into(),
-        Lie::SwappedHashes => served.hashes.iter_mut().for_each(|b| *b ^= 0x55),
+        Lie::SwappedHashes => served.hashes = served.hashes.iter().map(|b| b ^ 0x55).collect(),
         Lie::MalformedHolders => {}
     }
     let summary = p2p_schema::FileSummary {

@@ -125,7 +125,7 @@ fn register_many(tracker: std::net::SocketAddr, count: u32) -> p2p_tests::secure
             name: format!("{i:0>10}-{}", "n".repeat(244)),
             size: 1,
             chunk_size: 1024,
-            hashes,
+            hashes: hashes.into(),
         };
         encode_frame(&TrackerRequest::Register { manifest }, &mut batch).unwrap();
         unanswered += 1;

@@ -772,7 +772,7 @@ mod tests {
         let mut m = manifest("../etc", 1, 10);
         assert!(reg.register(PeerId([1; 16]), m.clone()).is_err());
         m.name = "ok".into();
-        m.hashes.pop();
+        m.hashes = m.hashes[..m.hashes.len() - 1].into();
         assert!(reg.register(PeerId([1; 16]), m).is_err());
     }
 }
