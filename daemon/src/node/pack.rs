@@ -64,22 +64,32 @@ impl Node {
             return Ok(None);
         };
         let abort = Arc::new(AtomicBool::new(false));
+        let all_in = source.all_in.clone();
         let part = tree.part.clone();
         let stopping = abort.clone();
         let mut cutter =
             tokio::task::spawn_blocking(move || unpack(&source, &part, &missing, &stopping));
         // Files are cut while the pack arrives; a cut that fails ends the tree at once.
-        let mut cut = None;
-        let fetched = match &download {
-            Some(dl) => tokio::select! {
-                f = self.wait_download(dl, stop, Some(tree)) => f,
-                c = &mut cutter => {
-                    // Every file was cut, so every chunk was in: the download is ending.
-                    cut = Some(c.map_err(joined)??);
-                    self.wait_download(dl, stop, Some(tree)).await
+        let arrived = || async {
+            match &download {
+                Some(dl) => self.wait_download(dl, stop, Some(tree)).await,
+                None => {
+                    stop.cancelled().await;
+                    Ok(false)
                 }
-            },
-            None => Ok(true),
+            }
+        };
+        let mut cut = None;
+        let fetched = tokio::select! {
+            f = arrived() => f,
+            c = &mut cutter => {
+                // Every file was cut, so every chunk was in: the download is ending.
+                cut = Some(c.map_err(joined)??);
+                match &download {
+                    Some(dl) => self.wait_download(dl, stop, Some(tree)).await,
+                    None => Ok(true),
+                }
+            }
         };
         if !matches!(fetched, Ok(true)) {
             abort.store(true, Ordering::Relaxed);
@@ -88,6 +98,8 @@ impl Node {
             }
             return fetched.map(|_| None);
         }
+        // Complete: whatever becomes of its record, every chunk is on disk.
+        all_in.store(true, Ordering::Relaxed);
         if let Some(dl) = &download {
             self.retire(dl);
         }
@@ -126,6 +138,7 @@ impl Node {
                     path,
                     chunk_size,
                     readable: None,
+                    all_in: Arc::new(AtomicBool::new(true)),
                 },
                 None,
             )))
@@ -163,6 +176,7 @@ impl Node {
                 path: dl.output.clone(),
                 chunk_size,
                 readable: Some(Box::new(move || local.have())),
+                all_in: Arc::new(AtomicBool::new(false)),
             },
             Some(dl),
         )))
@@ -279,6 +293,8 @@ pub(super) struct PackSource {
     /// Which chunks can be read now (a download's durable ones); `None` for a copy held
     /// whole.
     readable: Option<Readable>,
+    /// Set once the download is complete: every chunk can be read.
+    all_in: Arc<AtomicBool>,
 }
 
 /// Tells which of a pack's chunks can be read now.
@@ -286,6 +302,9 @@ type Readable = Box<dyn Fn() -> Bitfield + Send + Sync>;
 
 impl PackSource {
     fn readable(&self) -> Option<Bitfield> {
+        if self.all_in.load(Ordering::Relaxed) {
+            return None;
+        }
         self.readable.as_ref().map(|r| r())
     }
 }
@@ -534,6 +553,7 @@ mod tests {
             path: path.to_path_buf(),
             chunk_size: 1024,
             readable,
+            all_in: Arc::new(AtomicBool::new(false)),
         }
     }
 
