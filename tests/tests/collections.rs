@@ -329,6 +329,75 @@ fn a_collection_download_killed_midway_resumes_file_by_file_without_refetching()
     assert!(!tree.join("set.part").exists());
 }
 
+#[test]
+fn a_daemon_killed_while_cutting_small_files_from_the_pack_resumes_and_recuts_a_torn_one() {
+    // A capped seeder, so the pack is caught arriving, with some files already cut out.
+    let mut swarm = Swarm::new(
+        1,
+        "30s",
+        &["--upload-rate", "4000000", "--metrics", "127.0.0.1:0"],
+    );
+    swarm.add_daemon(&["--metrics", "127.0.0.1:0"]);
+    let root = swarm.path("set");
+    std::fs::create_dir_all(root.join("small")).expect("mkdir");
+    let mut total = 0u64;
+    for i in 0..300u64 {
+        let size = 4096 + (i * 7919) % (60 << 10);
+        write_random(
+            &root.join(format!("small/f{i:03}.bin")),
+            size as usize,
+            500 + i,
+        );
+        total += size;
+    }
+    let id = swarm.daemons[0].register(&root);
+    let out = swarm.path("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    let part = out.join("set.part");
+    let b = &mut swarm.daemons[1];
+    b.ctl(&["download", &id, "-o", s(&out), "--detach"]).ok();
+    // A third of the pack in (its download's record is on disk by then: sled flushes every
+    // 500 ms), and a file cut out already, at its place in the tree being built.
+    let (done_before, cut) = eventually(Duration::from_secs(60), || {
+        let done = collection(b, &id)["bytes_done"].as_u64()?;
+        let cut = (0..300).map(|i| format!("small/f{i:03}.bin")).find(|f| {
+            std::fs::read(part.join(f)).is_ok_and(|got| {
+                !got.is_empty() && std::fs::read(root.join(f)).is_ok_and(|want| got == want)
+            })
+        })?;
+        (done >= total / 3).then_some((done, cut))
+    })
+    .unwrap_or_else(|| panic!("never a third in with a file cut out: {}", b.status()));
+    b.proc.kill();
+    assert!(
+        part.is_dir() && !out.join("set").exists() && done_before < total,
+        "the tree was complete before the kill ({done_before} of {total} bytes)"
+    );
+    // Torn by the crash: its record never reached the disk, so it must be cut again.
+    let torn = part.join(&cut);
+    let len = std::fs::metadata(&torn).expect("the cut file").len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&torn)
+        .and_then(|f| f.set_len(len / 2))
+        .expect("tearing the cut file");
+    b.restart();
+    eventually(Duration::from_secs(120), || {
+        (collection(b, &id)["state"]["state"] == "complete").then_some(())
+    })
+    .unwrap_or_else(|| panic!("never completed after the restart: {}", b.status()));
+    assert_eq!(snapshot(&out.join("set")), snapshot(&root));
+    assert!(!part.exists());
+    // The pack's chunks verified before the kill are not fetched again.
+    let got_after = received(b);
+    let missing = (total - done_before) as f64;
+    eprintln!("killed at {done_before} of {total} bytes ({cut} cut); fetched {got_after} after");
+    assert!(
+        got_after <= missing + f64::from(2 << 20),
+        "after the restart {got_after} bytes were fetched, {missing} were missing"
+    );
+}
+
 /// Descriptors process `pid` has open.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
