@@ -18,8 +18,8 @@ use crate::spans::Spans;
 impl Node {
     /// Puts the tree's small files in place from its pack: those this daemon holds already
     /// at their place count as done; if any is missing, the pack is fetched (and kept, and
-    /// served) and each file is cut from it and checked against its own hashes. Where each
-    /// content went; `None` if stopped first.
+    /// served) and each file is cut from it as soon as the chunks it lies in have arrived,
+    /// checked against its own hashes. Where each content went; `None` if stopped first.
     pub(super) async fn fetch_pack(
         self: &Arc<Self>,
         tree: &Arc<Tree>,
