@@ -62,6 +62,7 @@ pub fn write_all_at(file: &std::fs::File, buf: &[u8], offset: u64) -> std::io::R
 /// with direct I/O, copied into `scratch`: a file written once need not fill the page cache
 /// (on a virtual machine, page-cache pages never used before are slow to fill), and only the
 /// tail is buffered.
+#[cfg_attr(not(target_os = "linux"), allow(unused_variables))]
 pub fn write_whole(
     path: &std::path::Path,
     bytes: &[u8],
