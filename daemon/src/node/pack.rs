@@ -63,6 +63,32 @@ impl Node {
         let Some((source, download)) = self.pack_source(tree, pack.manifest(), stop).await? else {
             return Ok(None);
         };
+        let Some(cut) = self
+            .cut_out_of(tree, source, download, missing, stop)
+            .await?
+        else {
+            return Ok(None);
+        };
+        for (m, dest, identity) in cut {
+            let id = m.file_id();
+            tree.advance(|p| p.files_done += 1);
+            self.share_member(tree.id, &dest, m, identity)?;
+            placed.insert(id, dest);
+        }
+        Ok(Some(placed))
+    }
+
+    /// Cuts `missing` (path, manifest, offset) out of the pack at `source` into `tree`, each
+    /// as soon as the chunks it lies in have arrived, while `download` (if any) fetches it: the
+    /// files cut, durable, with their identities; `None` if stopped first.
+    async fn cut_out_of(
+        self: &Arc<Self>,
+        tree: &Arc<Tree>,
+        source: PackSource,
+        download: Option<Arc<download::Download>>,
+        missing: Vec<(String, Manifest, u64)>,
+        stop: &CancellationToken,
+    ) -> Result<Option<Vec<(Manifest, PathBuf, Identity)>>, WireError> {
         let abort = Arc::new(AtomicBool::new(false));
         let all_in = source.all_in.clone();
         let part = tree.part.clone();
@@ -107,13 +133,7 @@ impl Node {
             Some(cut) => cut,
             None => cutter.await.map_err(joined)??,
         };
-        for (m, dest, identity) in cut {
-            let id = m.file_id();
-            tree.advance(|p| p.files_done += 1);
-            self.share_member(tree.id, &dest, m, identity)?;
-            placed.insert(id, dest);
-        }
-        Ok(Some(placed))
+        Ok(Some(cut))
     }
 
     /// Where `tree`'s pack (`manifest`) is read from to be cut: a copy held whole here, or
