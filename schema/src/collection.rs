@@ -48,6 +48,14 @@ impl Entry {
         }
     }
 
+    /// Its size in bytes (0 for a directory).
+    pub fn size(&self) -> u64 {
+        match self {
+            Entry::File { size, .. } => *size,
+            Entry::Dir { .. } => 0,
+        }
+    }
+
     /// For a file: its manifest (named after the path's last component).
     pub fn manifest(&self) -> Option<Manifest> {
         match self {
@@ -270,7 +278,7 @@ impl Collection {
         for path in &pack.files {
             if let Some(&e) = by_path.get(path.as_str()) {
                 out.push((e, offset));
-                offset += e.manifest().map_or(0, |m| m.size);
+                offset += e.size();
             }
         }
         out
@@ -383,10 +391,7 @@ impl Collection {
     pub fn total_size(&self) -> u64 {
         self.entries
             .iter()
-            .map(|e| match e {
-                Entry::File { size, .. } => *size,
-                Entry::Dir { .. } => 0,
-            })
+            .map(Entry::size)
             .fold(0u64, u64::saturating_add)
     }
 }

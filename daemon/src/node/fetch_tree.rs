@@ -220,7 +220,7 @@ impl Node {
         let mut alone = false;
         loop {
             while !alone && running.len() < PARALLEL_FILES {
-                let Some(large) = queue.peek().map(|e| member_size(e) >= LARGE_FILE) else {
+                let Some(large) = queue.peek().map(|e| e.size() >= LARGE_FILE) else {
                     break;
                 };
                 if large && !running.is_empty() {
@@ -366,29 +366,19 @@ impl Node {
                 p.bytes_done += size;
             })
         };
-        // Held whole here already: at its place (a restart), or elsewhere (copied). Not a
-        // pack served from its files: it has no file to copy (its files are copied instead).
-        if let Some(local) = self
-            .local_file(&id)
-            .filter(|f| f.is_complete() && f.spans().is_none())
-        {
-            let l = local.clone();
-            let fine = tokio::task::spawn_blocking(move || l.check_source().is_ok())
-                .await
-                .map_err(joined)?;
-            if fine {
-                let from = local.path();
-                if from != dest {
-                    let to = dest.to_path_buf();
-                    let scratch = tree.scratch();
-                    tokio::task::spawn_blocking(move || copy_into(&from, &to, &scratch))
-                        .await
-                        .map_err(joined)??;
-                    info!(file = %id.short(), "a file held here already is copied, not fetched");
-                }
-                counted(tree);
-                return Ok(true);
+        // Held whole here already: at its place (a restart), or elsewhere (copied).
+        if let Some(local) = self.held_whole(&id).await? {
+            let from = local.path();
+            if from != dest {
+                let to = dest.to_path_buf();
+                let scratch = tree.scratch();
+                tokio::task::spawn_blocking(move || copy_into(&from, &to, &scratch))
+                    .await
+                    .map_err(joined)??;
+                info!(file = %id.short(), "a file held here already is copied, not fetched");
             }
+            counted(tree);
+            return Ok(true);
         }
         let start = self.member_download(tree, manifest, dest);
         let Some(dl) = self.one_start_at_a_time(id, start).await? else {
@@ -412,6 +402,26 @@ impl Node {
         }
         tree.advance(|p| p.files_done += files);
         Ok(true)
+    }
+
+    /// File `id` held whole here in a file of its own, still as it was recorded (checked by a
+    /// `stat`, off the async threads). Not a pack served from its files: it has no file to
+    /// read or copy.
+    pub(super) async fn held_whole(
+        &self,
+        id: &FileId,
+    ) -> Result<Option<Arc<LocalFile>>, WireError> {
+        let Some(local) = self
+            .local_file(id)
+            .filter(|f| f.is_complete() && f.spans().is_none())
+        else {
+            return Ok(None);
+        };
+        let l = local.clone();
+        let fine = tokio::task::spawn_blocking(move || l.check_source().is_ok())
+            .await
+            .map_err(joined)?;
+        Ok(fine.then_some(local))
     }
 
     /// The download of one of `tree`'s files (or its pack) to `dest`: the one under way, or a
@@ -497,7 +507,7 @@ impl Node {
         // a large set's memory. A manifest is built only for a file not known here yet.
         let mut moved = Vec::new();
         for e in &collection.entries {
-            let Some(id) = e.file_id().filter(|_| member_size(e) > 0) else {
+            let Some(id) = e.file_id().filter(|_| e.size() > 0) else {
                 continue;
             };
             let local = self.local_file(&id);
@@ -505,16 +515,16 @@ impl Node {
             if local.as_ref().is_some_and(|l| !mine.contains(&l.path())) {
                 continue;
             }
-            moved.push((e, local, base.join(e.path())));
+            moved.push((e, id, local, base.join(e.path())));
         }
         // Thousands of `stat`s: off the async threads.
-        let paths: Vec<PathBuf> = moved.iter().map(|(_, _, p)| p.clone()).collect();
+        let paths: Vec<PathBuf> = moved.iter().map(|(.., p)| p.clone()).collect();
         let metas = tokio::task::spawn_blocking(move || {
             paths.iter().map(std::fs::metadata).collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
-        for ((e, local, new), meta) in moved.into_iter().zip(metas) {
+        for ((e, id, local, new), meta) in moved.into_iter().zip(metas) {
             let identity = match meta {
                 Ok(meta) => Identity::of(&meta),
                 Err(e) => {
@@ -522,7 +532,6 @@ impl Node {
                     continue;
                 }
             };
-            let Some(id) = e.file_id() else { continue };
             let local = match local {
                 Some(local) => local,
                 None => {
@@ -553,13 +562,5 @@ impl Node {
         if let Err(e) = self.store.flush().await {
             warn!(error = %e, "flushing a collection's files");
         }
-    }
-}
-
-/// A file entry's size (0 for a directory).
-fn member_size(e: &Entry) -> u64 {
-    match e {
-        Entry::File { size, .. } => *size,
-        Entry::Dir { .. } => 0,
     }
 }

@@ -163,17 +163,8 @@ impl Node {
                 None,
             )))
         };
-        if let Some(local) = self
-            .local_file(&id)
-            .filter(|f| f.is_complete() && f.spans().is_none())
-        {
-            let l = local.clone();
-            let fine = tokio::task::spawn_blocking(move || l.check_source().is_ok())
-                .await
-                .map_err(joined)?;
-            if fine {
-                return whole(local.path());
-            }
+        if let Some(local) = self.held_whole(&id).await? {
+            return whole(local.path());
         }
         let path = self.pack_path(&id);
         let start = self.member_download(tree, manifest, &path);
@@ -565,6 +556,32 @@ mod tests {
         b.finish("x".into())
     }
 
+    /// Files named and holding `contents`, one after the other in a pack under `dir`, and
+    /// an empty tree to cut them into: the pack's path, the tree's, and the files (path,
+    /// manifest, offset).
+    fn packed(
+        dir: &Path,
+        contents: &[(&str, &[u8])],
+    ) -> (PathBuf, PathBuf, Vec<(String, Manifest, u64)>) {
+        let pack = dir.join("pack");
+        let bytes: Vec<u8> = contents
+            .iter()
+            .flat_map(|(_, b)| b.iter().copied())
+            .collect();
+        std::fs::write(&pack, bytes).unwrap();
+        let part = dir.join("tree");
+        std::fs::create_dir_all(&part).unwrap();
+        let mut offset = 0;
+        let files = contents
+            .iter()
+            .map(|(name, b)| {
+                offset += b.len() as u64;
+                (name.to_string(), manifest_of(b), offset - b.len() as u64)
+            })
+            .collect();
+        (pack, part, files)
+    }
+
     /// The pack at `path`, in chunks of 1 KiB; `readable` as given.
     fn source(path: &Path, readable: Option<Readable>) -> PackSource {
         PackSource {
@@ -581,14 +598,7 @@ mod tests {
     fn files_are_cut_from_a_pack_only_if_they_are_what_the_index_says() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (vec![1u8; 3000], vec![2u8; 500]);
-        let pack = dir.path().join("pack");
-        std::fs::write(&pack, [a.clone(), b.clone()].concat()).unwrap();
-        let part = dir.path().join("tree");
-        std::fs::create_dir_all(&part).unwrap();
-        let files = vec![
-            ("a".to_string(), manifest_of(&a), 0),
-            ("b".to_string(), manifest_of(&b), 3000),
-        ];
+        let (pack, part, files) = packed(dir.path(), &[("a", &a), ("b", &b)]);
         let no = AtomicBool::new(false);
         let cut = unpack(&source(&pack, None), &part, &files, &no).unwrap();
         assert_eq!(cut.len(), 2);
@@ -622,15 +632,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         // In chunks of 1 KiB: a in 0-2, b in 2-3, c in 3-4.
         let (a, b, c) = (vec![1u8; 3000], vec![2u8; 500], vec![3u8; 1000]);
-        let pack = dir.path().join("pack");
-        std::fs::write(&pack, [a.clone(), b.clone(), c.clone()].concat()).unwrap();
-        let part = dir.path().join("tree");
-        std::fs::create_dir_all(&part).unwrap();
-        let files = vec![
-            ("a".to_string(), manifest_of(&a), 0),
-            ("b".to_string(), manifest_of(&b), 3000),
-            ("c".to_string(), manifest_of(&c), 3500),
-        ];
+        let (pack, part, files) = packed(dir.path(), &[("a", &a), ("b", &b), ("c", &c)]);
         let have = Arc::new(Mutex::new(Bitfield::new(5)));
         for i in [0, 1, 2, 4] {
             lock(&have).set(i);
@@ -657,14 +659,7 @@ mod tests {
     fn cutting_stops_when_told_though_chunks_are_missing() {
         let dir = tempfile::tempdir().unwrap();
         let (a, b) = (vec![1u8; 1024], vec![2u8; 1024]);
-        let pack = dir.path().join("pack");
-        std::fs::write(&pack, [a.clone(), b.clone()].concat()).unwrap();
-        let part = dir.path().join("tree");
-        std::fs::create_dir_all(&part).unwrap();
-        let files = vec![
-            ("a".to_string(), manifest_of(&a), 0),
-            ("b".to_string(), manifest_of(&b), 1024),
-        ];
+        let (pack, part, files) = packed(dir.path(), &[("a", &a), ("b", &b)]);
         let mut have = Bitfield::new(2);
         have.set(0);
         let src = source(&pack, Some(Box::new(move || have.clone())));
