@@ -360,6 +360,19 @@ mod tests {
     }
 
     #[test]
+    fn digests_are_encoded_as_one_byte_string_as_before() {
+        // What earlier versions wrote (`serde_bytes` over a Vec<u8>) and what they read.
+        let digests: Vec<u8> = (0..=255u8).cycle().take(3 * HASH_LEN).collect();
+        let mut before = Vec::new();
+        ciborium::into_writer(&serde_bytes::Bytes::new(&digests), &mut before).unwrap();
+        let mut now = Vec::new();
+        ciborium::into_writer(&Hashes::from(digests.clone()), &mut now).unwrap();
+        assert_eq!(now, before);
+        let back: Hashes = ciborium::from_reader(before.as_slice()).unwrap();
+        assert_eq!(&back[..], &digests[..]);
+    }
+
+    #[test]
     fn auto_chunk_sizes() {
         // doug.png: 7 chunks of 16 KiB.
         assert_eq!(auto_chunk_size(107_330), 16 << 10);

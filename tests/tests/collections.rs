@@ -279,15 +279,21 @@ fn a_file_held_here_already_is_copied_not_fetched() {
     );
 }
 
-#[test]
-fn a_collection_download_killed_midway_resumes_file_by_file_without_refetching() {
-    // A capped seeder, so the download is caught in the middle.
+/// A seeder whose uplink is capped at `rate` bytes/s, and a second daemon, both with metrics.
+fn seeder_capped_at(rate: &str) -> Swarm {
     let mut swarm = Swarm::new(
         1,
         "30s",
-        &["--upload-rate", "8000000", "--metrics", "127.0.0.1:0"],
+        &["--upload-rate", rate, "--metrics", "127.0.0.1:0"],
     );
     swarm.add_daemon(&["--metrics", "127.0.0.1:0"]);
+    swarm
+}
+
+#[test]
+fn a_collection_download_killed_midway_resumes_file_by_file_without_refetching() {
+    // A capped seeder, so the download is caught in the middle.
+    let mut swarm = seeder_capped_at("8000000");
     let root = swarm.path("set");
     std::fs::create_dir_all(root.join("parts")).expect("mkdir");
     for i in 0..8 {
@@ -332,12 +338,7 @@ fn a_collection_download_killed_midway_resumes_file_by_file_without_refetching()
 #[test]
 fn a_daemon_killed_while_cutting_small_files_from_the_pack_resumes_and_recuts_a_torn_one() {
     // A capped seeder, so the pack is caught arriving, with some files already cut out.
-    let mut swarm = Swarm::new(
-        1,
-        "30s",
-        &["--upload-rate", "4000000", "--metrics", "127.0.0.1:0"],
-    );
-    swarm.add_daemon(&["--metrics", "127.0.0.1:0"]);
+    let mut swarm = seeder_capped_at("4000000");
     let root = swarm.path("set");
     std::fs::create_dir_all(root.join("small")).expect("mkdir");
     let mut total = 0u64;
