@@ -402,6 +402,29 @@ impl LocalFile {
         epoch: u64,
         fetching: impl Fn(&PeerId) -> bool,
     ) -> bool {
+        self.check_send(index, to, (hold, epoch), fetching, true)
+    }
+
+    /// Whether [`LocalFile::may_send`] would refuse chunk `index` to `to` now; records nothing.
+    pub fn holds_back(
+        &self,
+        index: u32,
+        to: PeerId,
+        hold: Hold,
+        epoch: u64,
+        fetching: impl Fn(&PeerId) -> bool,
+    ) -> bool {
+        !self.check_send(index, to, (hold, epoch), fetching, false)
+    }
+
+    fn check_send(
+        &self,
+        index: u32,
+        to: PeerId,
+        (hold, epoch): (Hold, u64),
+        fetching: impl Fn(&PeerId) -> bool,
+        record: bool,
+    ) -> bool {
         let now = Instant::now();
         let whole = self.is_complete();
         if !whole {
@@ -423,6 +446,9 @@ impl LocalFile {
             if last != to && recent && fetching(&last) {
                 return false;
             }
+        }
+        if !record {
+            return true;
         }
         if sends.last.len() >= MAX_SENDS {
             sends
@@ -552,6 +578,25 @@ mod tests {
         assert!(f.may_send(1, a, spread, 0, |_| true));
         f.sent(1, a);
         assert!(f.may_send(1, b, spread, 0, |_| true));
+    }
+
+    /// The server asks whether a chunk is held back before it waits for an upload slot, and
+    /// only records the send once it has one: asking records nothing.
+    #[test]
+    fn asking_whether_a_chunk_is_held_back_records_no_send() {
+        let f = local();
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let spread = hold(Duration::from_secs(60));
+        let fetching = |_: &PeerId| true;
+        assert!(!f.holds_back(0, a, spread, 0, fetching));
+        assert!(
+            !f.holds_back(0, b, spread, 0, fetching),
+            "a was never sent it"
+        );
+        assert!(f.may_send(0, a, spread, 0, fetching));
+        assert!(f.holds_back(0, b, spread, 0, fetching));
+        assert!(!f.may_send(0, b, spread, 0, fetching));
+        assert!(!f.holds_back(0, a, spread, 0, fetching), "a may ask again");
     }
 
     #[test]

@@ -464,3 +464,43 @@ fn the_tracker_caps_connections_per_address_and_closes_the_silent() {
     drop(held);
     tracker_hello(again);
 }
+
+/// A seeder's uplink goes to a few transfers at a time: asked for chunks on six connections
+/// at once, it sends four (its upload slots) and tells the other two, after waiting about
+/// a second for a slot, that it is busy, so that they ask another holder. Split six ways, each
+/// chunk would have reached its asker later, and none could have passed it on meanwhile.
+#[test]
+fn a_seeder_sends_a_few_chunks_at_once_and_tells_the_others_it_is_busy() {
+    // 16 KiB a second: four chunks of 16 KiB in flight take about four seconds.
+    let swarm = Swarm::new(1, "30s", &["--upload-rate", "16384"]);
+    let seeder = &swarm.daemons[0];
+    let id: FileId = seeder.register(&sample("doug.png")).parse().unwrap();
+    let mut conns: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = connect(seeder.addr);
+            peer_hello(&mut s);
+            s
+        })
+        .collect();
+    // Chunks 0 to 4 are whole (16 KiB); the last, short one would free its slot at once.
+    for (i, s) in conns.iter_mut().enumerate() {
+        let index = i as u32 % 5;
+        send(s, &PeerRequest::GetChunk { file_id: id, index });
+    }
+    let (mut sent, mut busy) = (0, 0);
+    for s in &mut conns {
+        match recv::<PeerResponse>(s) {
+            Some(PeerResponse::Chunk { .. }) => sent += 1,
+            Some(PeerResponse::Error(e)) if e.code == ErrorCode::Busy => {
+                assert!(e.message.contains("upload slot"), "{}", e.message);
+                busy += 1;
+            }
+            other => panic!("expected a chunk or busy, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        (sent, busy),
+        (4, 2),
+        "chunks sent at once, and busy answers"
+    );
+}
