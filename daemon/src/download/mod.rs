@@ -66,9 +66,11 @@ const MAX_FAULTS: u32 = 3;
 /// How long a peer that keeps faulting is left out of a download.
 const SET_ASIDE: Duration = Duration::from_secs(600);
 /// Refusals in a row (a chunk it announced, then would not send) that end a session with a
-/// fault. "Busy, ask later" (a seeder spreading its chunks) is not one: the chunk is asked of
-/// others, and of this peer again once it says anew what it holds.
+/// fault. "Busy, ask later" (a seeder spreading its chunks, or every upload slot taken) is
+/// not one: the chunk is asked of others, and of this peer again after [`BUSY_RETRY`].
 const MAX_REFUSALS: u32 = 8;
+/// How long a chunk a peer answered `Busy` for is not asked of that peer again.
+const BUSY_RETRY: Duration = Duration::from_secs(2);
 /// First wait before trying a peer again after a session ends badly; doubled each time up to
 /// [`MAX_RETRY_WAIT`].
 const RETRY_WAIT: Duration = Duration::from_secs(2);

@@ -117,6 +117,9 @@ struct Worker {
     pushes: bool,
     /// Since when nothing this peer has was needed (`None` while it had something).
     idle_since: Option<Instant>,
+    /// Chunks the peer answered `Busy` for, oldest first, with when each counts as held
+    /// there again ([`BUSY_RETRY`]).
+    refused: VecDeque<(Instant, u32)>,
 }
 
 /// A chunk being verified and written: its index, buffer, and whether it matched.
@@ -158,6 +161,7 @@ impl Worker {
             refusals: 0,
             pushes: false,
             idle_since: None,
+            refused: VecDeque::new(),
         }
     }
 
@@ -188,6 +192,7 @@ impl Worker {
         let mut buf = AlignedBuf::new();
         loop {
             self.take_fresh();
+            self.take_back_refused();
             self.fill_window(&mut writer).await?;
             if self.asked.is_empty() && !self.verifying.is_empty() {
                 // Nothing on the wire: take in what is being verified before deciding more.
@@ -327,7 +332,9 @@ impl Worker {
                 has.unset(index);
                 self.set_has(has);
                 self.swarm.changed.notify_waiters();
-                if e.code != ErrorCode::Busy {
+                if e.code == ErrorCode::Busy {
+                    self.refused.push_back((Instant::now() + BUSY_RETRY, index));
+                } else {
                     self.refusals += 1;
                 }
                 if self.refusals >= MAX_REFUSALS {

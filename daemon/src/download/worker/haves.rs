@@ -24,6 +24,14 @@ impl Worker {
         if full && Instant::now() >= rotate_at {
             return Ok(false);
         }
+        // A chunk refused as busy counts as held again then.
+        let retry = self.refused.front().map(|&(at, _)| at);
+        let retry = async move {
+            match retry {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let rotate = async {
             if full {
                 tokio::time::sleep_until(rotate_at.into()).await;
@@ -36,6 +44,7 @@ impl Worker {
                 () = self.swarm.changed.notified() => {}
                 () = tokio::time::sleep(HAVE_POLL_INTERVAL) => {}
                 () = rotate => return Ok(true),
+                () = retry => return Ok(true),
             }
             return self
                 .ask_have(reader, writer, PeerRequest::GetHave { file_id }, timeout)
@@ -45,6 +54,7 @@ impl Worker {
         let woke = tokio::select! {
             () = self.swarm.changed.notified() => Ok(()),
             () = rotate => Ok(()),
+            () = retry => Ok(()),
             () = tokio::time::sleep(HAVE_RESYNC_INTERVAL) => {
                 self.ask_have(reader, writer, PeerRequest::GetHave { file_id }, timeout).await
             }
@@ -86,6 +96,23 @@ impl Worker {
         }
         self.swarm.node.metrics.pushed(Direction::Out);
         Ok(())
+    }
+
+    /// Counts again as held the chunks the peer refused as `Busy` long enough ago.
+    pub(super) fn take_back_refused(&mut self) {
+        let now = Instant::now();
+        let mut picker = None;
+        while let Some(&(at, i)) = self.refused.front() {
+            if at > now {
+                break;
+            }
+            self.refused.pop_front();
+            if self.has.set(i) {
+                picker
+                    .get_or_insert_with(|| self.swarm.picker())
+                    .add_availability_of(i, 1);
+            }
+        }
     }
 
     /// Takes in what the tracker last said the peer holds: chunks only ever arrive at a peer.
