@@ -73,6 +73,8 @@ const UPLOAD_SLOTS: usize = 4;
 /// How long a chunk request waits for an upload slot before it is answered `Busy` (asked of
 /// another holder then, which in a crowd soon there is).
 const SLOT_WAIT: Duration = Duration::from_secs(1);
+/// How long a send keeps its upload slot at most; past that it goes on without one.
+const SLOT_HOLD: Duration = Duration::from_secs(5);
 
 /// The peer server's own state: its upload limits, and who is fetching from it now.
 pub struct Uploads {
@@ -417,16 +419,46 @@ async fn send_chunk(
     if local.holds_back(index, peer, HOLD, epoch(), fetching) {
         return busy(writer, held()).await;
     }
-    let Ok(Ok(_sending)) = tokio::time::timeout(SLOT_WAIT, uploads.sending.acquire()).await else {
+    let Ok(Ok(slot)) = tokio::time::timeout(SLOT_WAIT, uploads.sending.acquire()).await else {
         let why = format!("every upload slot is taken; ask another holder for chunk {index}");
         return busy(writer, why).await;
     };
     if !local.may_send(index, peer, HOLD, epoch(), fetching) {
         return busy(writer, held()).await;
     }
+    let chunk = (&local, &file_id, index, offset, len);
+    holding(slot, send_granted(node, uploads, writer, chunk, buf, peer)).await
+}
+
+/// Runs `send`, giving its upload slot up if it still runs after [`SLOT_HOLD`]: a slow
+/// receiver, or one that does not read at all, never keeps a slot from others for long.
+async fn holding<T>(
+    slot: tokio::sync::SemaphorePermit<'_>,
+    send: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(send);
+    tokio::select! {
+        done = &mut send => done,
+        () = tokio::time::sleep(SLOT_HOLD) => {
+            drop(slot);
+            send.await
+        }
+    }
+}
+
+/// Sends a chunk allowed to go to `peer`.
+async fn send_granted(
+    node: &Node,
+    uploads: &Uploads,
+    writer: &mut Writer,
+    (local, file_id, index, offset, len): (&Arc<LocalFile>, &p2p_schema::FileId, u32, u64, u32),
+    buf: &mut SendBuf,
+    peer: PeerId,
+) -> Result<(), String> {
+    let file_id = *file_id;
     if let Some(spans) = local.spans() {
         let chunk = (&file_id, index, offset, len);
-        return packed::send_packed(node, uploads, writer, (&local, spans), chunk, buf, peer).await;
+        return packed::send_packed(node, uploads, writer, (local, spans), chunk, buf, peer).await;
     }
     // Opened (if it was closed) before anything is sent: a file that cannot be read is
     // refused, not cut short.

@@ -471,8 +471,9 @@ fn the_tracker_caps_connections_per_address_and_closes_the_silent() {
 /// chunk would have reached its asker later, and none could have passed it on meanwhile.
 #[test]
 fn a_seeder_sends_a_few_chunks_at_once_and_tells_the_others_it_is_busy() {
-    // 16 KiB a second: four chunks of 16 KiB in flight take about four seconds.
-    let swarm = Swarm::new(1, "30s", &["--upload-rate", "16384"]);
+    // 4 KiB a second, paid before each piece: the first of four chunks of 16 KiB is sent
+    // after 4 s, well after a second's wait for a slot.
+    let swarm = Swarm::new(1, "30s", &["--upload-rate", "4096"]);
     let seeder = &swarm.daemons[0];
     let id: FileId = seeder.register(&sample("doug.png")).parse().unwrap();
     let mut conns: Vec<TcpStream> = (0..6)
@@ -503,4 +504,52 @@ fn a_seeder_sends_a_few_chunks_at_once_and_tells_the_others_it_is_busy() {
         (4, 2),
         "chunks sent at once, and busy answers"
     );
+}
+
+/// A send keeps its upload slot for a few seconds at most: four slow receivers (or four that
+/// never read what they asked for) cannot keep everyone else from a daemon's uplink.
+#[test]
+fn slow_sends_give_their_upload_slots_up() {
+    // 1 KiB a second, paid before each piece: none of the four chunks of 16 KiB is through
+    // within 16 s.
+    let swarm = Swarm::new(1, "30s", &["--upload-rate", "1024"]);
+    let seeder = &swarm.daemons[0];
+    let id: FileId = seeder.register(&sample("doug.png")).parse().unwrap();
+    let mut hogs: Vec<TcpStream> = (0..4)
+        .map(|index| {
+            let mut s = connect(seeder.addr);
+            peer_hello(&mut s);
+            send(&mut s, &PeerRequest::GetChunk { file_id: id, index });
+            s
+        })
+        .collect();
+    // Every slot is taken (the four sends have begun).
+    for s in &mut hogs {
+        assert!(matches!(
+            recv::<PeerResponse>(s),
+            Some(PeerResponse::Chunk { .. })
+        ));
+    }
+    let mut asker = connect(seeder.addr);
+    peer_hello(&mut asker);
+    let ask = PeerRequest::GetChunk {
+        file_id: id,
+        index: 4,
+    };
+    send(&mut asker, &ask);
+    match recv::<PeerResponse>(&mut asker) {
+        Some(PeerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::Busy, "{}", e.message),
+        other => panic!("expected busy while the four hold their slots, got {other:?}"),
+    }
+    // The four sends still go on; their slots are given up all the same.
+    std::thread::sleep(Duration::from_secs(5));
+    send(&mut asker, &ask);
+    assert!(
+        matches!(
+            recv::<PeerResponse>(&mut asker),
+            Some(PeerResponse::Chunk { index: 4, .. })
+        ),
+        "a slot was not given up"
+    );
+    drop(hogs);
 }
