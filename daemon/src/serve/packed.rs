@@ -5,7 +5,8 @@ use std::sync::Arc;
 use p2p_schema::{FileId, PeerId, PeerResponse};
 use tracing::warn;
 
-use super::{refuse, send_buf, sent, SendBuf, Uploads, Writer};
+use super::chunk::{refuse, send_buf, sent, SendBuf};
+use super::{Uploads, Writer};
 use crate::local::LocalFile;
 use crate::node::Node;
 use crate::spans::{Piece, Spans};
