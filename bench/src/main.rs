@@ -560,11 +560,12 @@ fn namespaces(
     lines
 }
 
-/// Uplinks of the fleet crowd: 100 leechers at 10 Mbit/s move 125 MB/s in all, through
-/// veth pairs, a bridge and 101 token buckets, each byte hashed by its receiver and synced to
-/// its disk, on two cores: 0 to 2 % idle during the crowd of 100, most of it in the kernel
-/// (70 % idle with the 20 of `--quick`).
-const FLEET_MBIT: u32 = 10;
+/// Uplinks of the fleet crowd, at a rate two cores can carry. Every byte crosses veth pairs,
+/// a bridge and a token bucket, and is hashed by its receiver and synced to its disk: at 10
+/// Mbit/s (125 MB/s for the hundred) the cores were 0 to 2 % idle through the crowd, most of
+/// it in the kernel, and carried about 85 MB/s, so the crowd measured the cores. At 5 Mbit/s
+/// (62.5 MB/s at most) they are 13 to 30 % idle.
+const FLEET_MBIT: u32 = 5;
 
 /// The fleet crowd: 1 seeder and 100 leechers (20 with `--quick`), each in its own
 /// namespace, 64 MiB (16): once whole, once with a tenth of the leechers killed at random
