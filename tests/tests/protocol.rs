@@ -204,8 +204,7 @@ fn a_peer_survives_bad_requests_and_serves_only_registered_chunks() {
     closes_after_error(&mut s, peer_error);
 
     // After a hello: refusals are error replies and the connection stays usable.
-    let mut s = connect(seeder.addr);
-    peer_hello(&mut s);
+    let mut s = greeted(seeder.addr);
     send(
         &mut s,
         &PeerRequest::GetChunk {
@@ -465,6 +464,24 @@ fn the_tracker_caps_connections_per_address_and_closes_the_silent() {
     tracker_hello(again);
 }
 
+/// A daemon whose uplink is limited to `rate` bytes a second, sharing `doug.png` (chunks of
+/// 16 KiB), and the file's ID.
+fn paced_seeder(rate: &str) -> (Swarm, FileId) {
+    let swarm = Swarm::new(1, "30s", &["--upload-rate", rate]);
+    let id = swarm.daemons[0]
+        .register(&sample("doug.png"))
+        .parse()
+        .unwrap();
+    (swarm, id)
+}
+
+/// A peer connection to `addr`, past its hello.
+fn greeted(addr: SocketAddr) -> TcpStream {
+    let mut s = connect(addr);
+    peer_hello(&mut s);
+    s
+}
+
 /// A seeder's uplink goes to a few transfers at a time: asked for chunks on six connections
 /// at once, it sends four (its upload slots) and tells the other two, after waiting about
 /// a second for a slot, that it is busy, so that they ask another holder. Split six ways, each
@@ -473,16 +490,8 @@ fn the_tracker_caps_connections_per_address_and_closes_the_silent() {
 fn a_seeder_sends_a_few_chunks_at_once_and_tells_the_others_it_is_busy() {
     // 4 KiB a second, paid before each piece: the first of four chunks of 16 KiB is sent
     // after 4 s, well after a second's wait for a slot.
-    let swarm = Swarm::new(1, "30s", &["--upload-rate", "4096"]);
-    let seeder = &swarm.daemons[0];
-    let id: FileId = seeder.register(&sample("doug.png")).parse().unwrap();
-    let mut conns: Vec<TcpStream> = (0..6)
-        .map(|_| {
-            let mut s = connect(seeder.addr);
-            peer_hello(&mut s);
-            s
-        })
-        .collect();
+    let (swarm, id) = paced_seeder("4096");
+    let mut conns: Vec<TcpStream> = (0..6).map(|_| greeted(swarm.daemons[0].addr)).collect();
     // Chunks 0 to 4 are whole (16 KiB); the last, short one would free its slot at once.
     for (i, s) in conns.iter_mut().enumerate() {
         let index = i as u32 % 5;
@@ -512,13 +521,11 @@ fn a_seeder_sends_a_few_chunks_at_once_and_tells_the_others_it_is_busy() {
 fn slow_sends_give_their_upload_slots_up() {
     // 1 KiB a second, paid before each piece: none of the four chunks of 16 KiB is through
     // within 16 s.
-    let swarm = Swarm::new(1, "30s", &["--upload-rate", "1024"]);
+    let (swarm, id) = paced_seeder("1024");
     let seeder = &swarm.daemons[0];
-    let id: FileId = seeder.register(&sample("doug.png")).parse().unwrap();
     let mut hogs: Vec<TcpStream> = (0..4)
         .map(|index| {
-            let mut s = connect(seeder.addr);
-            peer_hello(&mut s);
+            let mut s = greeted(seeder.addr);
             send(&mut s, &PeerRequest::GetChunk { file_id: id, index });
             s
         })
@@ -530,15 +537,17 @@ fn slow_sends_give_their_upload_slots_up() {
             Some(PeerResponse::Chunk { .. })
         ));
     }
-    let mut asker = connect(seeder.addr);
-    peer_hello(&mut asker);
+    let mut asker = greeted(seeder.addr);
     let ask = PeerRequest::GetChunk {
         file_id: id,
         index: 4,
     };
     send(&mut asker, &ask);
     match recv::<PeerResponse>(&mut asker) {
-        Some(PeerResponse::Error(e)) => assert_eq!(e.code, ErrorCode::Busy, "{}", e.message),
+        Some(PeerResponse::Error(e)) => {
+            assert_eq!(e.code, ErrorCode::Busy, "{}", e.message);
+            assert!(e.message.contains("upload slot"), "{}", e.message);
+        }
         other => panic!("expected busy while the four hold their slots, got {other:?}"),
     }
     // The four sends still go on; their slots are given up all the same.

@@ -55,8 +55,8 @@ pub(super) struct Chunk {
 /// The buffer a chunk is read into where `sendfile` is not available (unused where it is).
 pub(super) type SendBuf = Vec<u8>;
 
-/// Answers a `GetChunk`: the chunk if it may be served now, else a refusal (not held, or
-/// held back for the spread: `Busy`).
+/// Answers a `GetChunk`: the chunk if it may be served now, else a refusal (not held; or
+/// `Busy`: held back for the spread, or no upload slot free within [`SLOT_WAIT`]).
 pub(super) async fn send_chunk(
     node: &Node,
     uploads: &Uploads,
@@ -71,12 +71,7 @@ pub(super) async fn send_chunk(
     } = chunk;
     let (local, offset, len) = match locate_chunk(node, &file_id, index) {
         Ok(found) => found,
-        Err(e) => {
-            return writer
-                .send(&PeerResponse::Error(e))
-                .await
-                .map_err(|e| e.to_string())
-        }
+        Err(e) => return reply_error(writer, e).await,
     };
     let fetching = |p: &PeerId| lock(&uploads.fetching).contains_key(p);
     let epoch = || uploads.epoch.load(std::sync::atomic::Ordering::Relaxed);
@@ -180,16 +175,15 @@ pub(super) fn sent(
 
 /// Answers a chunk request with `Busy`, for `why`: asked again later, or of another holder.
 async fn busy(writer: &mut Writer, why: String) -> Result<(), String> {
-    let e = WireError::new(ErrorCode::Busy, why);
-    writer
-        .send(&PeerResponse::Error(e))
-        .await
-        .map_err(|e| e.to_string())
+    reply_error(writer, WireError::new(ErrorCode::Busy, why)).await
 }
 
 /// Answers a chunk request with "not found", for `why`.
 pub(super) async fn refuse(writer: &mut Writer, why: String) -> Result<(), String> {
-    let e = WireError::new(ErrorCode::NotFound, why);
+    reply_error(writer, WireError::new(ErrorCode::NotFound, why)).await
+}
+
+async fn reply_error(writer: &mut Writer, e: WireError) -> Result<(), String> {
     writer
         .send(&PeerResponse::Error(e))
         .await
