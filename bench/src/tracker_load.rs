@@ -130,6 +130,7 @@ fn register_all(
             &mut s,
             &TrackerRequest::Register {
                 manifest: m.clone(),
+                member: false,
             },
         );
         if !matches!(reply(&mut s), Some(TrackerResponse::Registered { .. })) {

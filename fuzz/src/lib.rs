@@ -41,7 +41,7 @@ pub fn bitfield(b: &Bitfield) {
 
 pub fn tracker_request(m: &TrackerRequest) {
     match m {
-        TrackerRequest::Register { manifest: x } => manifest(x),
+        TrackerRequest::Register { manifest: x, .. } => manifest(x),
         TrackerRequest::Have { chunks, .. } => bitfield(chunks),
         TrackerRequest::Find { query } => {
             let _ = p2p_schema::is_hex_prefix(query);

@@ -149,6 +149,38 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_register_is_encoded_as_before_members_and_old_requests_decode() {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        enum Old {
+            Register { manifest: Manifest },
+        }
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        let sent = manifest();
+        encode_frame(&Old::Register { manifest: sent.clone() }, &mut old).unwrap();
+        let plain = TrackerRequest::Register {
+            manifest: sent.clone(),
+            member: false,
+        };
+        encode_frame(&plain, &mut new).unwrap();
+        assert_eq!(old, new, "a plain register must not change on the wire");
+        let (back, _) = decode_frame::<TrackerRequest>(&old, MAX_FRAME)
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, plain);
+        // An older tracker reads a member's register as a plain one.
+        let mut member = Vec::new();
+        let m = TrackerRequest::Register {
+            manifest: sent,
+            member: true,
+        };
+        encode_frame(&m, &mut member).unwrap();
+        assert_ne!(member, old);
+        let (Old::Register { manifest: seen }, _) =
+            decode_frame::<Old>(&member, MAX_FRAME).unwrap().unwrap();
+        assert_eq!(seen, manifest());
+    }
+
+    #[test]
     fn list_paging_stays_compatible_and_pages_fit_a_frame() {
         // A welcome from a tracker before paging: decodes, and says it does not page.
         #[derive(serde::Serialize)]
@@ -221,6 +253,11 @@ mod tests {
             },
             TrackerRequest::Register {
                 manifest: manifest(),
+                member: false,
+            },
+            TrackerRequest::Register {
+                manifest: manifest(),
+                member: true,
             },
             TrackerRequest::Have {
                 file_id: fid,
@@ -501,10 +538,17 @@ mod tests {
         #[test]
         fn mutated_frames_never_panic(pos in 0usize..200, byte in any::<u8>()) {
             let mut buf = Vec::new();
-            encode_frame(&TrackerRequest::Register { manifest: manifest() }, &mut buf).unwrap();
+            encode_frame(
+                &TrackerRequest::Register {
+                    manifest: manifest(),
+                    member: false,
+                },
+                &mut buf,
+            )
+            .unwrap();
             let i = pos % buf.len();
             buf[i] = byte;
-            if let Ok(Some((TrackerRequest::Register { manifest }, _))) =
+            if let Ok(Some((TrackerRequest::Register { manifest, .. }, _))) =
                 decode_frame::<TrackerRequest>(&buf, MAX_FRAME)
             {
                 let _ = manifest.validate();

@@ -115,8 +115,16 @@ pub enum TrackerRequest {
         listen: SocketAddr,
         agent: String,
     },
-    /// Publishes a manifest and records the sender as holding every chunk.
-    Register { manifest: Manifest },
+    /// Publishes a manifest and records the sender as holding every chunk. A `member` is
+    /// held as one of a collection's files: the tracker finds it by its ID (so that whoever
+    /// holds the same bytes, alone or in a tree, serves everyone who fetches them) but does
+    /// not list it nor find it by name, which belong to the collection. Absent (false) from
+    /// the requests of daemons older than it, and ignored by older trackers (which list it).
+    Register {
+        manifest: Manifest,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        member: bool,
+    },
     /// Replaces what the sender holds of a file (registered before by someone).
     Have { file_id: FileId, chunks: Bitfield },
     /// Adds chunks to what the sender holds of a file.

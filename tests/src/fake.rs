@@ -126,6 +126,7 @@ pub fn start_with(
         &mut session,
         &TrackerRequest::Register {
             manifest: manifest.clone(),
+            member: false,
         },
     )
     .unwrap();

@@ -279,6 +279,49 @@ fn a_file_held_here_already_is_copied_not_fetched() {
     );
 }
 
+#[test]
+fn a_large_file_held_only_inside_a_collection_is_served_to_whoever_fetches_it_alone() {
+    let swarm = Swarm::new(3, "30s", &["--metrics", "127.0.0.1:0"]);
+    let (a, b, c) = (&swarm.daemons[0], &swarm.daemons[1], &swarm.daemons[2]);
+    let root = swarm.path("model");
+    std::fs::create_dir_all(&root).expect("mkdir");
+    write_random(&root.join("shard-1.bin"), 9 << 20, 40);
+    write_random(&root.join("config.json"), 2_000, 41);
+    a.register(&root);
+    // The tree is listed, not its files.
+    let list = c.ctl(&["list"]).ok();
+    assert!(
+        list.contains("model/") && !list.contains("shard-1.bin"),
+        "{list}"
+    );
+    // b held the shard alone once (that is how its ID is known), and holds it no longer.
+    let once = swarm.path("b-shard.bin");
+    std::fs::copy(root.join("shard-1.bin"), &once).expect("copy");
+    let id = b.register(&once);
+    b.ctl(&["unregister", &id]).ok();
+    let holders = |d: &Daemon| d.ctl_json(&["locate", &id])["holders"].as_array().map(Vec::len);
+    assert_eq!(holders(c), Some(1), "a, the tree's holder, is found");
+
+    let before = received(c);
+    let out = swarm.path("out");
+    std::fs::create_dir(&out).expect("mkdir");
+    c.ctl(&["download", &id, "-o", s(&out)]).ok();
+    let got = std::fs::read_dir(&out)
+        .expect("output directory")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.is_file())
+        .expect("the downloaded file");
+    assert_eq!(file_sha256(&got), file_sha256(&root.join("shard-1.bin")));
+    let fetched = received(c) - before;
+    assert!(fetched >= f64::from(9 << 20), "{fetched} bytes received");
+
+    // a stops sharing the tree: the tracker hears a holds the shard no longer either.
+    a.ctl(&["unregister", "model"]).ok();
+    eventually(Duration::from_secs(10), || (holders(b) == Some(1)).then_some(()))
+        .unwrap_or_else(|| panic!("a still holds the shard: {:?}", holders(b)));
+}
+
 /// A seeder whose uplink is capped at `rate` bytes/s, and a second daemon, both with metrics.
 fn seeder_capped_at(rate: &str) -> Swarm {
     let mut swarm = Swarm::new(

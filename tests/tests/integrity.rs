@@ -127,7 +127,11 @@ fn register_many(tracker: std::net::SocketAddr, count: u32) -> p2p_tests::secure
             chunk_size: 1024,
             hashes: hashes.into(),
         };
-        encode_frame(&TrackerRequest::Register { manifest }, &mut batch).unwrap();
+        encode_frame(&TrackerRequest::Register {
+                manifest,
+                member: false,
+            },
+            &mut batch).unwrap();
         unanswered += 1;
         if unanswered == 500 || i + 1 == count {
             s.write_all(&batch).unwrap();

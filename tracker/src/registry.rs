@@ -8,6 +8,8 @@
 //!
 //! sled trees (keys big-endian, values CBOR):
 //! - `files`: `FileId` -> [`Manifest`]
+//! - `members`: `FileId` -> empty: files registered only as collections' members, found by
+//!   ID but not listed (absent from what earlier versions wrote: all their files are listed)
 //! - `peers`: `PeerId` -> `PeerRecord`
 //! - (`holdings`, written by earlier versions, is dropped on opening.)
 //!
@@ -58,6 +60,7 @@ struct State {
 pub struct Registry {
     db: sled::Db,
     files: sled::Tree,
+    members: sled::Tree,
     peers: sled::Tree,
     state: Mutex<State>,
     ttl: Duration,
@@ -93,6 +96,7 @@ impl Registry {
         };
         let registry = Registry {
             files: tree("files")?,
+            members: tree("members")?,
             peers: tree("peers")?,
             db,
             state: Mutex::new(State::default()),
@@ -122,6 +126,12 @@ impl Registry {
                 continue;
             };
             state.files.insert(id, FileEntry::new(Arc::new(manifest)));
+        }
+        for item in self.members.iter() {
+            let (k, _) = item.map_err(db_err)?;
+            if let Some(f) = FileId::from_slice(&k).and_then(|id| state.files.get_mut(&id)) {
+                f.member = true;
+            }
         }
         for item in self.peers.iter() {
             let (k, v) = item.map_err(db_err)?;
@@ -220,12 +230,15 @@ impl Registry {
         }
     }
 
-    /// Registers a manifest with `peer` holding all of it. Also says whether the file is new
-    /// to the registry (worth a flush: holdings are re-announced by daemons anyway).
+    /// Registers a manifest with `peer` holding all of it; a `member` (a collection's file)
+    /// is found by ID but not listed, until someone registers the same file alone. Also says
+    /// whether the file is new to the registry or newly listed (worth a flush: holdings are
+    /// re-announced by daemons anyway).
     pub fn register(
         &self,
         peer: PeerId,
         manifest: Manifest,
+        member: bool,
     ) -> Result<(FileSummary, bool), WireError> {
         manifest
             .validate()
@@ -233,12 +246,29 @@ impl Registry {
         let id = manifest.file_id();
         let mut state = self.lock();
         self.check_quota(&state, &peer, &id)?;
-        let new = if let std::collections::hash_map::Entry::Vacant(slot) = state.files.entry(id) {
-            let _ = self.files.insert(id.0, cbor(&manifest));
-            slot.insert(FileEntry::new(Arc::new(manifest)));
-            true
-        } else {
-            false
+        let new = match state.files.entry(id) {
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                if member {
+                    let _ = self.members.insert(id.0, &[]);
+                }
+                let _ = self.files.insert(id.0, cbor(&manifest));
+                let mut entry = FileEntry::new(Arc::new(manifest));
+                entry.member = member;
+                slot.insert(entry);
+                true
+            }
+            // Registered alone at last: listed from now on, under the name given alone.
+            std::collections::hash_map::Entry::Occupied(mut slot)
+                if slot.get().member && !member =>
+            {
+                let _ = self.files.insert(id.0, cbor(&manifest));
+                let _ = self.members.remove(id.0);
+                let entry = slot.get_mut();
+                entry.manifest = Arc::new(manifest);
+                entry.member = false;
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(_) => false,
         };
         self.set_holding(&mut state, peer, id, Holding::All)?;
         Ok((summary(&state, &id), new))
@@ -331,8 +361,7 @@ impl Registry {
             None => false,
         };
         if empty {
-            state.files.remove(&id);
-            let _ = self.files.remove(id.0);
+            self.forget_file(state, &id);
         }
     }
 
@@ -378,15 +407,27 @@ impl Registry {
             .map(|(id, _)| *id)
             .collect();
         for id in orphans {
-            state.files.remove(&id);
-            let _ = self.files.remove(id.0);
+            self.forget_file(&mut state, &id);
         }
     }
 
-    /// All files, sorted by name then ID.
+    /// Forgets file `id`, in memory and on disk.
+    fn forget_file(&self, state: &mut State, id: &FileId) {
+        if state.files.remove(id).is_some_and(|f| f.member) {
+            let _ = self.members.remove(id.0);
+        }
+        let _ = self.files.remove(id.0);
+    }
+
+    /// All files but collections' members, sorted by name then ID.
     pub fn list(&self) -> Vec<FileSummary> {
         let state = self.lock();
-        let mut out: Vec<FileSummary> = state.files.keys().map(|id| summary(&state, id)).collect();
+        let mut out: Vec<FileSummary> = state
+            .files
+            .iter()
+            .filter(|(_, f)| !f.member)
+            .map(|(id, _)| summary(&state, id))
+            .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
         out
     }
@@ -403,6 +444,7 @@ impl Registry {
         let mut keys: Vec<(String, FileId)> = state
             .files
             .iter()
+            .filter(|(_, f)| !f.member)
             .map(|(id, f)| key(f, id))
             .filter(|k| after.is_none_or(|c| (&k.0, &k.1) > (&c.name, &c.id)))
             .collect();
@@ -428,7 +470,10 @@ impl Registry {
         let mut out: Vec<FileSummary> = state
             .files
             .iter()
-            .filter(|(id, f)| f.manifest.name == query || (by_id && id.to_hex().starts_with(&q)))
+            .filter(|(id, f)| {
+                // A member is found by its ID only: its name belongs to its collection.
+                (f.manifest.name == query && !f.member) || (by_id && id.to_hex().starts_with(&q))
+            })
             .map(|(id, _)| summary(&state, id))
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name).then(a.id.cmp(&b.id)));
@@ -543,7 +588,7 @@ mod tests {
         // Some names repeat: the ID breaks the tie.
         for i in 0..23u8 {
             let name = format!("f{}", i % 7);
-            reg.register(a, manifest(&name, i, 1000 + usize::from(i)))
+            reg.register(a, manifest(&name, i, 1000 + usize::from(i)), false)
                 .unwrap();
         }
         let all = reg.list();
@@ -572,11 +617,11 @@ mod tests {
         reg.hello(a, addr(1));
         reg.hello(b, addr(2));
         let ids: Vec<FileId> = (1..=2)
-            .map(|i| reg.register(b, manifest("f", i, 3000)).unwrap().0.id)
+            .map(|i| reg.register(b, manifest("f", i, 3000), false).unwrap().0.id)
             .collect();
-        reg.register(a, manifest("f", 1, 3000)).unwrap();
+        reg.register(a, manifest("f", 1, 3000), false).unwrap();
         reg.gained(a, ids[1], &[0]).unwrap();
-        let e = reg.register(a, manifest("f", 9, 3000)).unwrap_err();
+        let e = reg.register(a, manifest("f", 9, 3000), false).unwrap_err();
         assert_eq!(e.code, ErrorCode::Busy);
         // Neither the refused file nor a claim on a third file got in.
         assert_eq!(reg.find("f").len(), 2, "b's files only");
@@ -586,7 +631,7 @@ mod tests {
             "a file it holds"
         );
         assert!(
-            reg.register(b, manifest("f", 4, 3000)).is_err(),
+            reg.register(b, manifest("f", 4, 3000), false).is_err(),
             "b is at its quota too"
         );
     }
@@ -599,12 +644,12 @@ mod tests {
         assert_eq!(reg.hello(a, addr(1)), (true, 1));
         assert_eq!(reg.hello(b, addr(2)), (true, 2));
         let m = manifest("doug.png", 1, 5000);
-        let (s, new) = reg.register(a, m.clone()).unwrap();
+        let (s, new) = reg.register(a, m.clone(), false).unwrap();
         assert!(new);
         assert_eq!((s.chunks, s.seeders, s.holders), (5, 1, 1));
         // Same content under another name is the same file.
-        let (s2, _) = reg.register(b, manifest("copy.png", 1, 5000)).unwrap();
-        assert!(!reg.register(b, manifest("copy.png", 1, 5000)).unwrap().1);
+        let (s2, _) = reg.register(b, manifest("copy.png", 1, 5000), false).unwrap();
+        assert!(!reg.register(b, manifest("copy.png", 1, 5000), false).unwrap().1);
         assert_eq!(s2.id, s.id);
         assert_eq!(s2.seeders, 2);
         assert_eq!(reg.list().len(), 1);
@@ -630,7 +675,7 @@ mod tests {
         let m = manifest("big", 1, 16_384 * 1024);
         let seeder = PeerId([200; 16]);
         reg.hello(seeder, addr(1));
-        let id = reg.register(seeder, m).unwrap().0.id;
+        let id = reg.register(seeder, m, false).unwrap().0.id;
         for k in 0..63u8 {
             let p = PeerId([k; 16]);
             reg.hello(p, addr(100 + u16::from(k)));
@@ -666,7 +711,7 @@ mod tests {
         let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
         reg.hello(a, addr(1));
         reg.hello(b, addr(2));
-        let (s, _) = reg.register(a, manifest("f", 2, 4000)).unwrap();
+        let (s, _) = reg.register(a, manifest("f", 2, 4000), false).unwrap();
         reg.gained(b, s.id, &[0, 2]).unwrap();
         assert!(reg.gained(b, s.id, &[4]).is_err(), "index out of range");
         let (sum, holders) = reg.locate(&s.id, Some(&a), 10, false).unwrap();
@@ -679,6 +724,51 @@ mod tests {
     }
 
     #[test]
+    fn a_collections_member_is_found_by_id_but_listed_only_once_registered_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (PeerId([1; 16]), PeerId([2; 16]));
+        let listed = |reg: &Registry| -> Vec<String> {
+            let paged = reg.list_page(None, 10).0;
+            assert_eq!(paged, reg.list());
+            paged.into_iter().map(|f| f.name).collect()
+        };
+        let id = {
+            let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+            reg.hello(a, addr(1));
+            let (s, new) = reg
+                .register(a, manifest("shard.bin", 4, 3000), true)
+                .unwrap();
+            assert!(new);
+            reg.register(a, manifest("plain", 5, 3000), false).unwrap();
+            assert_eq!(listed(&reg), ["plain"]);
+            assert!(reg.find("shard.bin").is_empty(), "found by its name");
+            assert_eq!(reg.find(&s.id.to_hex()[..12]).len(), 1);
+            let (_, holders) = reg.locate(&s.id, None, 10, false).unwrap();
+            assert_eq!(holders.len(), 1);
+            reg.db.flush().unwrap();
+            s.id
+        };
+        {
+            let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+            assert_eq!(listed(&reg), ["plain"], "a member listed after a restart");
+            assert!(reg.manifest(&id).is_ok());
+            // The same bytes registered alone, under another name: listed from now on.
+            reg.hello(b, addr(2));
+            let (s, newly_listed) = reg.register(b, manifest("alone", 4, 3000), false).unwrap();
+            assert!(newly_listed);
+            assert_eq!(s.id, id);
+            assert_eq!(listed(&reg), ["alone", "plain"]);
+            // Registered again as a member by its first holder: still listed.
+            reg.register(a, manifest("shard.bin", 4, 3000), true).unwrap();
+            assert_eq!(listed(&reg), ["alone", "plain"]);
+            reg.db.flush().unwrap();
+        }
+        let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
+        assert_eq!(listed(&reg), ["alone", "plain"]);
+        assert_eq!(reg.find("alone").len(), 1);
+    }
+
+    #[test]
     fn survives_reopen_and_expires_peers_that_do_not_return() {
         let dir = tempfile::tempdir().unwrap();
         let ttl = Duration::from_millis(50);
@@ -686,7 +776,7 @@ mod tests {
             let reg = Registry::open(dir.path(), ttl).unwrap();
             reg.hello(PeerId([1; 16]), addr(1));
             let (s, _) = reg
-                .register(PeerId([1; 16]), manifest("f", 3, 3000))
+                .register(PeerId([1; 16]), manifest("f", 3, 3000), false)
                 .unwrap();
             reg.db.flush().unwrap();
             s.id
@@ -726,7 +816,7 @@ mod tests {
         for (k, p) in peers.iter().enumerate() {
             reg.hello(*p, addr(1000 + k as u16));
         }
-        let id = reg.register(peers[0], manifest("f", 1, 8000)).unwrap().0.id;
+        let id = reg.register(peers[0], manifest("f", 1, 8000), false).unwrap().0.id;
         for p in &peers[1..] {
             reg.gained(*p, id, &[0]).unwrap();
         }
@@ -770,9 +860,9 @@ mod tests {
         let reg = Registry::open(dir.path(), Duration::from_secs(60)).unwrap();
         reg.hello(PeerId([1; 16]), addr(1));
         let mut m = manifest("../etc", 1, 10);
-        assert!(reg.register(PeerId([1; 16]), m.clone()).is_err());
+        assert!(reg.register(PeerId([1; 16]), m.clone(), false).is_err());
         m.name = "ok".into();
         m.hashes = m.hashes[..m.hashes.len() - 1].into();
-        assert!(reg.register(PeerId([1; 16]), m).is_err());
+        assert!(reg.register(PeerId([1; 16]), m, false).is_err());
     }
 }

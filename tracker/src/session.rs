@@ -279,9 +279,9 @@ fn handle(
         TrackerRequest::Hello { .. } => {
             Err(WireError::new(ErrorCode::BadRequest, "already said hello"))
         }
-        TrackerRequest::Register { manifest } => {
+        TrackerRequest::Register { manifest, member } => {
             let name = manifest.name.clone();
-            registry.register(peer, manifest).map(|(file, new)| {
+            registry.register(peer, manifest, member).map(|(file, new)| {
                 if new {
                     info!(file = %file.id.short(), name = %name, size = file.size, "file registered");
                     changed = true;

@@ -125,11 +125,8 @@ pub(super) async fn finish(node: &Arc<Context>, dl: &Arc<Download>) -> Result<()
             warn!(error = %e, "flushing state after a download");
         }
     }
-    // A collection's member is announced through its collection.
-    if share.collection.is_none() {
-        node.tracker.notify(TrackerRequest::Register {
-            manifest: (*dl.manifest).clone(),
-        });
+    if let Some(register) = crate::node::registration(&dl.local) {
+        node.tracker.notify(register);
     }
     let peers = lock(&dl.sources).len() as u32;
     info!(

@@ -562,5 +562,8 @@ impl Node {
         if let Err(e) = self.store.flush().await {
             warn!(error = %e, "flushing a collection's files");
         }
+        // Served again from their new paths (a peer that asked while they moved had the
+        // tracker told they were gone).
+        self.announce_members(&tree.id);
     }
 }

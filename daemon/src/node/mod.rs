@@ -101,6 +101,18 @@ impl Node {
         write_lock(&self.files).insert(local.id, local);
     }
 
+    /// Registers collection `cid`'s large files with the tracker (see [`registration`]).
+    fn announce_members(&self, cid: &FileId) {
+        let requests: Vec<TrackerRequest> = read_lock(&self.files)
+            .values()
+            .filter(|f| f.collection() == Some(*cid) && f.is_complete() && f.problem().is_none())
+            .filter_map(|f| registration(f))
+            .collect();
+        for request in requests {
+            self.tracker.notify(request);
+        }
+    }
+
     fn download(&self, id: &FileId) -> Option<Arc<Download>> {
         lock(&self.downloads).get(id).cloned()
     }
@@ -359,27 +371,39 @@ pub enum Resolve {
     Error(WireError),
 }
 
+/// A file held only for a collection is registered with the tracker on its own too, as a
+/// member (found by its ID, not listed), from this size on: whoever fetches the same bytes
+/// alone then finds this daemon as well. Smaller ones are found through their collection
+/// only, so the tracker keeps at most one record per holder for every 8 MiB held.
+pub const MEMBER_ANNOUNCED: u64 = 8 << 20;
+
+/// How the tracker hears of complete file `f` on its own, if it does (see
+/// [`MEMBER_ANNOUNCED`]).
+pub(crate) fn registration(f: &LocalFile) -> Option<TrackerRequest> {
+    let member = f.collection().is_some();
+    (!member || f.manifest.size >= MEMBER_ANNOUNCED).then(|| TrackerRequest::Register {
+        manifest: (*f.manifest).clone(),
+        member,
+    })
+}
+
 /// What to announce after (re)connecting: complete files first (registering them), then
 /// partial holdings.
 pub fn announce_all(files: &Files) -> Vec<TrackerRequest> {
     let files = read_lock(files);
     let (stale, usable): (Vec<_>, Vec<_>) = files.values().partition(|f| f.problem().is_some());
-    // A collection's members are found through the collection, not registered one by one.
-    let (complete, partial): (Vec<_>, Vec<_>) = usable
-        .into_iter()
-        .filter(|f| f.collection().is_none())
-        .partition(|f| f.is_complete());
+    let (complete, partial): (Vec<_>, Vec<_>) = usable.into_iter().partition(|f| f.is_complete());
     // The tracker may still list files we no longer serve (from before a restart).
     let mut out: Vec<TrackerRequest> = stale
         .into_iter()
         .map(|f| TrackerRequest::Drop { file_id: f.id })
         .collect();
-    out.extend(complete.into_iter().map(|f| TrackerRequest::Register {
-        manifest: (*f.manifest).clone(),
-    }));
+    out.extend(complete.into_iter().filter_map(|f| registration(f)));
+    // A collection's partial files are found through the collection.
     out.extend(
         partial
             .into_iter()
+            .filter(|f| f.collection().is_none())
             .map(|f| (f.id, f.have()))
             .filter(|(_, have)| have.count() > 0)
             .map(|(file_id, chunks)| TrackerRequest::Have { file_id, chunks }),

@@ -253,6 +253,7 @@ impl Node {
             "directory shared"
         );
         let file = self.announce_registered(&manifest).await?;
+        self.announce_members(&cid);
         Ok((file, info))
     }
 

@@ -178,16 +178,16 @@ impl Node {
     /// caller flushes.
     async fn release_files(&self, cid: &FileId, partial: Option<&Path>) -> Result<(), WireError> {
         let own = self.collections_dir();
-        let members: Vec<(FileId, PathBuf)> = read_lock(&self.files)
+        let members: Vec<(FileId, PathBuf, bool)> = read_lock(&self.files)
             .values()
             .filter(|f| f.collection() == Some(*cid))
-            .map(|f| (f.id, f.path()))
-            .filter(|(_, path)| {
+            .map(|f| (f.id, f.path(), registration(f).is_some()))
+            .filter(|(_, path, _)| {
                 partial.is_none_or(|p| path.starts_with(p) || path.starts_with(&own))
             })
             .collect();
         let others = self.held_by_other_collections(cid).await;
-        for (id, path) in members {
+        for (id, path, registered) in members {
             // A partial tree goes whatever lists it.
             let kept = partial.is_none() || path.starts_with(&own);
             if let Some(other) = others.get(&id).filter(|_| kept) {
@@ -195,6 +195,9 @@ impl Node {
                 continue;
             }
             self.forget_quietly(&id)?;
+            if registered {
+                self.tracker.notify(TrackerRequest::Drop { file_id: id });
+            }
             if path.starts_with(&own) {
                 let _ = tokio::fs::remove_file(&path).await;
             }

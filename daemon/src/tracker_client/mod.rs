@@ -148,7 +148,11 @@ impl TrackerClient {
 
     /// Registers `manifest`: this daemon holds the whole file.
     pub async fn register(&self, manifest: Manifest) -> Result<FileSummary, WireError> {
-        match self.call(TrackerRequest::Register { manifest }).await? {
+        let request = TrackerRequest::Register {
+            manifest,
+            member: false,
+        };
+        match self.call(request).await? {
             TrackerResponse::Registered { file } => Ok(file),
             other => Err(unexpected(other)),
         }

@@ -50,7 +50,7 @@ fn weight(tracker: &str, id: &FileId) -> u64 {
 /// The file a request is about, if it is about one.
 pub fn file_of(request: &TrackerRequest) -> Option<FileId> {
     match request {
-        TrackerRequest::Register { manifest } => Some(manifest.file_id()),
+        TrackerRequest::Register { manifest, .. } => Some(manifest.file_id()),
         TrackerRequest::Have { file_id, .. }
         | TrackerRequest::Gained { file_id, .. }
         | TrackerRequest::Drop { file_id }

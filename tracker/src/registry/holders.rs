@@ -36,6 +36,8 @@ pub(super) struct FileEntry {
     slot: HashMap<PeerId, u32>,
     /// How many holders hold everything.
     pub(super) seeders: u32,
+    /// Registered only as a collection's file: found by ID, not listed.
+    pub(super) member: bool,
 }
 
 impl FileEntry {
@@ -45,6 +47,7 @@ impl FileEntry {
             holders: Vec::new(),
             slot: HashMap::new(),
             seeders: 0,
+            member: false,
         }
     }
 
