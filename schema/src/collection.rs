@@ -173,9 +173,18 @@ pub fn validate_path(path: &str) -> Result<(), CollectionError> {
     Ok(())
 }
 
-/// How a name is seen by a file system that ignores case and Unicode normalisation.
+/// How a name is seen by a file system that ignores case and Unicode normalisation. Lower
+/// case, then upper and lower again: names equal once lower-cased stay equal, and those that
+/// differ only in characters whose upper case is another's (`ſ` and `s`, the Kelvin sign and
+/// `K`) are equal too, as under NTFS's upper-casing and APFS's case folding. It may take two
+/// names for one that a file system keeps apart (`ß` and `ss`): refused, never written over.
 fn folded(name: &str) -> String {
-    name.nfc().flat_map(char::to_lowercase).nfc().collect()
+    name.nfc()
+        .flat_map(char::to_lowercase)
+        .flat_map(char::to_uppercase)
+        .flat_map(char::to_lowercase)
+        .nfc()
+        .collect()
 }
 
 /// Deepest path accepted, in components.
@@ -500,6 +509,15 @@ mod tests {
         assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
         let e = refused(vec![file("D/a", b"1"), file("d/b", b"2")]);
         assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
+        // Equal only once upper-cased: the long s and the Kelvin sign.
+        let e = refused(vec![file("mast", b"1"), file("maſt", b"2")]);
+        assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
+        let e = refused(vec![file("kelvin", b"1"), file("\u{212a}elvin", b"2")]);
+        assert!(matches!(e, CollectionError::Collision { .. }), "{e}");
+        // Still apart: names no folding takes for one.
+        Collection::new(vec![file("a\u{301}", b"1"), file("a", b"2"), file("i", b"3")])
+            .validate()
+            .unwrap();
         let e = refused(vec![Entry::File {
             path: "a".into(),
             executable: false,
